@@ -1,0 +1,30 @@
+# Two entry points (see README): `make demo` and `make test`. Both set everything up first.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# Build caches (DeepSpeed's JIT ops) stay inside the project's ignored folders.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+# torch first and pinned: this exact spec takes the CPU build on disk; anything looser pulls CUDA wheels.
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/e2e-dist train tiny-text --set name=demo
+
+test: setup
+	$(BIN)/python -m pytest tests -q
+
+clean:
+	rm -rf $(VENV) .cache runs

@@ -1,0 +1,389 @@
+"""The one composed run config: data / model / trainer / deepspeed / storage / tracking.
+
+Loaded from a YAML file (with `include:` of other YAML files) or a built-in preset name, then
+`--set key.sub=value` overrides, then validated. Every validation failure becomes a one-line
+`ConfigError` naming the field. This module must not import Ray, DeepSpeed or torch.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from e2e_dist.errors import ConfigError
+
+SECRET_KEYS = re.compile(r"(secret|password|token|api_key|access_key|session_key)", re.I)
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown fields are errors; docstrings under fields are docs."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------- data
+class DataConfig(Section):
+    source: str = "stdlib-text"
+    """Data source in the data registry: `text` (files/globs/s3 prefixes), `stdlib-text` (built-in
+    corpus: this Python's standard library sources), `image-folder`, `digits`, `speech-manifest`,
+    `spoken-digits`."""
+    paths: list[str] = []
+    """Files, globs or `s3://` prefixes for sources that read user data."""
+    seq_len: int = Field(128, ge=8, le=65536)
+    """Text: length of each packed byte window (the model's context)."""
+    val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    """Share of the data held out for validation; chosen deterministically by item hash."""
+    fraction: float = Field(1.0, gt=0.0, le=1.0)
+    """Data-size knob: deterministic subset of the training split (same seed -> same subset)."""
+    max_bytes: int | None = Field(None, gt=0)
+    """Text only: cap on training bytes after `fraction` (a deterministic prefix of the shuffled files)."""
+    max_files: int | None = Field(None, gt=0)
+    """Cap on the number of input files/items read (keeps tiny runs tiny)."""
+    image_size: int = Field(32, ge=8, le=1024)
+    """Vision: images are resized to image_size x image_size."""
+    sample_rate: int = Field(16000, ge=1000, le=96000)
+    """Speech: waveforms are resampled to this rate."""
+    max_audio_seconds: float = Field(2.0, gt=0)
+    """Speech: longer clips are cut, shorter padded, to this length."""
+    strict: bool = False
+    """Stop the run on the first unreadable item instead of skipping it with a warning."""
+    seed: int = 0
+    """Seed of the split, the subset and the per-epoch shuffle."""
+
+
+# ---------------------------------------------------------------------------------------- model
+class GPTConfig(Section):
+    kind: Literal["gpt"] = "gpt"
+    """Byte-level GPT: bytes in, next-byte logits out."""
+    n_layer: int = Field(2, ge=1)
+    """Transformer blocks."""
+    n_head: int = Field(2, ge=1)
+    """Attention heads; must divide d_model."""
+    d_model: int = Field(64, ge=8)
+    """Residual stream width."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on attention and MLP outputs."""
+    max_seq_len: int = Field(1024, ge=8)
+    """Size of the learned position table; must be >= data.seq_len."""
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "GPTConfig":
+        if self.d_model % self.n_head:
+            raise ValueError(f"n_head={self.n_head} does not divide d_model={self.d_model}")
+        return self
+
+
+class ResNetConfig(Section):
+    kind: Literal["resnet"] = "resnet"
+    """ResNet-style CNN: pixels in, class logits out."""
+    widths: list[int] = [16, 32, 64]
+    """Channels of each stage; each stage after the first halves the resolution."""
+    blocks_per_stage: int = Field(1, ge=1)
+    """Residual blocks in each stage."""
+    stem: Literal["conv3", "conv7"] = "conv3"
+    """conv3: one 3x3 conv (small images); conv7: 7x7 stride-2 + max-pool (ImageNet style)."""
+    in_channels: int = Field(1, ge=1)
+    """Image channels (1 = grayscale, 3 = RGB)."""
+    num_classes: int = Field(10, ge=2)
+    """Output classes."""
+
+
+class CTCSpeechConfig(Section):
+    kind: Literal["ctc-speech"] = "ctc-speech"
+    """Waveform -> characters: strided conv front end, transformer encoder, CTC head."""
+    conv_channels: int = Field(64, ge=4)
+    """Channels of the conv front end."""
+    conv_strides: list[int] = [5, 4, 4, 2]
+    """Strides of the front-end convs (their product is samples per encoder frame)."""
+    n_layer: int = Field(2, ge=1)
+    """Encoder blocks."""
+    n_head: int = Field(2, ge=1)
+    """Encoder attention heads; must divide d_model."""
+    d_model: int = Field(64, ge=8)
+    """Encoder width."""
+    alphabet: str = " abcdefghijklmnopqrstuvwxyz'"
+    """Characters the head predicts (CTC blank is added as index 0)."""
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "CTCSpeechConfig":
+        if self.d_model % self.n_head:
+            raise ValueError(f"n_head={self.n_head} does not divide d_model={self.d_model}")
+        return self
+
+
+ModelConfig = Annotated[Union[GPTConfig, ResNetConfig, CTCSpeechConfig], Field(discriminator="kind")]
+
+
+# -------------------------------------------------------------------------------------- trainer
+class TrainerConfig(Section):
+    max_steps: int = Field(100, ge=1)
+    """Optimizer steps to train for (each = grad_accum micro-batches per worker)."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Examples per worker per micro-batch."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = Field(1e-3, gt=0)
+    """Peak learning rate."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Cosine decay floor as a fraction of lr."""
+    warmup_steps: int = Field(10, ge=0)
+    """Linear warmup steps before cosine decay."""
+    weight_decay: float = Field(0.1, ge=0)
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Gradient norm clip (0 disables)."""
+    log_every: int = Field(10, ge=1)
+    """Steps between metric reports (losses are reduced across ranks only then: no per-step sync)."""
+    eval_every: int = Field(50, ge=1)
+    """Steps between validation passes."""
+    eval_batches: int = Field(8, ge=1)
+    """Validation micro-batches per worker per evaluation."""
+    ckpt_every: int = Field(50, ge=1)
+    """Steps between checkpoints (a final one is always taken)."""
+    keep_last: int = Field(2, ge=1)
+    """Committed checkpoints kept; older ones are deleted only after a newer one commits."""
+    num_workers: int = Field(2, ge=1)
+    """Ray Train workers (data-parallel ranks)."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs reserved per worker."""
+    use_gpu: bool | None = None
+    """One GPU per worker; None = use GPUs when the Ray cluster has any."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend; auto = nccl on GPU, gloo on CPU."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto = bf16 on GPU, fp32 on CPU."""
+    activation_checkpointing: bool = False
+    """Recompute block activations in backward (saves memory, costs ~30% compute)."""
+    compile: bool = False
+    """torch.compile the model under DeepSpeed."""
+    max_failures: int = Field(0, ge=-1)
+    """Ray Train FailureConfig: worker-group restarts allowed (-1 = unlimited)."""
+    async_checkpoint: bool = True
+    """Upload checkpoints in the background while training continues."""
+    seed: int = 0
+    """Seed of model init and dropout."""
+    sample_every_eval: bool = False
+    """Text: log a generated sample at each evaluation."""
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: int = Field(2, ge=0, le=3)
+    """ZeRO stage: 0 = plain data parallel, 1 = optimizer, 2 = + gradients, 3 = + parameters sharded."""
+    offload_optimizer: bool = False
+    """Keep optimizer state (and the step) on CPU (ZeRO >= 1)."""
+    offload_params: bool = False
+    """Keep parameters on CPU between uses (ZeRO 3 only)."""
+    overrides: dict[str, Any] = {}
+    """Raw DeepSpeed config keys merged over the generated config (expert escape hatch)."""
+
+    @model_validator(mode="after")
+    def _offload_needs_stage(self) -> "DeepSpeedConfig":
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage=3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage>=1")
+        return self
+
+
+class StorageConfig(Section):
+    path: str = "./runs"
+    """Where runs live: a local directory or `s3://bucket/prefix`. A run is `<path>/<name>`."""
+    endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, Ceph, R2); falls back to AWS_ENDPOINT_URL. Credentials come
+    only from the standard AWS chain, never from this file."""
+    region: str | None = None
+    """S3 region; falls back to AWS_REGION / AWS_DEFAULT_REGION."""
+
+    @field_validator("path")
+    @classmethod
+    def _path_scheme(cls, v: str) -> str:
+        if "://" in v and not v.startswith(("s3://", "file://")):
+            raise ValueError(f"unsupported scheme in {v!r} (use a local path or s3://)")
+        if v.startswith("s3://") and len(v[5:].split("/")[0]) < 3:
+            raise ValueError(f"bad bucket name in {v!r}")
+        return v
+
+
+class TrackingConfig(Section):
+    wandb: bool = True
+    """Log to Weights & Biases (rank 0 only)."""
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """auto = online when WANDB_API_KEY is set, else offline."""
+    project: str = "e2e-dist"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team/user)."""
+    group: str | None = None
+    """W&B group (sweeps set it to the sweep name)."""
+    dir: str | None = None
+    """Local directory for W&B files; default `<storage.path>/<name>/wandb` for local storage,
+    `./wandb` otherwise."""
+    tags: list[str] = []
+    """W&B tags."""
+
+
+class RunConfig(Section):
+    name: str = "run"
+    """Run name: the run directory, the Ray Train run name and the W&B run id derive from it."""
+    data: DataConfig = DataConfig()
+    """What to read and how to batch it."""
+    model: ModelConfig = GPTConfig()
+    """Which network (registry `kind`) and its size."""
+    trainer: TrainerConfig = TrainerConfig()
+    """Steps, batch, optimizer, schedule, workers, failures."""
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    """ZeRO sharding and offload."""
+    storage: StorageConfig = StorageConfig()
+    """Run and checkpoint storage."""
+    tracking: TrackingConfig = TrackingConfig()
+    """Metrics tracking."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_model_kind(cls, data: Any) -> Any:
+        # `model: {n_layer: 4}` means the default kind, not "missing discriminator".
+        if isinstance(data, dict) and isinstance(data.get("model"), dict) and "kind" not in data["model"]:
+            data = {**data, "model": {"kind": "gpt", **data["model"]}}
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_path_safe(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", v):
+            raise ValueError(f"{v!r} must be letters, digits, '_', '.', '-' (max 128)")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> "RunConfig":
+        if isinstance(self.model, GPTConfig) and self.model.max_seq_len < self.data.seq_len:
+            raise ValueError(
+                f"model.max_seq_len={self.model.max_seq_len} < data.seq_len={self.data.seq_len}"
+            )
+        return self
+
+    @property
+    def run_uri(self) -> str:
+        return self.storage.path.rstrip("/") + "/" + self.name
+
+    def to_public_dict(self) -> dict[str, Any]:
+        """The config as saved with runs and sent to W&B: secret-looking keys are redacted."""
+        return redact(self.model_dump(mode="json"))
+
+
+def redact(obj: Any) -> Any:
+    """Replace the values of secret-looking keys (and URL credentials) with '***'."""
+    if isinstance(obj, dict):
+        return {k: ("***" if SECRET_KEYS.search(str(k)) else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return re.sub(r"(://)[^/@\s]+:[^/@\s]+@", r"\1***@", obj)
+    return obj
+
+
+# -------------------------------------------------------------------------------------- loading
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("e2e_dist.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def read_yaml_with_includes(source: str, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a preset name or YAML path; `include: [a.yaml, ...]` files are merged first, this file over them."""
+    if source in preset_names():
+        text, path = (resources.files("e2e_dist.presets") / f"{source}.yaml").read_text(), None
+    else:
+        path = Path(source).expanduser().resolve()
+        if not path.is_file():
+            hint = f" (presets: {', '.join(preset_names())})" if "/" not in source and not source.endswith((".yaml", ".yml")) else ""
+            raise ConfigError(f"config file not found: {source}{hint}")
+        if path in _seen:
+            raise ConfigError(f"include cycle through {path}")
+        text = path.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        raise ConfigError(f"{source}:{line} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(data).__name__}")
+    includes = data.pop("include", []) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict[str, Any] = {}
+    for inc in includes:
+        inc_source = inc if (path is None or inc in preset_names()) else str(path.parent / inc)
+        merged = deep_merge(merged, read_yaml_with_includes(inc_source, _seen + ((path,) if path else ())))
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` strings; values are parsed as YAML (so 3, 1e-3, true, [1,2] work)."""
+    data = dict(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected key.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {} if child is None else child
+                if not isinstance(child, dict):
+                    raise ConfigError(f"--set {item!r}: {part} is not a section")
+            node[part] = dict(child)
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """First pydantic error as one line: `<source>: <dotted.field>: <message> (got <value>)`."""
+    e = err.errors()[0]
+    loc = [str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("gpt", "resnet", "ctc-speech"))]
+    field = ".".join(loc) or "(top level)"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif e["type"] == "union_tag_invalid":
+        msg = f"unknown kind {e.get('input', {}).get('kind') if isinstance(e.get('input'), dict) else e.get('input')!r} (known: gpt, resnet, ctc-speech)"
+    got = e.get("input")
+    shown = e["type"] not in ("extra_forbidden", "missing", "union_tag_invalid") and not isinstance(got, (dict, list))
+    got_txt = f" (got {got!r})" if shown and repr(got) not in msg else ""
+    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    return f"{source}: {field}: {msg}{got_txt}{more}"
+
+
+def validate_run_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def load_run_config(source: str, overrides: list[str] | None = None) -> RunConfig:
+    """Preset name or YAML path + `--set` overrides -> validated RunConfig (or ConfigError)."""
+    data = apply_overrides(read_yaml_with_includes(source), overrides or [])
+    return validate_run_config(data, source)
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_public_dict(), sort_keys=False)

@@ -1,0 +1,62 @@
+"""Data-source registry: `data.source` in the config -> builder of Ray Datasets.
+
+A builder runs on the driver and returns a `DataBundle`: lazily-read Ray Datasets for train and
+val (rows already in the model's input form, e.g. packed byte windows), a `collate` that turns a
+numpy batch from `iter_batches` into the model's tensor dict, and what the subset contains
+(`stats`), so runs can report how much data they really used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from e2e_dist.errors import ConfigError
+
+_BUILDERS: dict[str, Callable[..., "DataBundle"]] = {}
+_MODULES = ["e2e_dist.data.text", "e2e_dist.data.images", "e2e_dist.data.speech"]
+
+
+@dataclass(kw_only=True)
+class DataBundle:
+    train: Any
+    """ray.data.Dataset of training rows (deterministic order for a given seed)."""
+    val: Any
+    """ray.data.Dataset of validation rows."""
+    collate: Callable[[dict], dict]
+    """numpy batch dict (from `iter_batches(batch_format='numpy')`) -> dict of torch tensors."""
+    stats: dict[str, float] = field(default_factory=dict)
+    """What the training subset holds: train_rows, val_rows, train_bytes / train_tokens / ..."""
+
+
+def register_source(name: str):
+    def deco(fn):
+        _BUILDERS[name] = fn
+        return fn
+
+    return deco
+
+
+def _load_all() -> None:
+    for mod in _MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+def source_names() -> list[str]:
+    _load_all()
+    return sorted(_BUILDERS)
+
+
+def build_data(data_cfg, model_cfg=None, storage_cfg=None) -> DataBundle:
+    """Build the train/val datasets for `data_cfg` (config.DataConfig)."""
+    _load_all()
+    try:
+        builder = _BUILDERS[data_cfg.source]
+    except KeyError:
+        raise ConfigError(f"data.source: unknown source {data_cfg.source!r} (known: {', '.join(sorted(_BUILDERS))})") from None
+    return builder(data_cfg, model_cfg=model_cfg, storage_cfg=storage_cfg)

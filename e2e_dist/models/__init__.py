@@ -1,0 +1,1 @@
+"""Models: one file per kind, all registered in `registry.py`."""

@@ -1,0 +1,80 @@
+"""Connecting to (or starting) Ray the same way everywhere: CLI, tests, benchmarks.
+
+Why explicit everything: Ray advertises the machine's primary address unless told otherwise,
+`address="auto"` picks a random cluster when two share a machine, and Ray 2.60 turns token auth
+on by itself once `~/.ray/auth_token` exists. So a local instance binds 127.0.0.1, gets its own
+temp dir and ports, and the auth mode is always set explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+@dataclass(kw_only=True)
+class LocalRayOptions:
+    num_cpus: int | None = None
+    """CPUs the local instance offers (default: all)."""
+    temp_dir: str | None = None
+    """Ray's session/log directory (default: ./.cache/ray under the cwd, kept short for sockets)."""
+    dashboard: bool = True
+    """Train V2's placement-group cleaner and the state API need the dashboard; keep it on."""
+    dashboard_port: int | None = None
+    gcs_port: int | None = None
+
+
+def local_runtime_env_vars() -> dict[str, str]:
+    """Env vars every worker needs so DeepSpeed and friends behave the same as on the driver."""
+    keep = ("TORCH_EXTENSIONS_DIR", "WANDB_MODE", "WANDB_DIR", "AWS_ENDPOINT_URL", "AWS_REGION",
+            "AWS_DEFAULT_REGION", "E2E_DIST_FAULT", "HOME", "PYTHONPATH")
+    return {k: os.environ[k] for k in keep if k in os.environ}
+
+
+def init_ray(address: str | None = None, opts: LocalRayOptions | None = None) -> None:
+    """Connect to `address` (ray://, host:port) or, when None, start a private local instance.
+
+    No-op when Ray is already initialized in this process (tests share one instance).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Workers log to files, not to our terminal, unless asked (keeps the progress display readable).
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray Data's progress bars are noise in CI logs and our own display.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    runtime_env = {"env_vars": local_runtime_env_vars()}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    opts = opts or LocalRayOptions()
+    temp_dir = opts.temp_dir or str(Path(".cache/ray").resolve())
+    Path(temp_dir).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("RAY_GCS_SERVER_PORT", str(opts.gcs_port or free_port()))
+    ray.init(
+        address="local",
+        num_cpus=opts.num_cpus,
+        include_dashboard=opts.dashboard,
+        dashboard_host=LOOPBACK,
+        dashboard_port=opts.dashboard_port or free_port(),
+        _node_ip_address=LOOPBACK,
+        _temp_dir=temp_dir,
+        runtime_env=runtime_env,
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level="WARNING",
+    )
