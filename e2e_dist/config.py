@@ -359,7 +359,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     """First pydantic error as one line: `<source>: <dotted.field>: <message> (got <value>)`."""
     e = err.errors()[0]
     loc = [str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("gpt", "resnet", "ctc-speech"))]
-    field = ".".join(loc) or "(top level)"
+    field = ".".join(loc)
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
         msg = "unknown field"
@@ -369,7 +369,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     shown = e["type"] not in ("extra_forbidden", "missing", "union_tag_invalid") and not isinstance(got, (dict, list))
     got_txt = f" (got {got!r})" if shown and repr(got) not in msg else ""
     more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
-    return f"{source}: {field}: {msg}{got_txt}{more}"
+    return f"{source}: {field + ': ' if field else ''}{msg}{got_txt}{more}"
 
 
 def validate_run_config(data: dict[str, Any], source: str = "config") -> RunConfig:

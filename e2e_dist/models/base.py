@@ -31,6 +31,10 @@ class E2EModel(nn.Module, abc.ABC):
     def eval_sums(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Additive sums over one validation batch (e.g. loss_sum, count, correct)."""
 
+    def eval_sum_keys(self) -> list[str]:
+        """Keys `eval_sums` returns (a rank with no val batch contributes zeros under them)."""
+        return ["loss_sum", "count"]
+
     @abc.abstractmethod
     def summarize_eval(self, sums: dict[str, float]) -> dict[str, float]:
         """Turn rank-reduced sums into metrics (val_loss, val_bpb, val_acc, val_cer, ...)."""

@@ -1,0 +1,207 @@
+"""`e2e-dist`: verbs only. Each parses its arguments, calls one function, prints the result.
+
+Known errors (e2e_dist.errors.UserError) become one line on stderr and exit code 2; anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from e2e_dist.errors import UserError
+
+DESCRIPTION = """Train end-to-end models (bytes->text, pixels->classes, waveform->characters) on Ray
+with DeepSpeed ZeRO, W&B tracking and local or S3 checkpoints.
+
+verbs:
+  train       train one run from a YAML config or a preset (tiny-text, tiny-vision, tiny-speech)
+  sweep       run a Ray Tune sweep (architectures, data-size ablations) from tune_configs/*.yaml
+  scaling     fit scaling laws L(N, D) to a finished sweep's results, plot and summarize
+  export      consolidate a checkpoint (any ZeRO stage) into one safetensors file
+  generate    sample text from an exported text model (plain PyTorch)
+  predict     classify an image / transcribe audio with an exported model (plain PyTorch)
+  checkpoints list a run's checkpoints and whether each is committed
+  data        built-in data: `data make-speech OUT` synthesizes the spoken-digits corpus
+  cluster     `cluster validate FILE`, `cluster local` (a local multi-node or autoscaling cluster)
+  submit      submit `e2e-dist train|sweep ...` as a Ray job to a cluster
+  jobs        status | logs | stop | list of Ray jobs
+  presets     list the built-in configs"""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="a run YAML file or a preset name (see `e2e-dist presets`)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set trainer.max_steps=50 (repeatable)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from e2e_dist.config import load_run_config
+    from e2e_dist.train.launcher import run_training
+    from e2e_dist.train.report import print_run_summary
+
+    cfg = load_run_config(args.config, args.overrides)
+    summary = run_training(cfg, resume=args.resume, address=args.address, quiet=args.quiet)
+    print_run_summary(summary)
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from e2e_dist.config import preset_names
+
+    print("\n".join(preset_names()))
+    return 0
+
+
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    from e2e_dist import checkpoint as ckpt
+    from e2e_dist.config import StorageConfig
+
+    for info in ckpt.list_checkpoints(args.run_uri, StorageConfig(path=args.run_uri, endpoint_url=args.endpoint_url)):
+        print(f"{info.step:>10}  {'committed' if info.committed else 'PARTIAL  '}  {info.uri}  {info.reason or ''}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from e2e_dist.config import StorageConfig
+    from e2e_dist.export import export_checkpoint
+
+    info = export_checkpoint(args.checkpoint, args.out, StorageConfig(path=args.checkpoint, endpoint_url=args.endpoint_url))
+    print(f"exported step {info.get('step')} -> {args.out} ({info.get('num_tensors', '?')} tensors, "
+          f"{info.get('num_params', 0):,} parameters)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from e2e_dist.export import load_exported
+
+    model, _ = load_exported(args.exported)
+    if not hasattr(model, "generate"):
+        raise UserError(f"{args.exported}: a {model.input_kind} model cannot generate text (use `predict`)")
+    g = torch.Generator().manual_seed(args.seed)
+    out = model.generate(args.prompt.encode(), max_new_bytes=args.max_bytes, temperature=args.temperature, generator=g)
+    print(args.prompt + out.decode("utf-8", errors="replace"))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from e2e_dist.predict import predict
+
+    for path in args.inputs:
+        print(f"{path}\t{predict(args.exported, path)}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from e2e_dist.data.synth_speech import make_speech_corpus
+
+    info = make_speech_corpus(args.out, n_utterances=args.n, seed=args.seed)
+    print(f"wrote {info} to {args.out}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from e2e_dist.sweep.runner import run_sweep_cli
+
+    return run_sweep_cli(args)
+
+
+def cmd_scaling(args: argparse.Namespace) -> int:
+    from e2e_dist.sweep.runner import scaling_cli
+
+    return scaling_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="e2e-dist", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+
+    p = sub.add_parser("train", help="train one run", description="Train one run on Ray Train + DeepSpeed.")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the latest committed checkpoint of this run name")
+    p.add_argument("--address", help="Ray cluster address (default: start a private local Ray)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="run a Ray Tune sweep", description="Run a sweep file from tune_configs/.")
+    p.add_argument("sweep_file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a sweep field or, under base., a run field: --set base.trainer.max_steps=20")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
+    p.add_argument("--address", help="Ray cluster address (default: start a private local Ray)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("scaling", help="fit scaling laws to sweep results")
+    p.add_argument("results_uri", help="a sweep's directory (local or s3://) holding results.jsonl")
+    p.add_argument("--budget", type=float, help="compute budget in FLOPs for the compute-optimal (N, D)")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint")
+    p.set_defaults(func=cmd_scaling)
+
+    p = sub.add_parser("export", help="consolidate a checkpoint into one safetensors file")
+    p.add_argument("checkpoint", help="a checkpoint dir or a run dir (latest committed), local or s3://")
+    p.add_argument("out", help="output .safetensors path, local or s3://")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="sample text from an exported model")
+    p.add_argument("exported")
+    p.add_argument("--prompt", default="def ")
+    p.add_argument("--max-bytes", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("predict", help="image -> class, audio -> transcript, from an exported model")
+    p.add_argument("exported")
+    p.add_argument("inputs", nargs="+")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("checkpoints", help="list a run's checkpoints")
+    p.add_argument("run_uri")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint")
+    p.set_defaults(func=cmd_checkpoints)
+
+    p = sub.add_parser("data", help="built-in data sets")
+    dsub = p.add_subparsers(dest="data_verb", metavar="make-speech", required=True)
+    q = dsub.add_parser("make-speech", help="synthesize the spoken-digits corpus with eSpeak NG (offline)")
+    q.add_argument("out")
+    q.add_argument("-n", type=int, default=400, help="utterances")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("presets", help="list built-in configs")
+    p.set_defaults(func=cmd_presets)
+
+    try:
+        commands = importlib.import_module("e2e_dist.cluster.commands")
+        commands.register(sub)
+    except ModuleNotFoundError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"e2e-dist: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("e2e-dist: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Driver side of one run: checks, Ray, datasets, TorchTrainer, and the summary at the end."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from e2e_dist.config import RunConfig, dump_yaml
+from e2e_dist.errors import UserError
+
+log = logging.getLogger("e2e_dist.launcher")
+
+
+@dataclass(kw_only=True)
+class RunSummary:
+    name: str
+    run_uri: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """The last reported metrics (the final checkpoint's report)."""
+    checkpoint_uri: str | None = None
+    """The newest committed checkpoint after the run."""
+    wandb_dir: str | None = None
+    data_stats: dict[str, float] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+def prepare_run_dir(cfg: RunConfig, *, resume: bool) -> None:
+    """Refuse to clobber an existing run, or to resume one that has nothing committed."""
+    from e2e_dist import checkpoint as ckpt
+    from e2e_dist import storage
+
+    storage.check_access(cfg.storage.path, cfg.storage)
+    found, skipped = ckpt.find_latest_committed(cfg.run_uri, cfg.storage)
+    if resume and found is None:
+        why = f" ({'; '.join(skipped)})" if skipped else ""
+        raise UserError(f"--resume: no committed checkpoint under {cfg.run_uri}{why}")
+    if not resume and found is not None:
+        raise UserError(f"run {cfg.name!r} already has checkpoints at {cfg.run_uri}: pass --resume to continue it, "
+                        f"or --set name=<new name>")
+    storage.write_text(storage.join(cfg.run_uri, "config.yaml"), dump_yaml(cfg), cfg.storage)
+
+
+def build_trainer(cfg: RunConfig, *, datasets: dict[str, Any], collate, progress_actor=None, callbacks=None):
+    """The TorchTrainer for one run; also used by each sweep trial's driver."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from e2e_dist import storage
+    from e2e_dist.train.loop import train_loop_per_worker
+    from e2e_dist.train.ray_env import local_runtime_env_vars
+
+    t = cfg.trainer
+    use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    backend = t.backend if t.backend != "auto" else ("nccl" if use_gpu else "gloo")
+    loop_config = {"run": cfg.model_dump(mode="json"), "collate": collate, "progress_actor": progress_actor,
+                   "fault": os.environ.get("E2E_DIST_FAULT")}
+    run_config = ray.train.RunConfig(
+        name=cfg.name,
+        failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+        # keep-N is ours (checkpoint.py deletes only after a newer commit): Ray keeps everything.
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+        worker_runtime_env={"env_vars": local_runtime_env_vars()},
+        callbacks=callbacks or [],
+        **storage.ray_storage_kwargs(cfg.storage.path, cfg.storage),
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=run_config,
+        datasets=datasets,
+        # Train is split across workers; val is read whole by each (see loop.evaluate).
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def run_training(cfg: RunConfig, *, resume: bool = False, address: str | None = None, quiet: bool = False) -> RunSummary:
+    """Train one run end to end; returns its summary (raises UserError on bad input)."""
+    import ray
+
+    from e2e_dist import checkpoint as ckpt
+    from e2e_dist.data.registry import build_data
+    from e2e_dist.train.progress import ProgressDisplay
+    from e2e_dist.train.ray_env import init_ray
+
+    t0 = time.time()
+    prepare_run_dir(cfg, resume=resume)
+    init_ray(address)
+    bundle = build_data(cfg.data, cfg.model, cfg.storage)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # same seed -> same batches: resumable data position
+    with ProgressDisplay(cfg.name, quiet=quiet) as display:
+        trainer = build_trainer(cfg, datasets={"train": bundle.train, "val": bundle.val}, collate=bundle.collate,
+                                progress_actor=display.actor)
+        try:
+            result = trainer.fit()
+        except Exception as e:  # Ray wraps worker errors; surface the root cause's one line
+            raise UserError(f"run {cfg.name!r} failed: {_root_cause(e)}") from e
+    found, _ = ckpt.find_latest_committed(cfg.run_uri, cfg.storage)
+    from e2e_dist.tracking import wandb_run_dir
+
+    return RunSummary(name=cfg.name, run_uri=cfg.run_uri, metrics=dict(result.metrics or {}),
+                      checkpoint_uri=found.uri if found else None, wandb_dir=wandb_run_dir(cfg),
+                      data_stats=dict(bundle.stats), wall_s=time.time() - t0)
+
+
+def _root_cause(e: BaseException) -> str:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[-1] if msg else ''}"[:500]

@@ -1,0 +1,251 @@
+"""The per-worker training function that Ray Train's TorchTrainer runs on every rank.
+
+build model -> DeepSpeed engine -> restore latest committed checkpoint (if any) -> step loop with
+metrics every `log_every`, evaluation every `eval_every`, checkpoint every `ckpt_every` -> final
+checkpoint + sample. The function gets the validated RunConfig as a plain dict (Ray pickles it) and
+never parses YAML or talks to storage itself: checkpoint.py and tracking.py own those concerns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from e2e_dist.config import RunConfig
+from e2e_dist.train.deepspeed_config import build_deepspeed_config, lr_lambda, resolve_precision
+from e2e_dist.train.faults import maybe_inject_fault
+from e2e_dist.train.flops import peak_flops, train_flops_per_batch
+from e2e_dist.train.metrics import MetricWindow, all_reduce_sum
+
+log = logging.getLogger("e2e_dist.train")
+
+
+class BatchStream:
+    """Endless micro-batches from a Ray Data shard, epoch after epoch, with a resumable position.
+
+    The position is (epoch, batches consumed in that epoch). Resuming replays the epoch's
+    deterministic order and skips the consumed batches, so a restart sees the same data it would
+    have seen without the crash (up to Ray Data's shard assignment between workers).
+    """
+
+    def __init__(self, shard, batch_size: int, collate, device: torch.device, epoch: int = 0, consumed: int = 0):
+        self.shard, self.batch_size, self.collate, self.device = shard, batch_size, collate, device
+        self.epoch, self.consumed = epoch, consumed
+        self._it: Iterator | None = None
+
+    def _start_epoch(self) -> None:
+        self._it = iter(self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy",
+                                                drop_last=True, prefetch_batches=2))
+        for _ in range(self.consumed):  # fast-forward to the saved position
+            next(self._it)
+
+    def next(self) -> dict[str, torch.Tensor]:
+        if self._it is None:
+            self._start_epoch()
+        while True:
+            try:
+                batch = next(self._it)
+                break
+            except StopIteration:
+                if self.consumed == 0:
+                    raise RuntimeError("a data shard yields no full batch: lower trainer.micro_batch_size or add data") from None
+                self.epoch, self.consumed = self.epoch + 1, 0
+                self._start_epoch()
+        self.consumed += 1
+        pin = self.device.type == "cuda"
+        return {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=pin) for k, v in self.collate(batch).items()}
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # Decay matrices and conv kernels; not biases, norms or embeddings-as-vectors (the usual GPT recipe).
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _enable_activation_checkpointing(model) -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks():
+        fwd = block.forward
+        block.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+
+
+def evaluate(engine, model, val_iter, batches: int, batch_size: int, collate, device, rank: int, world: int) -> dict[str, float]:
+    """Validation on the first `batches * world` batches of the (unsplit, deterministic) val set.
+
+    Every rank reads the same val stream and takes every world-th batch, so the evaluated set is
+    identical from run to run and across restarts, whatever Ray Data's split would have done.
+    """
+    engine.eval()
+    sums: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        it = val_iter.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False)
+        for i, np_batch in enumerate(it):
+            if i >= batches * world:
+                break
+            if i % world != rank:
+                continue
+            batch = {k: v.to(device) for k, v in collate(np_batch).items()}
+            for k, v in model.eval_sums(batch).items():
+                sums[k] = sums.get(k, 0) + v.float()
+    engine.train()
+    if not sums:  # tiny val set: this rank got no batch; still join the collective
+        sums = {k: torch.zeros((), device=device) for k in model.eval_sum_keys()}
+    return model.summarize_eval(all_reduce_sum(sums, device))
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import deepspeed
+    import ray.train
+    from ray.train import Checkpoint
+
+    from e2e_dist import checkpoint as ckpt
+    from e2e_dist.models.registry import build_model
+    from e2e_dist.tracking import Tracker
+    from e2e_dist.train.progress import ProgressSink
+
+    cfg = RunConfig.model_validate(loop_config["run"])
+    t = cfg.trainer
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    torch.manual_seed(t.seed)
+
+    model = build_model(cfg.model, cfg.data)
+    # Count FLOPs on the real module before DeepSpeed partitions it (ZeRO-3 hides full params).
+    model.to(device)
+    flops_per_micro = train_flops_per_batch(model, model.example_batch(t.micro_batch_size, device))
+    flops_per_step = flops_per_micro * t.grad_accum
+    if t.activation_checkpointing:
+        _enable_activation_checkpointing(model)
+    optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, fused=on_gpu)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    ds_config = build_deepspeed_config(cfg, world_size=world, on_gpu=on_gpu)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+    )
+    if t.compile:
+        engine.compile()
+
+    # ---- resume: the newest *committed* checkpoint in storage (not Ray's record; see checkpoint.py)
+    local_root = Path(tempfile.mkdtemp(prefix=f"e2e-{cfg.name}-r{rank}-"))
+    start_step, data_pos, units_seen, resumed_from = 0, {"epoch": 0, "consumed": 0}, 0, None
+    chosen = [None]
+    if rank == 0:
+        found, restored_dir, skipped = ckpt.restore_latest(cfg.run_uri, cfg.storage, local_root / "restore")
+        for msg in skipped:
+            log.warning("skipped checkpoint: %s", msg)
+        chosen = [found.uri if found else None]
+    if world > 1:
+        dist.broadcast_object_list(chosen, src=0)
+    if chosen[0] is not None:
+        restore_dir = local_root / "restore"
+        if rank != 0:
+            restored_dir = ckpt.download_uri(chosen[0], cfg.storage, restore_dir)
+        state = ckpt.load_engine(engine, restored_dir)
+        start_step, data_pos, units_seen = state["step"], state["data"], state.get("units_seen", 0)
+        resumed_from = start_step
+        shutil.rmtree(restore_dir, ignore_errors=True)
+
+    tracker = Tracker.start(cfg, rank=rank, resume_step=resumed_from,
+                            extra_config={"n_params": model.num_params(), "world_size": world,
+                                          "n_params_non_embedding": model.num_params(non_embedding=True),
+                                          "flops_per_step": flops_per_step})
+    progress = ProgressSink.connect(loop_config.get("progress_actor"), rank)
+
+    collate = loop_config["collate"]
+    train_stream = BatchStream(ray.train.get_dataset_shard("train"), t.micro_batch_size, collate, device,
+                               **data_pos)
+    val_shard = ray.train.get_dataset_shard("val")
+    window = MetricWindow(device, flops_per_step, peak_flops(device), world)
+    base_metrics = {"n_params": model.num_params(), "n_params_non_embedding": model.num_params(non_embedding=True),
+                    "flops_per_step": flops_per_step, "precision": resolve_precision(cfg, on_gpu),
+                    "zero_stage": cfg.deepspeed.zero_stage, "world_size": world}
+    last_eval: dict[str, float] = {}
+    last: dict[str, float] = {}
+    if rank == 0 and resumed_from is not None:
+        log.warning("resumed from step %d (%s)", resumed_from, chosen[0])
+
+    def save_and_report(step: int, metrics: dict[str, Any], final: bool) -> None:
+        local = local_root / ckpt.checkpoint_dir_name(step)
+        client_state = {"step": step, "data": train_stream.state(), "units_seen": units_seen}
+        ckpt.save_engine(engine, local, client_state)
+        meta = {"config": cfg.to_public_dict(), "model_kind": cfg.model.kind, "data": train_stream.state(),
+                "units_seen": units_seen}
+        upload = ckpt.make_upload_fn(run_uri=cfg.run_uri, storage_cfg=cfg.storage, rank=rank, world_size=world,
+                                     step=step, meta=meta, keep_last=t.keep_last,
+                                     zero_stage=cfg.deepspeed.zero_stage)
+        mode = ray.train.CheckpointUploadMode.ASYNC if (t.async_checkpoint and not final) else ray.train.CheckpointUploadMode.SYNC
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(local)),
+                         checkpoint_dir_name=ckpt.checkpoint_dir_name(step), checkpoint_upload_mode=mode,
+                         checkpoint_upload_fn=upload, delete_local_checkpoint_after_upload=True)
+
+    engine.train()
+    step = start_step
+    while step < t.max_steps:
+        for _ in range(t.grad_accum):
+            batch = train_stream.next()
+            loss = engine(batch)
+            engine.backward(loss)
+            engine.step()  # DeepSpeed only updates on the accumulation boundary
+            n = model.units_in(batch)
+            window.add_micro(loss, n)
+            units_seen += n * world
+        window.end_step()
+        step += 1
+        maybe_inject_fault(loop_config.get("fault"), cfg.name, step, rank)
+        is_last = step == t.max_steps
+        if step % t.log_every == 0 or is_last:
+            last = {**window.flush(model.unit_name), "lr": scheduler.get_last_lr()[0], "step": step,
+                    f"{model.unit_name}_seen": units_seen, "epoch": train_stream.epoch}
+        do_eval = step % t.eval_every == 0 or is_last
+        if do_eval:
+            last_eval = evaluate(engine, model, val_shard, t.eval_batches, t.micro_batch_size, collate, device,
+                                 rank, world)
+            last.update(last_eval)
+        if step % t.log_every == 0 or do_eval:
+            tracker.log({k: v for k, v in last.items() if k != "step"}, step=step)
+            progress.update(step, t.max_steps, last)
+        if step % t.ckpt_every == 0 and not is_last:
+            save_and_report(step, {**base_metrics, **last}, final=False)
+        elif do_eval and not is_last:
+            ray.train.report({**base_metrics, **last})  # feeds Tune schedulers between checkpoints
+
+    final = {**base_metrics, **last, "step": step, f"{model.unit_name}_seen": units_seen}
+    final["sample"] = _final_sample(engine, model, rank, cfg)
+    tracker.log_summary({k: v for k, v in final.items() if isinstance(v, (int, float, str))})
+    save_and_report(step, final, final=True)
+    progress.update(step, t.max_steps, final, done=True)
+    tracker.finish()
+    shutil.rmtree(local_root, ignore_errors=True)
+
+
+def _final_sample(engine, model, rank: int, cfg: RunConfig) -> str:
+    """A short generated text (text models) from rank 0; empty for other modalities."""
+    if not hasattr(model, "generate"):
+        return ""
+    import deepspeed
+
+    engine.eval()
+    # ZeRO-3 partitions parameters; gathering is collective, so every rank enters the context.
+    params = list(model.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=cfg.deepspeed.zero_stage == 3):
+        text = ""
+        if rank == 0:
+            g = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.trainer.seed)
+            text = model.generate(b"def ", max_new_bytes=160, generator=g).decode("utf-8", errors="replace")
+    engine.train()
+    return "def " + text

@@ -1,0 +1,32 @@
+"""The end-of-run summary printed by `e2e-dist train`."""
+
+from __future__ import annotations
+
+from e2e_dist.train.launcher import RunSummary
+
+
+def _num(v, fmt: str = ".4f") -> str:
+    return format(v, fmt) if isinstance(v, (int, float)) else "-"
+
+
+def print_run_summary(s: RunSummary) -> None:
+    m = s.metrics
+    unit = "tokens" if "tokens_per_s" in m else "samples"
+    lines = [
+        f"run            {s.name}  ({s.wall_s:.0f} s)",
+        f"steps          {m.get('step', '-')}   world size {m.get('world_size', '-')}   ZeRO {m.get('zero_stage', '-')}   {m.get('precision', '')}",
+        f"train loss     {_num(m.get('loss'))}",
+    ]
+    for key, label in (("val_loss", "val loss"), ("val_bpb", "bits per byte"), ("val_acc", "val accuracy"),
+                       ("val_cer", "val CER"), ("val_wer", "val WER")):
+        if key in m:
+            lines.append(f"{label:<15}{_num(m[key])}")
+    lines.append(f"{unit}/s       {_num(m.get(f'{unit}_per_s'), ',.0f')}   step {_num(m.get('step_time_s'), '.3f')} s"
+                 f"   {_num(m.get('achieved_tflops_per_device'), '.3f')} TFLOP/s per worker"
+                 + (f"   MFU {m['mfu']:.1%}" if isinstance(m.get("mfu"), float) else ""))
+    lines.append(f"{unit} seen     {_num(m.get(f'{unit}_seen'), ',')}   params {_num(m.get('n_params'), ',')}")
+    lines.append(f"checkpoint     {s.checkpoint_uri or '-'}")
+    lines.append(f"W&B run        {s.wandb_dir or '-'}")
+    print("\n".join(lines))
+    if m.get("sample"):
+        print("sample:\n" + "-" * 60 + f"\n{m['sample']}\n" + "-" * 60)

@@ -1,0 +1,95 @@
+"""Config loading: every kind of bad input is one line naming the field/file; presets, includes, --set."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from e2e_dist.config import RunConfig, load_run_config, preset_names, redact
+from e2e_dist.errors import ConfigError
+
+
+def test_presets_load():
+    assert "tiny-text" in preset_names()
+    cfg = load_run_config("tiny-text")
+    assert cfg.model.kind == "gpt" and cfg.deepspeed.zero_stage == 2
+
+
+def test_overrides_are_typed():
+    cfg = load_run_config("tiny-text", ["trainer.max_steps=7", "trainer.lr=3e-4", "deepspeed.zero_stage=3",
+                                        "data.paths=[a.txt, b.txt]", "trainer.use_gpu=false"])
+    assert cfg.trainer.max_steps == 7 and cfg.trainer.lr == 3e-4 and cfg.deepspeed.zero_stage == 3
+    assert cfg.data.paths == ["a.txt", "b.txt"] and cfg.trainer.use_gpu is False
+
+
+def test_include_and_override_order(tmp_path):
+    (tmp_path / "base.yaml").write_text("include: tiny-text\ntrainer: {max_steps: 11, lr: 0.01}\n")
+    (tmp_path / "run.yaml").write_text("include: [base.yaml]\nname: child\ntrainer: {max_steps: 12}\n")
+    cfg = load_run_config(str(tmp_path / "run.yaml"))
+    assert (cfg.name, cfg.trainer.max_steps, cfg.trainer.lr) == ("child", 12, 0.01)
+    assert cfg.model.d_model == 128  # from the preset at the bottom
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["trainer.max_step=5"], "tiny-text: trainer.max_step: unknown field"),
+        (["trainer.lr=abc"], "tiny-text: trainer.lr: Input should be a valid number"),
+        (["trainer.max_steps=0"], "tiny-text: trainer.max_steps: Input should be greater than or equal to 1"),
+        (["model.kind=transformer"], "tiny-text: model: unknown kind 'transformer'"),
+        (["model.n_head=3"], "tiny-text: model: n_head=3 does not divide d_model=128"),
+        (["deepspeed.zero_stage=4"], "tiny-text: deepspeed.zero_stage: Input should be less than or equal to 3"),
+        (["deepspeed.offload_params=true"], "tiny-text: deepspeed: offload_params needs zero_stage=3"),
+        (["storage.path=gs://bucket/x"], "tiny-text: storage.path: unsupported scheme in 'gs://bucket/x'"),
+        (["name=has space"], "tiny-text: name: 'has space' must be letters"),
+        (["data.seq_len=256"], "tiny-text: model.max_seq_len=128 < data.seq_len=256"),
+        (["trainer"], "--set 'trainer': expected key.sub=value"),
+        (["trainer.precision=fp8"], "tiny-text: trainer.precision: Input should be"),
+    ],
+)
+def test_bad_input_is_one_line(overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        load_run_config("tiny-text", overrides)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert expected in msg, msg
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file not found: nope\.yaml"):
+        load_run_config("nope.yaml")
+    with pytest.raises(ConfigError, match=r"presets: .*tiny-text"):
+        load_run_config("tiny-txt")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: line \d+ is not valid YAML"):
+        load_run_config(str(bad))
+    cyc = tmp_path / "cyc.yaml"
+    cyc.write_text("include: cyc.yaml\n")
+    with pytest.raises(ConfigError, match="include cycle"):
+        load_run_config(str(cyc))
+
+
+def test_secrets_redacted():
+    cfg = RunConfig(storage={"path": "s3://bucket/runs", "endpoint_url": "http://user:pw@127.0.0.1:9000"},
+                    deepspeed={"overrides": {"aws_secret_access_key": "SECRETVALUE"}})
+    public = cfg.to_public_dict()
+    text = repr(public)
+    assert "SECRETVALUE" not in text and ":pw@" not in text
+    assert redact({"WANDB_API_KEY": "k", "nested": [{"token": "t"}]}) == {"WANDB_API_KEY": "***", "nested": [{"token": "***"}]}
+
+
+def test_cli_exit_code_2_and_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "e2e_dist.cli", "train", "tiny-text", "--set", "trainer.bogus=1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "e2e-dist: error: tiny-text: trainer.bogus: unknown field"
+
+
+def test_cli_help_lists_every_verb():
+    proc = subprocess.run([sys.executable, "-m", "e2e_dist.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    for verb in ("train", "sweep", "scaling", "export", "generate", "predict", "checkpoints", "cluster", "submit", "jobs"):
+        assert f"  {verb}" in proc.stdout
