@@ -50,6 +50,7 @@ def build_trainer(cfg: RunConfig, *, datasets: dict[str, Any], collate, progress
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from e2e_dist import storage
+    from e2e_dist.data.common import ingest_data_config
     from e2e_dist.train.loop import train_loop_per_worker
     from e2e_dist.train.ray_env import local_runtime_env_vars
 
@@ -75,8 +76,9 @@ def build_trainer(cfg: RunConfig, *, datasets: dict[str, Any], collate, progress
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=run_config,
         datasets=datasets,
-        # Train is split across workers; val is read whole by each (see loop.evaluate).
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        # Train is split across workers (in a fixed order: resumable); val is read whole by each
+        # rank (see loop.evaluate).
+        dataset_config=ingest_data_config(datasets_to_split=["train"]),
     )
 
 
@@ -93,8 +95,9 @@ def run_training(cfg: RunConfig, *, resume: bool = False, address: str | None = 
     prepare_run_dir(cfg, resume=resume)
     init_ray(address)
     bundle = build_data(cfg.data, cfg.model, cfg.storage)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # same seed -> same batches: resumable data position
+    # Validation is small and read at every evaluation: materialize it once in the object store
+    # instead of re-running its read tasks each time.
+    bundle.val = bundle.val.materialize()
     with ProgressDisplay(cfg.name, quiet=quiet) as display:
         trainer = build_trainer(cfg, datasets={"train": bundle.train, "val": bundle.val}, collate=bundle.collate,
                                 progress_actor=display.actor)

@@ -117,6 +117,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from e2e_dist.train.progress import ProgressSink
 
     cfg = RunConfig.model_validate(loop_config["run"])
+    _quiet_library_logs()
     t = cfg.trainer
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -143,22 +144,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # ---- resume: the newest *committed* checkpoint in storage (not Ray's record; see checkpoint.py)
     local_root = Path(tempfile.mkdtemp(prefix=f"e2e-{cfg.name}-r{rank}-"))
     start_step, data_pos, units_seen, resumed_from = 0, {"epoch": 0, "consumed": 0}, 0, None
+    # Rank 0 picks the checkpoint (newest that verifies); every rank then restores that same step.
     chosen = [None]
+    restored_dir = None
     if rank == 0:
         found, restored_dir, skipped = ckpt.restore_latest(cfg.run_uri, cfg.storage, local_root / "restore")
         for msg in skipped:
-            log.warning("skipped checkpoint: %s", msg)
-        chosen = [found.uri if found else None]
+            log.warning(msg)
+        chosen = [found.step if found else None]
     if world > 1:
         dist.broadcast_object_list(chosen, src=0)
     if chosen[0] is not None:
-        restore_dir = local_root / "restore"
         if rank != 0:
-            restored_dir = ckpt.download_uri(chosen[0], cfg.storage, restore_dir)
+            found, restored_dir, msgs = ckpt.restore_latest(cfg.run_uri, cfg.storage, local_root / "restore",
+                                                           step=chosen[0])
+            if restored_dir is None:
+                raise RuntimeError(f"rank {rank} could not restore step {chosen[0]}: {'; '.join(msgs)}")
         state = ckpt.load_engine(engine, restored_dir)
         start_step, data_pos, units_seen = state["step"], state["data"], state.get("units_seen", 0)
         resumed_from = start_step
-        shutil.rmtree(restore_dir, ignore_errors=True)
+        shutil.rmtree(local_root / "restore", ignore_errors=True)
 
     tracker = Tracker.start(cfg, rank=rank, resume_step=resumed_from,
                             extra_config={"n_params": model.num_params(), "world_size": world,
@@ -177,7 +182,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     last_eval: dict[str, float] = {}
     last: dict[str, float] = {}
     if rank == 0 and resumed_from is not None:
-        log.warning("resumed from step %d (%s)", resumed_from, chosen[0])
+        log.warning("resumed from the committed checkpoint of step %d", resumed_from)
 
     def save_and_report(step: int, metrics: dict[str, Any], final: bool) -> None:
         local = local_root / ckpt.checkpoint_dir_name(step)
@@ -231,6 +236,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     progress.update(step, t.max_steps, final, done=True)
     tracker.finish()
     shutil.rmtree(local_root, ignore_errors=True)
+
+
+def _quiet_library_logs() -> None:
+    """Workers' INFO chatter (Ray Data plans, Ray Train report echoes) drowns our progress lines."""
+    for name in ("ray.data", "ray.train", "ray.tune", "deepspeed", "DeepSpeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    except Exception:
+        pass
 
 
 def _final_sample(engine, model, rank: int, cfg: RunConfig) -> str:

@@ -64,6 +64,8 @@ class MetricWindow:
             "step_time_s": step_time,
             "achieved_tflops_per_device": achieved / 1e12,
         }
+        if self.device.type == "cuda":
+            out["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         m = mfu(self.flops_per_step, step_time, self.peak)
         if m is not None:
             out["mfu"] = m

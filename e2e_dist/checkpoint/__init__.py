@@ -1,0 +1,26 @@
+"""Checkpoints that are never partial: DeepSpeed save/load, the manifest commit protocol, discovery.
+
+- `engine`:   save_engine / load_engine (DeepSpeed's own checkpointing, tag "ds").
+- `commit`:   make_upload_fn, Ray Train's checkpoint_upload_fn: every rank uploads its files and a
+              part file, rank 0 writes manifest.json last, then prunes to keep_last.
+- `discover`: find_latest_committed / restore_latest / list_checkpoints: storage is the source of
+              truth, a directory counts only if its manifest verifies.
+- `layout`:   names and formats.
+
+Importing this package imports neither Ray nor DeepSpeed (export and `generate` rely on that).
+"""
+
+from e2e_dist.checkpoint.commit import make_upload_fn, prune
+from e2e_dist.checkpoint.discover import (
+    download_checkpoint, find_latest_committed, list_checkpoints, restore_latest, scan,
+)
+from e2e_dist.checkpoint.engine import load_engine, save_engine
+from e2e_dist.checkpoint.layout import (
+    DS_TAG, MANIFEST, CheckpointInfo, CommittedCheckpoint, checkpoint_dir_name, step_of,
+)
+
+__all__ = [
+    "DS_TAG", "MANIFEST", "CheckpointInfo", "CommittedCheckpoint", "checkpoint_dir_name", "download_checkpoint",
+    "find_latest_committed", "list_checkpoints", "load_engine", "make_upload_fn", "prune", "restore_latest",
+    "save_engine", "scan", "step_of",
+]

@@ -1,0 +1,38 @@
+"""DeepSpeed's own save/load, always with the tag "ds", into and out of a local directory.
+
+Every rank saves into its *own* local directory (DeepSpeed writes only that rank's shards there,
+plus `latest` and the recovery scripts on rank 0); the upload step merges them in storage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from e2e_dist.checkpoint.layout import DS_TAG
+from e2e_dist.errors import CheckpointError
+
+
+def save_engine(engine: Any, local_dir: Path, client_state: dict[str, Any]) -> Path:
+    """engine.save_checkpoint(local_dir, tag="ds"): module, optimizer, LR scheduler and `client_state`.
+
+    Collective: every rank must call it (DeepSpeed synchronizes ranks inside).
+    """
+    local_dir = Path(local_dir)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(str(local_dir), tag=DS_TAG, client_state=client_state, save_latest=True)
+    return local_dir
+
+
+def load_engine(engine: Any, local_dir: Path) -> dict[str, Any]:
+    """Restore module, optimizer and LR scheduler from a downloaded checkpoint; return client_state."""
+    local_dir = Path(local_dir)
+    if not (local_dir / DS_TAG).is_dir():
+        raise CheckpointError(f"{local_dir}: no DeepSpeed checkpoint (directory {DS_TAG}/ missing)")
+    path, client_state = engine.load_checkpoint(
+        str(local_dir), tag=DS_TAG, load_module_strict=True,
+        load_optimizer_states=True, load_lr_scheduler_states=True,
+    )
+    if path is None:
+        raise CheckpointError(f"{local_dir}: DeepSpeed found no checkpoint with tag {DS_TAG!r}")
+    return dict(client_state or {})

@@ -1,0 +1,271 @@
+"""Helpers every data source shares: listing files, deterministic hash splits and subsets, reads.
+
+Determinism rules (so ablations compare like with like):
+- An item's fate depends only on its *key* (its path relative to the root it was listed from,
+  e.g. `json/decoder.py`) and the seed: never on listing order, machine or absolute path.
+- `split_by_hash` puts an item in val when `unit_hash("split", seed, key) < val_fraction`.
+- `seeded_order` sorts by `unit_hash("order", seed, key)`; subsets are prefixes of that order, so a
+  smaller subset is always contained in a larger one (`take_fraction`).
+
+Paths are local files, directories (walked recursively, hidden entries skipped), globs (`*`, `?`,
+`[..]`, `**`), or `s3://bucket/prefix` (a single object, a prefix, or a glob) read through
+`e2e_dist.storage.resolve(uri, storage_cfg) -> (pyarrow filesystem, path)`.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence, TypeVar
+
+from e2e_dist.errors import UserError
+
+log = logging.getLogger("e2e_dist.data")
+T = TypeVar("T")
+_MAGIC = re.compile(r"[*?[]")
+
+
+class DataError(UserError):
+    """Input data is missing, unreadable or too small; the message names the path."""
+
+
+@dataclass(frozen=True)
+class FileItem:
+    uri: str
+    """Absolute local path or `s3://bucket/key`: what `read_range` takes."""
+    key: str
+    """Path relative to the root it was listed from (POSIX): stable across machines, hashed."""
+    size: int
+    """Bytes, from the listing (no file is opened to learn it)."""
+
+
+# ------------------------------------------------------------------------------------ hashing
+def unit_hash(*parts: Any) -> float:
+    """A stable pseudo-random number in [0, 1) from `parts` (same on every machine and Python run)."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def seeded_order(items: Iterable[T], *, seed: int, key: Callable[[T], str] = lambda it: it.key) -> list[T]:
+    """Items in a seeded pseudo-random order that depends only on each item's key."""
+    return sorted(items, key=lambda it: (unit_hash("order", seed, key(it)), key(it), getattr(it, "uri", "")))
+
+
+def split_by_hash(
+    items: Sequence[T], *, val_fraction: float, seed: int, key: Callable[[T], str] = lambda it: it.key,
+    min_val: int = 1,
+) -> tuple[list[T], list[T]]:
+    """(train, val), each in `seeded_order`: val = items whose split hash is below `val_fraction`.
+
+    If that leaves fewer than `min_val` val items, the items with the next-smallest split hashes
+    move to val (so val is never empty), as long as at least one train item remains.
+    """
+    ranked = sorted(items, key=lambda it: (unit_hash("split", seed, key(it)), key(it), getattr(it, "uri", "")))
+    n_val = sum(unit_hash("split", seed, key(it)) < val_fraction for it in ranked)
+    n_val = min(max(n_val, min_val), max(len(ranked) - 1, 0))
+    return seeded_order(ranked[n_val:], seed=seed, key=key), seeded_order(ranked[:n_val], seed=seed, key=key)
+
+
+def take_fraction(ordered: Sequence[T], fraction: float) -> list[T]:
+    """The first round(fraction * n) items (at least one) of an already seeded order: nested in fraction."""
+    if not ordered:
+        return []
+    return list(ordered[: max(1, min(len(ordered), int(fraction * len(ordered) + 0.5)))])
+
+
+# ------------------------------------------------------------------------------------ listing
+def is_remote(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def resolve_uri(uri: str, storage_cfg: Any = None):
+    """`s3://...` -> (pyarrow filesystem, path) through e2e_dist.storage (credentials: AWS chain)."""
+    from e2e_dist.storage import resolve
+
+    return resolve(uri, storage_cfg)
+
+
+def list_files(
+    paths: Sequence[str], storage_cfg: Any = None, *, suffixes: Sequence[str] | None = None,
+    strict: bool = False, field: str = "data.paths",
+) -> list[FileItem]:
+    """Every non-empty file under `paths`, sorted by uri and de-duplicated.
+
+    Raises DataError (one line naming the path) when a path matches nothing; an unreadable local
+    file is skipped with a warning, or raises when `strict`.
+    """
+    found: dict[str, FileItem] = {}
+    for raw in paths:
+        items = _list_remote(raw, storage_cfg, field) if is_remote(raw) else _list_local(raw, field, strict)
+        if suffixes:
+            items = [it for it in items if it.uri.lower().endswith(tuple(s.lower() for s in suffixes))]
+        if not items:
+            wanted = f" ending in {', '.join(suffixes)}" if suffixes else ""
+            raise DataError(f"{field}: no files{wanted} matched {raw!r}")
+        for it in items:
+            found.setdefault(it.uri, it)
+    return sorted(found.values(), key=lambda it: it.uri)
+
+
+def _list_local(raw: str, field: str, strict: bool) -> list[FileItem]:
+    path = os.path.abspath(os.path.expanduser(raw.removeprefix("file://")))
+    if _MAGIC.search(path):
+        root = _glob_root(path)
+        files = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
+    elif os.path.isdir(path):
+        root, files = path, walk_files(path)
+    elif os.path.isfile(path):
+        root, files = os.path.dirname(path), [path]
+    else:
+        raise DataError(f"{field}: no such file or directory: {raw}")
+    out = []
+    for p in files:
+        try:
+            size = os.stat(p).st_size
+            readable = os.access(p, os.R_OK)
+        except OSError:
+            size, readable = 0, False
+        if not readable:
+            if strict:
+                raise DataError(f"{field}: cannot read {p} (permission denied or vanished)")
+            log.warning("skipping unreadable file %s", p)
+            continue
+        if size:
+            out.append(FileItem(uri=p, key=os.path.relpath(p, root).replace(os.sep, "/"), size=size))
+    return out
+
+
+def walk_files(root: str, skip_dirs: Iterable[str] = ()) -> list[str]:
+    """Files under `root`, recursively, skipping hidden entries and directories named in skip_dirs."""
+    skip = set(skip_dirs)
+    out = []
+    def warn(e: OSError) -> None:
+        log.warning("cannot list %s: %s", e.filename, e.strerror)
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=warn):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in skip)
+        out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
+    return out
+
+
+def _glob_root(pattern: str) -> str:
+    """The directory part of a glob before its first wildcard (keys are relative to it)."""
+    parts = pattern.split("/")
+    i = next(i for i, part in enumerate(parts) if _MAGIC.search(part))
+    return "/".join(parts[:i]) or "/"
+
+
+def glob_regex(pattern: str) -> re.Pattern:
+    """Shell-glob -> regex on '/'-separated relative paths: `*`, `?`, `[..]` stay inside one path
+    component, `**` spans directories; like glob, wildcards never match a leading '.'."""
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        at_start = i == 0 or pattern[i - 1] == "/"
+        if pattern.startswith("**/", i) and at_start:
+            out.append(r"(?:[^/.][^/]*/)*")
+            i += 3
+        elif pattern.startswith("**", i) and at_start and i + 2 == n:
+            out.append(r"(?:[^/.][^/]*/)*[^/.][^/]*")
+            i += 2
+        elif c == "*":
+            out.append(r"(?!\.)[^/]*" if at_start else r"[^/]*")
+            i += 1
+        elif c == "?":
+            out.append(r"[^/.]" if at_start else r"[^/]")
+            i += 1
+        elif c == "[" and "]" in pattern[i + 2:]:
+            j = pattern.index("]", i + 2)
+            body = pattern[i + 1: j]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body.replace("\\", "\\\\")) + "]")
+            i = j + 1
+        else:
+            out.append(re.escape(c))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _list_remote(raw: str, storage_cfg: Any, field: str) -> list[FileItem]:
+    import pyarrow.fs as pafs
+
+    scheme_len = len("s3://")
+    root = _glob_root(raw) if _MAGIC.search(raw[scheme_len:]) else None
+    fs, base = resolve_uri(root if root else raw, storage_cfg)
+    base = base.rstrip("/")
+    try:
+        if root is None:
+            info = fs.get_file_info(base)
+            if info.type == pafs.FileType.File:
+                return [FileItem(uri=raw, key=base.rsplit("/", 1)[-1], size=info.size)] if info.size else []
+            if info.type == pafs.FileType.NotFound:
+                raise DataError(f"{field}: no such object or prefix: {raw}")
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    except DataError:
+        raise
+    except OSError as e:
+        from e2e_dist.storage import describe_error
+
+        raise DataError(f"{field}: cannot list {raw}: {describe_error(e, storage_cfg)}") from None
+    rx = glob_regex(raw[len(root) + 1:]) if root else None
+    out = []
+    for info in infos:
+        if info.type != pafs.FileType.File or not info.size:
+            continue
+        rel = info.path[len(base) + 1:]
+        if rx is not None and not rx.match(rel):
+            continue
+        if rx is None and any(part.startswith(".") for part in rel.split("/")):
+            continue  # like the local directory walk: hidden entries are not data
+        out.append(FileItem(uri="s3://" + info.path, key=rel, size=info.size))
+    return out
+
+
+# ------------------------------------------------------------------------------------ reading
+_FS_CACHE: dict[tuple[str, str], Any] = {}
+
+
+def _remote_fs(uri: str, storage_cfg: Any):
+    """One filesystem per (bucket, storage config) per process: workers read many ranges."""
+    bucket = uri[len("s3://"):].split("/", 1)[0]
+    cfg_key = storage_cfg.model_dump_json() if hasattr(storage_cfg, "model_dump_json") else repr(storage_cfg)
+    if (bucket, cfg_key) not in _FS_CACHE:
+        _FS_CACHE[(bucket, cfg_key)] = resolve_uri(f"s3://{bucket}", storage_cfg)[0]
+    return _FS_CACHE[(bucket, cfg_key)]
+
+
+def read_range(uri: str, offset: int, length: int, storage_cfg: Any = None) -> bytes:
+    """Up to `length` bytes of `uri` from `offset` (fewer if the file shrank). Raises OSError."""
+    if is_remote(uri):
+        fs = _remote_fs(uri, storage_cfg)
+        with fs.open_input_file(uri[len("s3://"):]) as f:
+            return f.read_at(length, offset)
+    with open(uri, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+# ------------------------------------------------------------------------------------ Ray glue
+def deterministic(ds):
+    """Mark a Ray Dataset to keep block order (its own DataContext copy), and return it."""
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def ingest_data_config(datasets_to_split: list[str] | str = "all"):
+    """`ray.train.DataConfig` that keeps our datasets' order when Ray Train shards them.
+
+    Ray Train replaces each dataset's execution options with DataConfig's (by default copied from
+    the *driver's* current DataContext), so `deterministic(ds)` alone does not survive `fit()`.
+    With preserve_order, `streaming_split(n, equal=True)` hands blocks to workers in a fixed way
+    (greedy least-rows-so-far over a fixed block sequence), so each rank sees the same batches in
+    the same order on every run with the same world size.
+    """
+    import ray.train
+    from ray.data import ExecutionOptions
+
+    return ray.train.DataConfig(datasets_to_split=datasets_to_split,
+                                execution_options=ExecutionOptions(preserve_order=True))

@@ -1,0 +1,481 @@
+"""Sweep specs: a base run config plus a search space, validated whole before any trial starts.
+
+A sweep file (see `tune_configs/`) names a base run config (preset, YAML path or inline mapping),
+dotted-key `overrides` of it, and what varies:
+
+- `search_space`: dotted run-config key -> one domain: `{grid: [..]}`, `{choice: [..]}`,
+  `{uniform: [lo, hi]}`, `{loguniform: [lo, hi]}`, `{randint: [lo, hi]}` (hi exclusive, as in Ray);
+- `points`: parameters that vary *together* (tied), as a list of explicit points, e.g. a scaling
+  grid's (model size, data size) pairs chosen so that C ~ 6*N*D hits a few compute budgets. Points
+  are crossed with the grid dimensions of `search_space`.
+
+Every point of the space is validated as a full RunConfig here (heads not dividing width, a fraction
+above 1, ...), so a bad sweep is one line before Ray starts. Trials are named
+`<sweep>-t<index>-<hash of params>`, belong to the W&B group `<sweep>`, and live under
+`<storage.path>/<sweep>/` next to the sweep's `results.jsonl`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
+
+from e2e_dist.config import (
+    RunConfig,
+    Section,
+    apply_overrides,
+    deep_merge,
+    format_validation_error,
+    preset_names,
+    read_yaml_with_includes,
+    validate_run_config,
+)
+from e2e_dist.errors import ConfigError
+
+POINT_KEY = "point"
+"""Key of the tied points in `tune_param_space()` (one grid_search over the point dicts)."""
+MAX_VALIDATED = 20000
+"""Most combinations validated up front; a bigger space is refused rather than half-checked."""
+_NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"  # leaves room for "-t0000-abcdef" in a 128-char run name
+
+
+class Domain(Section):
+    """Exactly one of the fields: the values one run-config key takes in the sweep."""
+
+    grid: list[Any] | None = None
+    """Every value, crossed with the other grid dimensions (Ray `grid_search`)."""
+    choice: list[Any] | None = None
+    """One value drawn uniformly per sample (search: random)."""
+    uniform: tuple[float, float] | None = None
+    """Float drawn uniformly from [lo, hi) (search: random)."""
+    loguniform: tuple[float, float] | None = None
+    """Float drawn log-uniformly from [lo, hi), 0 < lo (search: random)."""
+    randint: tuple[int, int] | None = None
+    """Integer drawn uniformly from [lo, hi) — hi excluded, as in Ray (search: random)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _is_mapping(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a domain like {{grid: [..]}}, {{choice: [..]}}, {{uniform: [lo, hi]}}, "
+                             f"{{loguniform: [lo, hi]}} or {{randint: [lo, hi]}}, got {data!r}")
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Domain":
+        set_ = [k for k in type(self).model_fields if getattr(self, k) is not None]
+        if len(set_) != 1:
+            raise ValueError(f"a domain needs exactly one of grid/choice/uniform/loguniform/randint, got {set_ or 'none'}")
+        kind, value = set_[0], getattr(self, set_[0])
+        if kind in ("grid", "choice") and not value:
+            raise ValueError(f"empty {kind}")
+        if kind in ("uniform", "loguniform", "randint") and not value[0] < value[1]:
+            raise ValueError(f"{kind}: needs lo < hi, got {list(value)}")
+        if kind == "loguniform" and value[0] <= 0:
+            raise ValueError(f"loguniform: needs 0 < lo, got {list(value)}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in type(self).model_fields if getattr(self, k) is not None)
+
+    def to_tune(self) -> Any:
+        """The Ray Tune domain (ray.tune.grid_search / choice / uniform / loguniform / randint)."""
+        from ray import tune
+
+        fn = {"grid": tune.grid_search, "choice": tune.choice}.get(self.kind)
+        if fn is not None:
+            return fn(list(getattr(self, self.kind)))
+        lo, hi = getattr(self, self.kind)
+        return getattr(tune, self.kind)(lo, hi)
+
+    def sample(self, rng: np.random.Generator) -> Any:
+        """One draw, for previews of random sweeps (the Tuner samples through Ray instead)."""
+        if self.kind in ("grid", "choice"):
+            values = getattr(self, self.kind)
+            return values[int(rng.integers(len(values)))]
+        lo, hi = getattr(self, self.kind)
+        if self.kind == "randint":
+            return int(rng.integers(lo, hi))
+        if self.kind == "loguniform":
+            return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+        return float(rng.uniform(lo, hi))
+
+    def check_values(self) -> list[Any]:
+        """Values every run config must accept: all listed values, the ends of ranges, every
+        integer of a short randint range (heads that must divide a width are typically a few)."""
+        if self.kind in ("grid", "choice"):
+            return list(getattr(self, self.kind))
+        lo, hi = getattr(self, self.kind)
+        if self.kind == "randint":
+            return list(range(lo, hi)) if hi - lo <= 64 else [lo, hi - 1]
+        return [lo, float(np.nextafter(hi, lo))]  # hi itself is never drawn
+
+
+class SchedulerSpec(Section):
+    type: Literal["asha", "none"] = "none"
+    """Trial scheduler: `asha` stops poor trials early (Ray ASHAScheduler); `none` runs all to the end."""
+    max_t: int | None = Field(None, ge=1)
+    """ASHA: the longest a trial runs, in `time_attr` units (required for asha)."""
+    grace_period: int = Field(1, ge=1)
+    """ASHA: a trial is never stopped before this many `time_attr` units."""
+    reduction_factor: float = Field(2.0, gt=1)
+    """ASHA: 1/reduction_factor of the trials pass each rung."""
+    time_attr: str = "training_iteration"
+    """Result field that measures progress (training_iteration = number of reports)."""
+
+    @model_validator(mode="after")
+    def _asha_bounds(self) -> "SchedulerSpec":
+        if self.type == "asha":
+            if self.max_t is None:
+                raise ValueError("asha needs max_t")
+            if self.grace_period > self.max_t:
+                raise ValueError(f"grace_period={self.grace_period} > max_t={self.max_t}")
+        return self
+
+
+class ResourcesSpec(Section):
+    num_workers: int | None = Field(None, ge=1)
+    """Ray Train workers per trial (sets trainer.num_workers; None keeps the base's)."""
+    cpus_per_worker: float | None = Field(None, gt=0)
+    """CPUs reserved per worker (sets trainer.cpus_per_worker)."""
+    use_gpu: bool | None = None
+    """One GPU per worker (sets trainer.use_gpu; None keeps the base's)."""
+    driver_cpus: float = Field(0.01, gt=0)
+    """CPUs of each trial's driver (the function that runs the TorchTrainer). Small but not 0:
+    Ray refuses 0, and a whole CPU per driver starves the workers on small machines."""
+
+
+class StorageOverride(Section):
+    path: str | None = None
+    """Sweep storage (local dir or s3://bucket/prefix); the sweep lives at `<path>/<sweep name>`."""
+    endpoint_url: str | None = None
+    """S3-compatible endpoint override."""
+    region: str | None = None
+    """S3 region."""
+
+
+class SweepSpec(Section):
+    name: str
+    """Sweep name: the W&B group, the results folder `<storage.path>/<name>` and trial-name prefix."""
+    base: str | dict[str, Any]
+    """Base run config: a preset name, a YAML path relative to the sweep file, or an inline mapping."""
+    overrides: dict[str, Any] = {}
+    """Dotted run-config keys set on the base for every trial (e.g. `trainer.max_steps: 50`)."""
+    search: Literal["grid", "random"] = "grid"
+    """grid: only `grid` domains, every combination once; random: also sampled domains."""
+    num_samples: int = Field(1, ge=1)
+    """random: samples per grid combination (Ray's num_samples); grid: must be 1."""
+    seed: int = 0
+    """Seed of random sampling."""
+    search_space: dict[str, Domain] = {}
+    """Dotted run-config key -> domain. Grid dimensions are crossed with each other and with `points`."""
+    points: list[dict[str, Any]] = []
+    """Tied parameters: explicit points (dotted key -> value), all with the same keys."""
+    metric: str = "val_loss"
+    """Target metric reported by trials."""
+    mode: Literal["min", "max"] = "min"
+    """Whether the target metric is minimized or maximized."""
+    scheduler: SchedulerSpec = SchedulerSpec()
+    """Early stopping."""
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    """Trials running at once (None: as many as resources allow)."""
+    resources_per_trial: ResourcesSpec = ResourcesSpec()
+    """Workers and CPUs/GPUs of each trial."""
+    storage: StorageOverride | None = None
+    """Override of the base run config's storage section."""
+
+    _source: str = PrivateAttr("sweep")
+    _base_data: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _grid_index: dict[str, int] | None = PrivateAttr(None)
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not re.fullmatch(_NAME_RE, v):
+            raise ValueError(f"{v!r} must be letters, digits, '_', '.', '-' (max 100)")
+        return v
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in v:
+            _check_settable(key)
+        return v
+
+    @field_validator("num_samples")
+    @classmethod
+    def _samples_vs_search(cls, v: int, info: ValidationInfo) -> int:
+        if info.data.get("search") == "grid" and v != 1:
+            raise ValueError("must be 1 for search: grid (add trainer.seed to the grid for repeats)")
+        return v
+
+    @field_validator("search_space")
+    @classmethod
+    def _space_vs_search(cls, v: dict[str, Domain], info: ValidationInfo) -> dict[str, Domain]:
+        for key, dom in v.items():
+            _check_settable(key)
+            if info.data.get("search") == "grid" and dom.kind != "grid":
+                raise ValueError(f"{key}: {dom.kind} needs search: random")
+        return v
+
+    @field_validator("points")
+    @classmethod
+    def _points_tied(cls, v: list[dict[str, Any]], info: ValidationInfo) -> list[dict[str, Any]]:
+        seen: set[str] = set()
+        for i, p in enumerate(v):
+            if not p:
+                raise ValueError(f"points[{i}] is empty")
+            if set(p) != set(v[0]):
+                raise ValueError(f"points[{i}] has keys {sorted(p)}, points[0] has {sorted(v[0])}")
+            if (h := _canon(p)) in seen:
+                raise ValueError(f"points[{i}] repeats an earlier point")
+            seen.add(h)
+            for key in p:
+                _check_settable(key)
+        if v and (both := set(v[0]) & set(info.data.get("search_space") or {})):
+            raise ValueError(f"{sorted(both)[0]} is in both search_space and points")
+        return v
+
+    # ------------------------------------------------------------------------------ expansion
+    @property
+    def sweep_uri(self) -> str:
+        """`<storage.path>/<sweep name>`: trial runs and results.jsonl live here."""
+        return self._base_data.get("storage", {}).get("path", "./runs").rstrip("/") + "/" + self.name
+
+    @property
+    def results_uri(self) -> str:
+        return self.sweep_uri + "/results.jsonl"
+
+    @property
+    def base_config(self) -> RunConfig:
+        """The base run config with the sweep's overrides, storage and resources applied."""
+        return validate_run_config(copy.deepcopy(self._base_data), f"{self._source}: base")
+
+    def num_trials(self) -> int:
+        grid = math.prod(len(d.grid) for d in self.search_space.values() if d.kind == "grid")
+        return grid * max(len(self.points), 1) * self.num_samples
+
+    def _grid_params(self) -> Iterator[dict[str, Any]]:
+        grid_keys = [k for k, d in self.search_space.items() if d.kind == "grid"]
+        for combo in itertools.product(*(self.search_space[k].grid for k in grid_keys)):
+            for point in self.points or [{}]:
+                yield {**dict(zip(grid_keys, combo)), **point}
+
+    def trial_params(self) -> list[dict[str, Any]]:
+        """Every trial's flat params, in index order. Random sweeps draw their own seeded sample
+        here (a preview: the Tuner samples through Ray's generator from `tune_param_space()`)."""
+        if self.search == "grid":
+            return list(self._grid_params())
+        rng = np.random.default_rng(self.seed)
+        sampled = {k: d for k, d in self.search_space.items() if d.kind != "grid"}
+        return [{**p, **{k: d.sample(rng) for k, d in sampled.items()}}
+                for _ in range(self.num_samples) for p in self._grid_params()]
+
+    def trial_configs(self) -> list[tuple[dict[str, Any], RunConfig]]:
+        """(params, RunConfig) of every trial, named `<sweep>-t<index>-<hash>`."""
+        return [(p, self.run_config_for(p, index=i)) for i, p in enumerate(self.trial_params())]
+
+    def tune_param_space(self) -> dict[str, Any]:
+        """Ray Tune param_space: `{dotted key: tune domain}`, tied points as one grid_search under
+        POINT_KEY. A trial's Tune config goes back through `run_config_for` unchanged."""
+        space: dict[str, Any] = {k: d.to_tune() for k, d in self.search_space.items()}
+        if self.points:
+            from ray import tune
+
+            space[POINT_KEY] = tune.grid_search([dict(p) for p in self.points])
+        return space
+
+    def run_config_for(self, params: dict[str, Any], index: int | None = None) -> RunConfig:
+        """Base + params -> the trial's RunConfig: a unique name `<sweep>-t<index>-<hash>`,
+        tracking.group = sweep name, storage under the sweep folder. `params` are flat dotted keys
+        or a Tune config (with POINT_KEY). For grid sweeps `index` defaults to the point's place in
+        the grid (stable across resumes); random sweeps must pass it (e.g. from the Tune trial id)."""
+        flat = flatten_params(params)
+        allowed = set(self.search_space) | (set(self.points[0]) if self.points else set())
+        if unknown := sorted(set(flat) - allowed):
+            raise ConfigError(f"{self._source}: {unknown[0]} is not a parameter of this sweep")
+        if index is None:
+            if self.search != "grid":
+                raise ValueError("run_config_for: random sweeps need the trial index")
+            if self._grid_index is None:
+                self._grid_index = {_canon(p): i for i, p in enumerate(self._grid_params())}
+            index = self._grid_index.get(_canon(flat))
+            if index is None:
+                raise ConfigError(f"{self._source}: {_show(flat)} is not a point of this sweep")
+        data = self._apply(flat)
+        data["name"] = f"{self.name}-t{index:03d}-{_canon_hash(flat)}"
+        return validate_run_config(data, f"{self._source} [{_show(flat)}]")
+
+    def _apply(self, flat: dict[str, Any]) -> dict[str, Any]:
+        data = copy.deepcopy(self._base_data)
+        for key, value in flat.items():
+            _set_dotted(data, key, value)
+        data.setdefault("tracking", {})["group"] = self.name
+        data.setdefault("storage", {})["path"] = self.sweep_uri
+        return data
+
+    # ----------------------------------------------------------------------------- validation
+    def _check(self) -> None:
+        """Every key names a run-config field; every combination is a valid run config."""
+        if not self.search_space and not self.points:
+            raise ConfigError(f"{self._source}: nothing to sweep: give search_space and/or points")
+        base_cfg = self.base_config
+        for where, keys in (("search_space", self.search_space), ("points", self.points[0] if self.points else {})):
+            for key in keys:
+                _check_key(base_cfg, key, f"{self._source}: {where}")
+        dims = {k: d.check_values() for k, d in self.search_space.items()}
+        combos = math.prod(len(v) for v in dims.values()) * max(len(self.points), 1)
+        if combos > MAX_VALIDATED:
+            raise ConfigError(f"{self._source}: search_space has {combos} combinations to validate "
+                              f"(max {MAX_VALIDATED}); split the sweep")
+        keys = list(dims)
+        for combo in itertools.product(*dims.values()):
+            for point in self.points or [{}]:
+                flat = {**dict(zip(keys, combo)), **point}
+                validate_run_config(self._apply(flat), f"{self._source} [{_show(flat)}]")
+
+
+# -------------------------------------------------------------------------------------- loading
+_RUN_SECTIONS = ("data", "model", "trainer", "deepspeed", "tracking")
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
+    """Read, override and fully validate a sweep file; every failure is one ConfigError line.
+
+    `--set` items: `<sweep field>=v` (e.g. `num_samples=2`, `scheduler.max_t=4`);
+    `search_space.<dotted key>={grid: [..]}`; `overrides.<dotted key>=v`; and run-config keys
+    (`trainer.max_steps=5`, `data.max_bytes=20000`, `storage.path=s3://b/p`), which override the base.
+    """
+    source = str(path)
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"sweep file not found: {source}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ConfigError(f"{source}:{f' line {mark.line + 1}' if mark else ''} is not valid YAML "
+                          f"({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(data).__name__}")
+    data = _apply_sweep_overrides(data, overrides or [])
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+    spec._source = source
+    spec._base_data = _base_data(spec, p.resolve().parent, source)
+    spec._check()
+    return spec
+
+
+def _apply_sweep_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        head, _, rest = key.partition(".")
+        if not sep or not head:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        if head in ("search_space", "overrides") and rest:
+            # The rest of the key is itself a dotted run-config key: keep it whole.
+            section = data.get(head) if isinstance(data.get(head), dict) else {}
+            data[head] = {**section, rest: _parse_value(raw)}
+        elif head in SweepSpec.model_fields:
+            data = apply_overrides(data, [item])
+        elif head in _RUN_SECTIONS and rest:
+            data["overrides"] = {**(data.get("overrides") or {}), key: _parse_value(raw)}
+        else:
+            raise ConfigError(f"--set {item!r}: {head!r} is neither a sweep field nor a run-config section")
+    return data
+
+
+def _parse_value(raw: str) -> Any:
+    # Same rule as the run config's --set: YAML scalars/flow collections, else the raw string.
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _check_settable(key: str) -> None:
+    if not key or any(not p for p in key.split(".")) or key in ("name", "tracking.group", POINT_KEY):
+        raise ValueError(f"{key!r} cannot be set by a sweep (trial names and the W&B group are the sweep's)")
+
+
+def _base_data(spec: SweepSpec, sweep_dir: Path, source: str) -> dict[str, Any]:
+    if isinstance(spec.base, str):
+        ref = spec.base if spec.base in preset_names() else str(sweep_dir / spec.base)
+        try:
+            data = read_yaml_with_includes(ref)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: base: {e}") from None
+    else:
+        data = dict(spec.base)
+        includes = data.pop("include", []) or []
+        merged: dict[str, Any] = {}
+        for inc in [includes] if isinstance(includes, str) else includes:
+            ref = inc if inc in preset_names() else str(sweep_dir / inc)
+            merged = deep_merge(merged, read_yaml_with_includes(ref))
+        data = deep_merge(merged, data)
+    for key, value in spec.overrides.items():
+        _set_dotted(data, key, value)
+    if spec.storage is not None:
+        data["storage"] = {**(data.get("storage") or {}), **spec.storage.model_dump(exclude_none=True)}
+    res = spec.resources_per_trial
+    trainer = data.setdefault("trainer", {})
+    for field in ("num_workers", "cpus_per_worker", "use_gpu"):
+        if getattr(res, field) is not None:
+            trainer[field] = getattr(res, field)
+    return data
+
+
+def _check_key(cfg: BaseModel, key: str, where: str) -> None:
+    node: Any = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if isinstance(node, dict):  # free-form mappings (deepspeed.overrides) take any key
+            return
+        if not isinstance(node, BaseModel) or part not in type(node).model_fields:
+            raise ConfigError(f"{where}: {key}: unknown run-config key ({'.'.join(parts[:i + 1])})")
+        node = getattr(node, part)
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    last = parts[-1]
+    node[last] = deep_merge(node[last], value) if isinstance(value, dict) and isinstance(node.get(last), dict) else value
+
+
+def flatten_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A Tune trial config (tied point under POINT_KEY) -> flat `{dotted key: value}`."""
+    flat = {k: v for k, v in params.items() if k != POINT_KEY}
+    flat.update(params.get(POINT_KEY) or {})
+    return flat
+
+
+def _canon(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def _canon_hash(params: dict[str, Any]) -> str:
+    return hashlib.sha1(_canon(params).encode()).hexdigest()[:6]
+
+
+def _show(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in params.items())

@@ -1,0 +1,309 @@
+"""The text sources: deterministic split/subset, packing, stats, errors, streaming to 2 workers.
+
+Window contents are checked against the files themselves: windows sorted by their index are
+stitched back into the split's byte stream, cut at EOS, and every piece must be a real file's
+bytes, in the seeded order that `common.seeded_order` defines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sysconfig
+
+import numpy as np
+import pytest
+import torch
+
+from e2e_dist.config import DataConfig
+from e2e_dist.data import text
+from e2e_dist.data.common import DataError, glob_regex, seeded_order, split_by_hash, take_fraction
+from e2e_dist.data.registry import build_data
+from e2e_dist.errors import ConfigError, UserError
+from e2e_dist.models.gpt import EOS, PAD
+
+S = 16  # tiny windows: many of them from a small corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, bytes]:
+    """40 files of distinct random text (sizes 100..1500 bytes) in nested directories."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    files = {}
+    for i in range(40):
+        path = root / f"d{i % 3}" / f"doc{i:02d}.txt"
+        path.parent.mkdir(exist_ok=True)
+        data = f"doc {i}: ".encode() + bytes(rng.choice(b"abcdefghij klmnop\n") for _ in range(rng.randint(100, 1500)))
+        path.write_bytes(data)
+        files[str(path)] = data
+    return files
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    # 32 windows per Ray block, so tests cross many block boundaries and split over blocks.
+    monkeypatch.setattr(text, "CHUNK_STREAM_BYTES", 32 * S)
+
+
+def cfg(root, **kw) -> DataConfig:
+    return DataConfig(**{"source": "text", "paths": [str(root)], "seq_len": S, "val_fraction": 0.1, **kw})
+
+
+def rows(ds) -> tuple[np.ndarray, np.ndarray]:
+    """All (tokens, index) of a dataset in iteration order."""
+    toks, idx = [], []
+    for b in ds.iter_batches(batch_size=64, batch_format="numpy"):
+        toks.append(b["tokens"])
+        idx.append(b["index"])
+    return np.concatenate(toks), np.concatenate(idx)
+
+
+def stitch(tokens: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Windows back into the stream they were cut from (window k starts at k*S, overlapping 1)."""
+    order = np.argsort(index)
+    assert (index[order] == np.arange(len(index))).all(), "window indices are not 0..n-1"
+    w = tokens[order].astype(np.int64)
+    assert (w[1:, 0] == w[:-1, -1]).all(), "consecutive windows must share one boundary token"
+    return np.concatenate([w[0], *[x[1:] for x in w[1:]]])
+
+
+def pieces(stream: np.ndarray) -> list[bytes]:
+    cuts = np.flatnonzero(stream == EOS)
+    out, start = [], 0
+    for c in cuts:
+        out.append(bytes(stream[start:c].astype(np.uint8)))
+        start = c + 1
+    out.append(bytes(stream[start:].astype(np.uint8)))  # after the last EOS: a cut file's head (or empty)
+    return out
+
+
+def root_of(corpus) -> str:
+    return os.path.commonpath(list(corpus))
+
+
+# --------------------------------------------------------------------------------- no Ray needed
+def test_hash_split_and_fraction_are_nested_and_stable():
+    items = [f"f{i}" for i in range(200)]
+    train, val = split_by_hash(items, val_fraction=0.1, seed=3, key=str)
+    assert set(train).isdisjoint(val) and len(train) + len(val) == 200 and 5 < len(val) < 40
+    assert (train, val) == split_by_hash(list(reversed(items)), val_fraction=0.1, seed=3, key=str)
+    assert split_by_hash(items, val_fraction=0.1, seed=4, key=str)[1] != val  # the seed matters
+    quarter, half = take_fraction(train, 0.25), take_fraction(train, 0.5)
+    assert half[: len(quarter)] == quarter and len(quarter) == round(len(train) / 4)
+    # Val is never empty, even when no hash falls under the fraction.
+    assert len(split_by_hash(["a", "b"], val_fraction=1e-9, seed=0, key=str)[1]) == 1
+    assert seeded_order(items, seed=1, key=str) == seeded_order(sorted(items, reverse=True), seed=1, key=str)
+
+
+def test_glob_regex_follows_shell_rules():
+    assert glob_regex("*.txt").match("a.txt") and not glob_regex("*.txt").match("d/a.txt")
+    rx = glob_regex("**/*.txt")
+    assert rx.match("a.txt") and rx.match("d/e/a.txt") and not rx.match(".hidden/a.txt") and not rx.match("a.md")
+    assert glob_regex("d?/[!x]*.py").match("d1/ab.py") and not glob_regex("d?/[!x]*.py").match("d1/xb.py")
+
+
+def test_plan_is_cheap_exact_and_respects_max_bytes(corpus):
+    files = text.list_files([root_of(corpus)])
+    assert len(files) == 40 and all(f.size == len(corpus[f.uri]) for f in files)
+    train, val = text.plan_splits(files, cfg(root_of(corpus), max_bytes=5000), "corpus")
+    assert train.bytes == 5000 and train.windows == (train.length - 1) // S
+    assert {s.uri for s in train.segments}.isdisjoint({s.uri for s in val.segments})
+    assert val.windows >= 1 and len(val.segments) >= 1
+
+
+def test_bad_paths_give_one_line_errors(tmp_path, corpus):
+    cases = [
+        (cfg(tmp_path / "missing.txt"), "missing.txt"),
+        (cfg(str(tmp_path / "*.nothing")), "*.nothing"),
+        (DataConfig(source="text", paths=[]), "data.paths"),
+        (DataConfig(source="stdlib-text", paths=["x.txt"]), "data.paths"),
+    ]
+    for data_cfg, needle in cases:
+        with pytest.raises(UserError) as e:
+            build_data(data_cfg)
+        assert needle in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="data.paths"):
+        build_data(DataConfig(source="text"))
+
+
+def test_too_small_for_a_window_names_the_path(tmp_path):
+    (tmp_path / "tiny.txt").write_bytes(b"0123456789")
+    with pytest.raises(DataError, match=r"data too small.*tiny\.txt") as e:
+        build_data(cfg(tmp_path / "tiny.txt"))
+    assert "\n" not in str(e.value)
+    (tmp_path / "big.txt").write_bytes(b"x" * 200)
+    with pytest.raises(DataError, match="max_bytes"):
+        build_data(cfg(tmp_path / "big.txt", max_bytes=5))
+
+
+def test_unreadable_file_is_skipped_or_fatal_when_strict(tmp_path, corpus, caplog):
+    d = tmp_path / "c"
+    d.mkdir()
+    for i, data in enumerate(list(corpus.values())[:5]):
+        (d / f"{i}.txt").write_bytes(data)
+    (d / "gone.txt").symlink_to(tmp_path / "nowhere")  # listed by the walk, cannot be opened
+    with caplog.at_level("WARNING", logger="e2e_dist.data"):
+        assert len(text.list_files([str(d)])) == 5
+    assert "gone.txt" in caplog.text
+    with pytest.raises(DataError, match="gone.txt"):
+        text.list_files([str(d)], strict=True)
+
+
+def test_file_vanishing_after_planning_reads_as_pad_or_fails_strict(tmp_path):
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.txt").write_bytes(name.encode() * 300)
+    train, _ = text.plan_splits(text.list_files([str(tmp_path)]), cfg(tmp_path), "t")
+    chunk = json.dumps(train.chunks()[0])
+    victim = train.segments[0].uri
+    os.remove(victim)
+    kw = dict(seq_len=S, shuffle_seed=None, storage=None, eos=EOS, pad=PAD)
+    out = text.read_windows({"plan": [chunk]}, strict=False, **kw)
+    assert (out["tokens"][0] == PAD).all()  # the model's loss ignores PAD targets
+    with pytest.raises(DataError, match=os.path.basename(victim)):
+        text.read_windows({"plan": [chunk]}, strict=True, **kw)
+
+
+# ------------------------------------------------------------------------------- through Ray
+def test_windows_are_the_files_bytes_and_match_stats(ray_local, corpus, small_chunks):
+    bundle = build_data(cfg(root_of(corpus), max_bytes=9000, seed=7))
+    st = bundle.stats
+    toks, idx = rows(bundle.train)
+    assert toks.dtype == np.uint16 and toks.shape == (st["train_windows"], S + 1)
+    assert st["train_bytes"] == 9000 and st["train_tokens"] == st["train_windows"] * S
+    got = pieces(stitch(toks, idx))
+    vt, vi = rows(bundle.val)
+    assert len(vt) == st["val_windows"] >= 1
+    by_content = {v: k for k, v in corpus.items()}
+    whole, head = got[:-1], got[-1]
+    val_whole = pieces(stitch(vt, vi))[:-1]
+    assert whole and val_whole and all(p in by_content for p in whole + val_whole)  # each piece = one file
+    val_files = {by_content[p] for p in val_whole}
+    assert val_files.isdisjoint(by_content[p] for p in whole)
+    # Train = the first files of the seeded order that are not held out; the cut file's head next.
+    train_order = [f.uri for f in seeded_order(text.list_files([root_of(corpus)]), seed=7) if f.uri not in val_files]
+    assert [by_content[p] for p in whole] == train_order[: len(whole)]
+    assert corpus[train_order[len(whole)]].startswith(head)
+    assert len(whole) + bool(head) <= st["train_files"] <= len(whole) + 2
+    assert 9000 - S < sum(map(len, whole)) + len(head) <= 9000  # only the last partial window is dropped
+    batch = bundle.collate({"tokens": toks[:4]})
+    assert batch["tokens"].dtype == torch.long and batch["tokens"].shape == (4, S + 1)
+
+
+def test_same_config_same_windows_and_nested_fractions(ray_local, corpus, small_chunks):
+    root = root_of(corpus)
+    a = rows(build_data(cfg(root, fraction=0.5)).train)
+    b = rows(build_data(cfg(root, fraction=0.5)).train)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])  # same order, same bytes
+    quarter = build_data(cfg(root, fraction=0.25))
+    q = rows(quarter.train)
+    half = dict(zip(a[1].tolist(), a[0]))
+    assert len(q[1]) < len(a[1]) and all(np.array_equal(half[i], w) for i, w in zip(q[1].tolist(), q[0]))
+    other_seed = rows(build_data(cfg(root, fraction=0.5, seed=1)).train)
+    assert not np.array_equal(other_seed[0][:10], a[0][:10])
+
+
+def test_single_file_holds_out_its_tail(ray_local, tmp_path):
+    data = bytes(random.Random(1).choice(b"abcdef \n") for _ in range(2000))
+    (tmp_path / "input.txt").write_bytes(data)
+    bundle = build_data(cfg(tmp_path / "input.txt"))
+    train = pieces(stitch(*rows(bundle.train)))
+    val = pieces(stitch(*rows(bundle.val)))
+    n_val = len(data) - bundle.stats["train_bytes"]
+    assert n_val == bundle.stats["val_bytes"] == 200
+    assert len(train) == 1 and data.startswith(train[0]) and len(train[0]) > 1800 - S  # the head, no EOS
+    assert len(val) == 1 and data[-n_val:].startswith(val[0]) and len(val[0]) > n_val - S  # the tail
+
+
+def test_stdlib_corpus_builds(ray_local):
+    bundle = build_data(DataConfig(source="stdlib-text", seq_len=64, max_files=50, max_bytes=200_000))
+    st = bundle.stats
+    assert st["train_bytes"] == 200_000 and st["train_files"] <= 50 and st["val_windows"] >= 1
+    files = text.stdlib_files(sysconfig.get_paths()["stdlib"])
+    assert len(files) > 100
+    assert all(f.uri.endswith(".py") and "site-packages" not in f.uri and "/test/" not in f.uri for f in files)
+    sources = [open(f.uri, "rb").read() for f in seeded_order(files, seed=0)[:50]]
+    batch = next(iter(bundle.train.iter_batches(batch_size=8, batch_format="numpy")))
+    assert batch["tokens"].shape == (8, 65)
+    for window in batch["tokens"]:
+        for piece in pieces(window):  # every run of bytes between EOS is in one of the chosen files
+            assert any(piece in src for src in sources)
+
+
+def test_streaming_split_delivers_every_window_once_deterministically(ray_local, corpus, small_chunks):
+    import ray
+
+    bundle = build_data(cfg(root_of(corpus), max_bytes=12_000))
+    n = bundle.stats["train_windows"]
+
+    @ray.remote(num_cpus=0)
+    def consume(it) -> list[int]:
+        return [i for b in it.iter_batches(batch_size=8, batch_format="numpy") for i in b["index"].tolist()]
+
+    shards = ray.get([consume.remote(it) for it in bundle.train.streaming_split(2, equal=False)])
+    assert sorted(shards[0] + shards[1]) == list(range(n)) and all(shards)
+    eq1 = ray.get([consume.remote(it) for it in bundle.train.streaming_split(2, equal=True)])
+    eq2 = ray.get([consume.remote(it) for it in bundle.train.streaming_split(2, equal=True)])
+    assert eq1 == eq2 and len(eq1[0]) == len(eq1[1]) == n // 2  # same rank -> same windows, same order
+    assert set(eq1[0]).isdisjoint(eq1[1])
+
+
+@pytest.mark.slow
+def test_two_torch_trainer_workers_stream_disjoint_shards(ray_local, corpus, small_chunks, tmp_path):
+    from ray.train import RunConfig, ScalingConfig, get_dataset_shard, report
+    from ray.train.torch import TorchTrainer
+
+    from e2e_dist.data.common import ingest_data_config
+
+    bundle = build_data(cfg(root_of(corpus), max_bytes=8_000))
+    out_dir = tmp_path / "seen"
+    out_dir.mkdir()
+
+    def loop(config):
+        import ray.train
+
+        rank = ray.train.get_context().get_world_rank()
+        seen = []
+        for batch in get_dataset_shard("train").iter_batches(batch_size=4, batch_format="numpy", drop_last=False):
+            seen += batch["index"].tolist()
+        with open(os.path.join(config["out"], f"{rank}.json"), "w") as f:
+            json.dump(seen, f)
+        report({"n": len(seen)})
+
+    trainer = TorchTrainer(
+        loop, train_loop_config={"out": str(out_dir)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        datasets={"train": bundle.train}, dataset_config=ingest_data_config(),
+        run_config=RunConfig(name="data-shards", storage_path=str(tmp_path / "runs")),
+    )
+    trainer.fit()
+    seen = [json.loads((out_dir / f"{r}.json").read_text()) for r in (0, 1)]
+    n = bundle.stats["train_windows"]
+    assert len(seen[0]) == len(seen[1]) == n // 2 and set(seen[0]).isdisjoint(seen[1])
+
+
+def test_s3_prefix_and_glob_read_the_same_bytes_as_local(ray_local, s3_server, s3_bucket, corpus):
+    import boto3
+
+    from e2e_dist.config import StorageConfig
+
+    bucket = s3_bucket.removeprefix("s3://")
+    client = boto3.client("s3", endpoint_url=s3_server.url, region_name="us-east-1")
+    root = root_of(corpus)
+    for path, data in list(corpus.items())[:12]:
+        client.put_object(Bucket=bucket, Key="corpus/" + os.path.relpath(path, root), Body=data)
+    client.put_object(Bucket=bucket, Key="corpus/.hidden/skip.txt", Body=b"not data")
+    # The endpoint travels in the storage config: Ray workers may predate AWS_ENDPOINT_URL.
+    storage = StorageConfig(endpoint_url=s3_server.url)
+    contents = set(corpus.values())
+    for paths in ([f"{s3_bucket}/corpus"], [f"{s3_bucket}/corpus/**/*.txt"]):
+        bundle = build_data(cfg("unused", paths=paths), storage_cfg=storage)
+        assert bundle.stats["train_files"] + bundle.stats["val_files"] == 12
+        assert bundle.stats["train_bytes"] + bundle.stats["val_bytes"] == sum(map(len, list(corpus.values())[:12]))
+        for ds in (bundle.train, bundle.val):
+            whole = pieces(stitch(*rows(ds)))[:-1]
+            assert whole and all(p in contents for p in whole)
+    with pytest.raises(DataError, match="nothing/") as e:
+        build_data(cfg("unused", paths=[f"{s3_bucket}/nothing/"]), storage_cfg=storage)
+    assert "\n" not in str(e.value)

@@ -1,0 +1,170 @@
+"""Storage: URI resolution, small-file helpers and bulk copies against a real S3 endpoint (moto over
+HTTP), and the pre-flight access check's one-line errors."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from e2e_dist import storage
+from e2e_dist.config import StorageConfig
+from e2e_dist.errors import StorageError
+from tests.fixtures.s3 import _free_port
+
+
+def _s3_options(fs: pafs.S3FileSystem) -> dict:
+    # The options pyarrow would ship to a Ray worker (no credentials among them).
+    return fs.__reduce__()[1][0]
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err)
+    assert text and "\n" not in text, f"not one line: {text!r}"
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in text and os.environ["AWS_ACCESS_KEY_ID"] not in text
+    return text
+
+
+# ----------------------------------------------------------------------------------- resolve
+def test_resolve_local_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fs, path = storage.resolve("runs/r1")
+    assert isinstance(fs, pafs.LocalFileSystem) and path == str(tmp_path / "runs" / "r1")
+    assert storage.resolve(f"file://{tmp_path}/x")[1] == str(tmp_path / "x")
+    with pytest.raises(StorageError, match="unsupported storage URI"):
+        storage.resolve("gs://bucket/x")
+
+
+def test_resolve_s3_endpoint_region_from_env_then_config(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:5999")
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    fs, path = storage.resolve("s3://my-bucket/some/prefix/")
+    opts = _s3_options(fs)
+    assert path == "my-bucket/some/prefix"
+    assert (opts["endpoint_override"], opts["scheme"], opts["region"]) == ("127.0.0.1:5999", "http", "eu-west-3")
+    assert opts["access_key"] is None  # credentials come from the AWS chain, never from us
+
+    cfg = StorageConfig(path="s3://my-bucket", endpoint_url="https://minio.example:9000", region="ap-south-1")
+    opts = _s3_options(storage.resolve("s3://my-bucket", cfg)[0])
+    assert (opts["endpoint_override"], opts["scheme"], opts["region"]) == ("minio.example:9000", "https", "ap-south-1")
+    with pytest.raises(StorageError, match="at least 3"):
+        storage.resolve("s3://ab/x")
+
+
+def test_ray_storage_kwargs_work_with_ray_storage_context(s3_bucket, tmp_path):
+    """The ray 2.60 pitfall: an explicit filesystem needs 'bucket/prefix'. Ray's own StorageContext
+    must accept what we give it and write its marker through it to the S3 endpoint."""
+    from ray.train.v2._internal.execution.storage import StorageContext
+
+    kwargs = storage.ray_storage_kwargs(f"{s3_bucket}/runs")
+    assert kwargs["storage_path"] == s3_bucket.removeprefix("s3://") + "/runs"
+    ctx = StorageContext(experiment_dir_name="exp", **kwargs)
+    assert ctx.experiment_fs_path == kwargs["storage_path"] + "/exp"
+    assert storage.list_dir(f"{s3_bucket}/runs/exp")  # Ray's validation marker landed in the bucket
+
+    local = storage.ray_storage_kwargs(str(tmp_path / "runs"))
+    assert local == {"storage_path": str(tmp_path / "runs")}
+
+
+# ------------------------------------------------------------------------------ small helpers
+@pytest.fixture(params=["local", "s3"])
+def base_uri(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("s3_bucket") + "/store"
+
+
+def test_write_read_list_delete(base_uri):
+    a, b = storage.join(base_uri, "d", "a.txt"), storage.join(base_uri, "d", "sub", "b.txt")
+    storage.write_text(a, "alpha")
+    storage.write_text(b, "beta ü")
+    assert storage.read_text(a) == "alpha" and storage.read_text(b) == "beta ü"
+    assert storage.exists(a) and not storage.exists(storage.join(base_uri, "d", "nope"))
+    assert storage.list_dir(storage.join(base_uri, "d")) == ["a.txt", "sub"]
+    assert storage.list_files(storage.join(base_uri, "d")) == {"a.txt": 5, "sub/b.txt": len("beta ü".encode())}
+    assert storage.list_dir(storage.join(base_uri, "missing")) == []
+    storage.write_text(a, "overwritten")
+    assert storage.read_text(a) == "overwritten"
+    storage.delete_tree(storage.join(base_uri, "d", "sub"))
+    assert storage.list_files(storage.join(base_uri, "d")) == {"a.txt": 11}
+    storage.delete_tree(storage.join(base_uri, "d", "sub"))  # deleting what is gone is fine
+    with pytest.raises(StorageError) as e:
+        storage.read_text(storage.join(base_uri, "d", "nope"))
+    assert "not found" in _one_line(e.value)
+
+
+def test_write_text_local_is_atomic(tmp_path):
+    target = tmp_path / "x" / "manifest.json"
+    storage.write_text(str(target), "{}")
+    assert target.read_text() == "{}" and [p.name for p in target.parent.iterdir()] == ["manifest.json"]
+
+
+def test_upload_download_dir_roundtrip(base_uri, tmp_path):
+    src = tmp_path / "src"
+    (src / "ds").mkdir(parents=True)
+    big = os.urandom(9 << 20)  # > 8 MiB: goes up as a multipart upload on S3
+    (src / "ds" / "big.pt").write_bytes(big)
+    (src / "latest").write_text("ds")
+    (src / "empty").write_bytes(b"")
+    entries = storage.upload_dir(src, storage.join(base_uri, "ck"))
+    assert [e.path for e in entries] == ["ds/big.pt", "empty", "latest"]
+    assert entries[0].sha256 == hashlib.sha256(big).hexdigest() and entries[0].size == len(big)
+    assert storage.list_files(storage.join(base_uri, "ck")) == {"ds/big.pt": len(big), "empty": 0, "latest": 2}
+
+    back = storage.download_dir(storage.join(base_uri, "ck"), tmp_path / "back")
+    assert back == entries
+    assert (tmp_path / "back" / "ds" / "big.pt").read_bytes() == big
+    only = storage.download_dir(storage.join(base_uri, "ck"), tmp_path / "only", files=["latest"])
+    assert [e.path for e in only] == ["latest"] and not (tmp_path / "only" / "ds").exists()
+
+
+def test_upload_to_missing_bucket_is_one_line(s3_server, tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(StorageError) as e:
+        storage.upload_dir(tmp_path, "s3://no-such-bucket-e2e/x")
+    assert "bucket does not exist" in _one_line(e.value)
+
+
+# ------------------------------------------------------------------------------- check_access
+def test_check_access_ok_local_and_s3(s3_bucket, tmp_path):
+    storage.check_access(f"{s3_bucket}/runs")
+    storage.check_access(str(tmp_path / "new" / "runs"))
+    assert (tmp_path / "new" / "runs").is_dir() and not list((tmp_path / "new" / "runs").iterdir())
+    assert storage.list_files(s3_bucket) == {}  # the probe object was removed
+
+
+def test_check_access_local_not_writable(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StorageError) as e:
+        storage.check_access(str(tmp_path / "file" / "runs"))
+    assert "not writable" in _one_line(e.value)
+
+
+def test_check_access_missing_bucket(s3_server):
+    with pytest.raises(StorageError) as e:
+        storage.check_access("s3://missing-bucket-e2e/runs")
+    msg = _one_line(e.value)
+    assert "missing-bucket-e2e" in msg and "bucket does not exist" in msg
+
+
+def test_check_access_bad_credentials(s3_server, s3_bucket):
+    s3_server.set_auth(True)  # moto now checks keys: ours are unknown to it
+    try:
+        with pytest.raises(StorageError) as e:
+            storage.check_access(f"{s3_bucket}/runs")
+    finally:
+        s3_server.set_auth(False)
+    msg = _one_line(e.value)
+    assert "credentials rejected" in msg and s3_bucket in msg
+
+
+def test_check_access_unreachable_endpoint():
+    port = _free_port()  # nothing listens there
+    cfg = StorageConfig(path="s3://some-bucket", endpoint_url=f"http://127.0.0.1:{port}")
+    with pytest.raises(StorageError) as e:
+        storage.check_access("s3://some-bucket/runs", cfg)
+    msg = _one_line(e.value)
+    assert "unreachable" in msg and f"127.0.0.1:{port}" in msg
