@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test clean
+.PHONY: setup system-deps demo test clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,13 @@ $(STAMP): requirements.lock pyproject.toml
 demo: setup
 	$(BIN)/e2e-dist train tiny-text --set name=demo
 
-test: setup
+# System packages some tests need (sshd + rsync for `ray up` over SSH, espeak-ng for the spoken
+# corpus). Idempotent; needs root or sudo, as in CI. Without them those tests skip and say why.
+system-deps:
+	-bash .ci/install-system-deps.sh
+	-bash .ci/install-speech-deps.sh
+
+test: setup system-deps
 	$(BIN)/python -m pytest tests -q
 
 clean:

@@ -37,7 +37,8 @@ DEFAULT_NAME = "model.safetensors"
 def export_checkpoint(source_uri: str, out_uri: str, storage_cfg: Any = None) -> dict[str, Any]:
     """Checkpoint dir (or run dir: its newest committed checkpoint) -> one safetensors file at `out_uri`.
 
-    Returns a summary: source, step, out, tensors, params, bytes, skipped (newer checkpoints passed over).
+    Returns a summary: source, step, out, num_tensors, num_params, bytes, tied, skipped (newer
+    checkpoints passed over).
     """
     from safetensors.torch import save_file
 
@@ -60,8 +61,8 @@ def export_checkpoint(source_uri: str, out_uri: str, storage_cfg: Any = None) ->
         else:
             size = _save_local_atomic(tensors, metadata, Path(out_uri), save_file)
     return {
-        "source": ckpt.uri, "step": ckpt.step, "out": out_uri, "tensors": len(tensors),
-        "params": sum(t.numel() for t in tensors.values()), "bytes": size, "tied": tied, "skipped": skipped,
+        "source": ckpt.uri, "step": ckpt.step, "out": out_uri, "num_tensors": len(tensors),
+        "num_params": sum(t.numel() for t in tensors.values()), "bytes": size, "tied": tied, "skipped": skipped,
     }
 
 
@@ -129,8 +130,10 @@ def _materialize(state: dict[str, Any], *, where: str) -> tuple[dict[str, torch.
     tied: dict[str, str] = {}
     seen: dict[Any, str] = {}
     for name, value in state.items():
-        if isinstance(value, torch.Tensor):
-            key: Any = ("t", value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
+        if isinstance(value, torch.Tensor) and value.numel() == 0:
+            key: Any = ("empty", name)  # empty tensors may all report data_ptr 0: never "tied"
+        elif isinstance(value, torch.Tensor):
+            key = ("t", value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
                         tuple(value.stride()))
         else:
             key = ("lazy", id(value))

@@ -63,17 +63,17 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def endpoint_url(storage_cfg: "StorageConfig | None" = None) -> str | None:
+def endpoint_url(storage_cfg: StorageConfig | None = None) -> str | None:
     return (getattr(storage_cfg, "endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL") or None)
 
 
-def region(storage_cfg: "StorageConfig | None" = None) -> str | None:
+def region(storage_cfg: StorageConfig | None = None) -> str | None:
     configured = getattr(storage_cfg, "region", None) or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     # S3-compatible stores rarely care, but the SDKs need *some* region to sign requests.
     return configured or ("us-east-1" if endpoint_url(storage_cfg) else None)
 
 
-def s3_filesystem(storage_cfg: "StorageConfig | None" = None, *, connect_timeout: float = 5.0,
+def s3_filesystem(storage_cfg: StorageConfig | None = None, *, connect_timeout: float = 5.0,
                   max_attempts: int = 3) -> pafs.S3FileSystem:
     """pyarrow's S3 filesystem with our endpoint/region rules; credentials from the AWS chain."""
     kwargs: dict[str, Any] = {
@@ -89,7 +89,7 @@ def s3_filesystem(storage_cfg: "StorageConfig | None" = None, *, connect_timeout
     return pafs.S3FileSystem(**kwargs)
 
 
-def resolve(uri: str, storage_cfg: "StorageConfig | None" = None) -> tuple[pafs.FileSystem, str]:
+def resolve(uri: str, storage_cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
     """URI -> (filesystem, path on it). Local paths become absolute; s3 paths lose the scheme."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
@@ -101,7 +101,7 @@ def resolve(uri: str, storage_cfg: "StorageConfig | None" = None) -> tuple[pafs.
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 
-def ray_storage_kwargs(storage_path: str, storage_cfg: "StorageConfig | None" = None) -> dict[str, Any]:
+def ray_storage_kwargs(storage_path: str, storage_cfg: StorageConfig | None = None) -> dict[str, Any]:
     """`storage_path` / `storage_filesystem` for `ray.train.RunConfig`.
 
     With an explicit filesystem Ray wants the path *without* the scheme (ray 2.60 fails with
@@ -117,7 +117,7 @@ _client_lock = threading.Lock()
 _clients: dict[tuple, Any] = {}
 
 
-def boto3_client(storage_cfg: "StorageConfig | None" = None, *, connect_timeout: float = 5.0,
+def boto3_client(storage_cfg: StorageConfig | None = None, *, connect_timeout: float = 5.0,
                  read_timeout: float = 60.0, max_attempts: int = 3, cached: bool = True):
     """A boto3 S3 client with our endpoint/region rules (cached: clients are thread-safe, slow to build)."""
     import boto3
@@ -144,44 +144,49 @@ def boto3_client(storage_cfg: "StorageConfig | None" = None, *, connect_timeout:
 
 # ------------------------------------------------------------------------------------- errors
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidClientTokenId", "ExpiredToken",
-                     "InvalidToken", "AuthFailure", "UnrecognizedClientException"}
+                     "InvalidToken", "AuthFailure", "UnrecognizedClientException", "INVALID_ACCESS_KEY_ID",
+                     "SIGNATURE_DOES_NOT_MATCH"}
 _REGION_CODES = {"PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException"}
+# Names pyarrow puts in its OSError text ("AWS Error ACCESS_DENIED during ..."), most specific first.
+_PYARROW_CODES = ("INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "NO_SUCH_BUCKET", "NETWORK_CONNECTION",
+                  "ACCESS_DENIED", "RESOURCE_NOT_FOUND")
 
 
-def describe_error(exc: BaseException, storage_cfg: "StorageConfig | None" = None) -> str:
+def describe_error(exc: BaseException, storage_cfg: StorageConfig | None = None) -> str:
     """A short, secret-free cause for a storage exception (boto3, pyarrow or OS)."""
-    try:
-        import botocore.exceptions as bex
-    except ImportError:  # pragma: no cover - boto3 is a dependency
-        bex = None
-    if bex is not None:
-        if isinstance(exc, bex.NoCredentialsError):
-            return "no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role)"
-        if isinstance(exc, (bex.EndpointConnectionError, bex.ConnectTimeoutError, bex.ReadTimeoutError,
-                            bex.ConnectionClosedError)):
-            where = endpoint_url(storage_cfg) or "AWS S3"
-            return f"S3 endpoint {redact(where)} unreachable ({type(exc).__name__})"
-        if isinstance(exc, bex.ClientError):
-            err = exc.response.get("Error", {})
-            code = str(err.get("Code", ""))
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code in _CREDENTIAL_CODES:
-                return f"credentials rejected ({code}); check the AWS credential chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE)"
-            if code == "NoSuchBucket":
-                return "bucket does not exist"
-            if code in ("NoSuchKey", "404") or status == 404:
-                return "not found (404)"
-            if code in _REGION_CODES:
-                return f"bucket is in another region ({code}); set storage.region"
-            if code in ("AccessDenied", "403", "AllAccessDisabled"):
-                return "access denied (the credentials lack permission for this bucket/prefix)"
-            return f"{code or status}: {str(err.get('Message', '')).splitlines()[0] if err.get('Message') else type(exc).__name__}"
-    if isinstance(exc, FileNotFoundError):
-        return f"not found ({exc.filename or exc})"
-    if isinstance(exc, PermissionError):
-        return f"permission denied ({exc.filename or exc})"
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return redact(text[:300])
+    import botocore.exceptions as bex
+
+    unreachable = f"S3 endpoint {redact(endpoint_url(storage_cfg) or 'AWS S3')} unreachable"
+    if isinstance(exc, bex.NoCredentialsError):
+        return "no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role)"
+    if isinstance(exc, (bex.EndpointConnectionError, bex.ConnectTimeoutError, bex.ReadTimeoutError,
+                        bex.ConnectionClosedError)):
+        return f"{unreachable} ({type(exc).__name__})"
+    if isinstance(exc, bex.ClientError):
+        err = exc.response.get("Error", {})
+        code, message = str(err.get("Code", "")), str(err.get("Message") or type(exc).__name__).splitlines()[0]
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    else:  # pyarrow raises OSError whose text carries the AWS error name
+        text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        code, message, status = next((c for c in _PYARROW_CODES if c in text), ""), text, None
+        if code == "NETWORK_CONNECTION":
+            return f"{unreachable} ({code})"
+        if not code and isinstance(exc, FileNotFoundError):
+            return "not found"
+        if not code and isinstance(exc, PermissionError):
+            return f"permission denied ({exc.filename or text})"
+    if code in _CREDENTIAL_CODES:
+        return (f"credentials rejected ({code}); check the AWS credential chain "
+                "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE)")
+    if code in ("NoSuchBucket", "NO_SUCH_BUCKET"):
+        return "bucket does not exist"
+    if code in ("NoSuchKey", "404", "RESOURCE_NOT_FOUND") or status == 404:
+        return "not found (404)"
+    if code in _REGION_CODES:
+        return f"bucket is in another region ({code}); set storage.region"
+    if code in ("AccessDenied", "403", "AllAccessDisabled", "ACCESS_DENIED"):
+        return "access denied (the credentials lack permission for this bucket/prefix)"
+    return redact(f"{code + ': ' if code else ''}{message}"[:300])
 
 
 def _fail(op: str, uri: str, exc: BaseException, storage_cfg=None) -> StorageError:
@@ -189,7 +194,7 @@ def _fail(op: str, uri: str, exc: BaseException, storage_cfg=None) -> StorageErr
 
 
 # ----------------------------------------------------------------------------- access check
-def check_access(uri: str, storage_cfg: "StorageConfig | None" = None) -> None:
+def check_access(uri: str, storage_cfg: StorageConfig | None = None) -> None:
     """Fail fast (seconds) with one line if `uri` cannot be listed and written.
 
     Called before a run starts, so that bad credentials, a missing bucket or an unreachable
@@ -218,7 +223,7 @@ def check_access(uri: str, storage_cfg: "StorageConfig | None" = None) -> None:
 
 
 # ------------------------------------------------------------------------------ small helpers
-def exists(uri: str, storage_cfg: "StorageConfig | None" = None) -> bool:
+def exists(uri: str, storage_cfg: StorageConfig | None = None) -> bool:
     fs, path = resolve(uri, storage_cfg)
     try:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
@@ -226,7 +231,7 @@ def exists(uri: str, storage_cfg: "StorageConfig | None" = None) -> bool:
         raise _fail("checking", uri, e, storage_cfg) from None
 
 
-def read_bytes(uri: str, storage_cfg: "StorageConfig | None" = None) -> bytes:
+def read_bytes(uri: str, storage_cfg: StorageConfig | None = None) -> bytes:
     fs, path = resolve(uri, storage_cfg)
     try:
         with fs.open_input_stream(path) as f:
@@ -235,11 +240,11 @@ def read_bytes(uri: str, storage_cfg: "StorageConfig | None" = None) -> bytes:
         raise _fail("reading", uri, e, storage_cfg) from None
 
 
-def read_text(uri: str, storage_cfg: "StorageConfig | None" = None) -> str:
+def read_text(uri: str, storage_cfg: StorageConfig | None = None) -> str:
     return read_bytes(uri, storage_cfg).decode("utf-8")
 
 
-def write_bytes(uri: str, data: bytes, storage_cfg: "StorageConfig | None" = None) -> None:
+def write_bytes(uri: str, data: bytes, storage_cfg: StorageConfig | None = None) -> None:
     """Write a whole object. Local files are written to a temp file and renamed (atomic); an S3 PUT
     is atomic by itself (readers see the old object or the new one, never half)."""
     fs, path = resolve(uri, storage_cfg)
@@ -264,11 +269,11 @@ def write_bytes(uri: str, data: bytes, storage_cfg: "StorageConfig | None" = Non
         raise _fail("writing", uri, e, storage_cfg) from None
 
 
-def write_text(uri: str, text: str, storage_cfg: "StorageConfig | None" = None) -> None:
+def write_text(uri: str, text: str, storage_cfg: StorageConfig | None = None) -> None:
     write_bytes(uri, text.encode("utf-8"), storage_cfg)
 
 
-def list_dir(uri: str, storage_cfg: "StorageConfig | None" = None) -> list[str]:
+def list_dir(uri: str, storage_cfg: StorageConfig | None = None) -> list[str]:
     """Names of the immediate children (files and directories), sorted; [] if `uri` does not exist."""
     fs, path = resolve(uri, storage_cfg)
     try:
@@ -278,7 +283,7 @@ def list_dir(uri: str, storage_cfg: "StorageConfig | None" = None) -> list[str]:
     return sorted({i.base_name for i in infos})
 
 
-def list_files(uri: str, storage_cfg: "StorageConfig | None" = None) -> dict[str, int]:
+def list_files(uri: str, storage_cfg: StorageConfig | None = None) -> dict[str, int]:
     """Every file under `uri` (recursively) as {relative posix path: size}; {} if missing."""
     fs, path = resolve(uri, storage_cfg)
     try:
@@ -289,18 +294,17 @@ def list_files(uri: str, storage_cfg: "StorageConfig | None" = None) -> dict[str
     return {i.path[len(root):]: i.size for i in infos if i.type == pafs.FileType.File and i.path.startswith(root)}
 
 
-def delete_file(uri: str, storage_cfg: "StorageConfig | None" = None) -> None:
+def delete_file(uri: str, storage_cfg: StorageConfig | None = None) -> None:
+    """Delete one file; a missing one is fine."""
     fs, path = resolve(uri, storage_cfg)
     try:
-        fs.delete_file(path)
-    except FileNotFoundError:
-        pass
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            fs.delete_file(path)
     except OSError as e:
-        if fs.get_file_info(path).type != pafs.FileType.NotFound:
-            raise _fail("deleting", uri, e, storage_cfg) from None
+        raise _fail("deleting", uri, e, storage_cfg) from None
 
 
-def delete_tree(uri: str, storage_cfg: "StorageConfig | None" = None) -> None:
+def delete_tree(uri: str, storage_cfg: StorageConfig | None = None) -> None:
     """Delete a directory (or prefix) and everything under it; a missing one is fine."""
     fs, path = resolve(uri, storage_cfg)
     try:
@@ -347,7 +351,7 @@ def _transfer_config():
     return TransferConfig(max_concurrency=_TRANSFER_THREADS, use_threads=True)
 
 
-def upload_dir(local_dir: str | os.PathLike, uri: str, storage_cfg: "StorageConfig | None" = None, *,
+def upload_dir(local_dir: str | os.PathLike, uri: str, storage_cfg: StorageConfig | None = None, *,
                files: Iterable[str] | None = None) -> list[FileEntry]:
     """Copy every file of `local_dir` (or only `files`, relative paths) to `uri`; return their entries.
 
@@ -359,14 +363,14 @@ def upload_dir(local_dir: str | os.PathLike, uri: str, storage_cfg: "StorageConf
     return _upload([(root / r, r) for r in rels], uri, storage_cfg)
 
 
-def upload_file(local_path: str | os.PathLike, uri: str, storage_cfg: "StorageConfig | None" = None) -> FileEntry:
+def upload_file(local_path: str | os.PathLike, uri: str, storage_cfg: StorageConfig | None = None) -> FileEntry:
     """Copy one local file to `uri` (an object key or a local file path)."""
     base, _, name = uri.rstrip("/").rpartition("/")
     (entry,) = _upload([(Path(local_path), name)], base, storage_cfg)
     return entry
 
 
-def download_dir(uri: str, local_dir: str | os.PathLike, storage_cfg: "StorageConfig | None" = None, *,
+def download_dir(uri: str, local_dir: str | os.PathLike, storage_cfg: StorageConfig | None = None, *,
                  files: Iterable[str] | None = None) -> list[FileEntry]:
     """Copy every file under `uri` (or only `files`, relative paths) into `local_dir`; return entries
     with the sizes and checksums of the bytes that arrived."""
@@ -375,7 +379,7 @@ def download_dir(uri: str, local_dir: str | os.PathLike, storage_cfg: "StorageCo
     return _download([(r, root / r) for r in rels], uri, storage_cfg)
 
 
-def download_file(uri: str, local_path: str | os.PathLike, storage_cfg: "StorageConfig | None" = None) -> FileEntry:
+def download_file(uri: str, local_path: str | os.PathLike, storage_cfg: StorageConfig | None = None) -> FileEntry:
     """Copy one object (or local file) at `uri` to `local_path`."""
     base, _, name = uri.rstrip("/").rpartition("/")
     (entry,) = _download([(name, Path(local_path))], base, storage_cfg)

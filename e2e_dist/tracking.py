@@ -238,9 +238,11 @@ class Tracker:
         return self.url or f"{self.run_dir} (offline; upload with `wandb sync {self.run_dir}`)"
 
     # -------------------------------------------------------------------------------- logging
-    def log(self, metrics: dict[str, Any], step: int) -> None:
-        """One history row at `step` (same-step calls merge). A step history already holds from an
-        earlier session goes to the `restarts/redo` table; one below this session's last is dropped."""
+    def log(self, metrics: dict[str, Any], step: int, *, commit: bool | None = None) -> None:
+        """One history row at `step`. Same-step calls merge unless one passes commit=True, which
+        closes the row at once (the training loop does: it logs once per step). A step history
+        already holds from an earlier session goes to the `restarts/redo` table; one below this
+        session's last is dropped."""
         if self._run is None:
             return
         step = int(step)
@@ -256,7 +258,9 @@ class Tracker:
             return
         if self._last_step is None:
             self._flush_redo()  # the re-done range is over: publish what it produced
-        self._run.log(dict(metrics), step=step)
+        # commit=True closes the row now: W&B otherwise holds a step's row open until the next step
+        # arrives, and a worker killed before then loses it (seen: a crash 2 s after a log).
+        self._run.log(dict(metrics), step=step, commit=commit)
         if self._last_step is None or step > self._last_step:
             self._last_step = self._state["last_step"] = step
             self._save_state()

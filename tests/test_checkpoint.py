@@ -40,6 +40,12 @@ def ds_process_group():
         dist.destroy_process_group()
 
 
+@pytest.fixture
+def ds(ds_process_group, monkeypatch):
+    """What a test needs to build and run DeepSpeed engines in this process."""
+    monkeypatch.setenv("LOCAL_RANK", "0")  # DeepSpeed reads it at init and (ZeRO-3) during steps
+
+
 def tiny_cfg(zero_stage: int = 2, storage_path: str = "./runs", name: str = "ck", **ds_overrides) -> RunConfig:
     return RunConfig.model_validate({
         "name": name, "storage": {"path": storage_path},
@@ -61,10 +67,8 @@ def tiny_engine(cfg: RunConfig, seed: int = 0):
     model = build_model(cfg.model, cfg.data)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.trainer.lr, betas=cfg.trainer.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LOCAL_RANK", "0")  # DeepSpeed insists; the process group already exists
-        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                          config=build_deepspeed_config(cfg, world_size=1, on_gpu=False))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                      config=build_deepspeed_config(cfg, world_size=1, on_gpu=False))
     return engine
 
 
@@ -119,7 +123,7 @@ def test_checkpoint_dir_name_sorts_and_parses():
     assert step_of("step_1") is None and step_of("checkpoint_2024") is None and step_of("step_000000100") is None
 
 
-def test_commit_then_resume_restores_model_optimizer_and_schedule(ds_process_group, run_uri, tmp_path):
+def test_commit_then_resume_restores_model_optimizer_and_schedule(ds, run_uri, tmp_path):
     cfg = tiny_cfg(2)
     engine = tiny_engine(cfg, seed=0)
     train(engine, 3)
@@ -153,7 +157,7 @@ def test_commit_then_resume_restores_model_optimizer_and_schedule(ds_process_gro
         assert torch.equal(a, b)
 
 
-def test_two_ranks_manifest_is_written_last(ds_process_group, run_uri, tmp_path):
+def test_two_ranks_manifest_is_written_last(ds, run_uri, tmp_path):
     engine = tiny_engine(tiny_cfg(2))
     train(engine, 1)
     rank0 = save_engine(engine, tmp_path / "rank0", {"step": 1})
@@ -192,10 +196,16 @@ def test_two_ranks_manifest_is_written_last(ds_process_group, run_uri, tmp_path)
 
 def test_commit_times_out_when_a_rank_never_uploads(tmp_path):
     run = str(tmp_path / "runs" / "r")
+    import ray.train
+
     rank0 = fake_rank_dir(tmp_path, 0)
+    fn = make_upload_fn(run_uri=run, storage_cfg=None, rank=0, world_size=2, step=5, meta={}, keep_last=2,
+                        commit_timeout_s=1.0, save_id="a")
+    assert not fn.done.is_set()
     with pytest.raises(CheckpointError) as e:
-        upload(rank0, run, 5, world_size=2, timeout=1.0)
+        fn(ray.train.Checkpoint.from_directory(str(rank0)), checkpoint_dir_name(5))
     assert "no upload from rank(s) 1" in str(e.value) and "\n" not in str(e.value)
+    assert fn.done.is_set() and fn.error is e.value  # what the loop watches to keep one upload in flight
     assert not storage.exists(storage.join(run, "step_00000005", MANIFEST))
     ckpt, skipped = find_latest_committed(run)
     assert ckpt is None and skipped == [f"skipped {run}/step_00000005: no manifest.json (upload never committed)"]

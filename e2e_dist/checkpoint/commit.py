@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from e2e_dist import storage
 from e2e_dist.checkpoint.discover import scan
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 def make_upload_fn(*, run_uri: str, storage_cfg: Any, rank: int, world_size: int, step: int,
                    meta: dict[str, Any], keep_last: int, commit_timeout_s: float = 600.0,
                    zero_stage: int | None = None, save_id: str | None = None,
-                   ) -> Callable[[Any, str], Any]:
+                   ) -> "CommitUpload":
     """The `checkpoint_upload_fn` for `ray.train.report(..., checkpoint_dir_name=checkpoint_dir_name(step))`.
 
     save_id: the same string on every rank of one save and different across worker-group restarts,
@@ -53,20 +54,41 @@ def make_upload_fn(*, run_uri: str, storage_cfg: Any, rank: int, world_size: int
     if save_id is None:
         save_id = _ray_attempt_id()
 
-    def upload(checkpoint: Any, dir_name: str) -> Any:
-        if dir_name != checkpoint_dir_name(step):
-            raise CheckpointError(f"checkpoint dir {dir_name!r} from Ray != {checkpoint_dir_name(step)!r} of rank "
-                                  f"{rank}: ranks are at different steps")
-        uri = storage.join(run_uri, dir_name)
-        with checkpoint.as_directory() as local_dir:
-            commit_rank(Path(local_dir), uri, storage_cfg=storage_cfg, rank=rank, world_size=world_size,
-                        step=step, meta=meta, zero_stage=zero_stage, save_id=save_id,
-                        commit_timeout_s=commit_timeout_s)
-        if rank == 0:
-            prune(run_uri, storage_cfg, committed_step=step, keep_last=keep_last)
-        return _persisted_checkpoint(uri, dir_name, storage_cfg)
+    return CommitUpload(run_uri=run_uri, storage_cfg=storage_cfg, rank=rank, world_size=world_size, step=step,
+                        meta=meta, keep_last=keep_last, commit_timeout_s=commit_timeout_s,
+                        zero_stage=zero_stage, save_id=save_id)
 
-    return upload
+
+class CommitUpload:
+    """The callable handed to Ray. `done` is set when it finished (committed or failed, see `error`),
+    so the loop can keep at most one upload in flight and measure how long it waited for one."""
+
+    def __init__(self, **params: Any) -> None:
+        self.params = params
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def __call__(self, checkpoint: Any, dir_name: str) -> Any:
+        p = self.params
+        self.done.clear()
+        self.error = None
+        try:
+            if dir_name != checkpoint_dir_name(p["step"]):
+                raise CheckpointError(f"checkpoint dir {dir_name!r} from Ray != {checkpoint_dir_name(p['step'])!r} "
+                                      f"of rank {p['rank']}: ranks are at different steps")
+            uri = storage.join(p["run_uri"], dir_name)
+            with checkpoint.as_directory() as local_dir:
+                commit_rank(Path(local_dir), uri, storage_cfg=p["storage_cfg"], rank=p["rank"],
+                            world_size=p["world_size"], step=p["step"], meta=p["meta"], zero_stage=p["zero_stage"],
+                            save_id=p["save_id"], commit_timeout_s=p["commit_timeout_s"])
+            if p["rank"] == 0:
+                prune(p["run_uri"], p["storage_cfg"], committed_step=p["step"], keep_last=p["keep_last"])
+            return _persisted_checkpoint(uri, dir_name, p["storage_cfg"])
+        except BaseException as e:
+            self.error = e
+            raise
+        finally:
+            self.done.set()
 
 
 def commit_rank(local_dir: Path, uri: str, *, storage_cfg: Any, rank: int, world_size: int, step: int,
@@ -77,10 +99,10 @@ def commit_rank(local_dir: Path, uri: str, *, storage_cfg: Any, rank: int, world
     reserved = [f for f in files if f == MANIFEST or f.startswith(PARTS_DIR + "/")]
     if reserved:
         raise CheckpointError(f"{local_dir}: {reserved[0]} is a reserved checkpoint file name")
-    if rank == 0:
-        # Re-doing a step after a restart: the directory must read as uncommitted while it changes.
-        storage.delete_file(storage.join(uri, MANIFEST), storage_cfg)
     try:
+        if rank == 0:
+            # Re-doing a step after a restart: the directory must read as uncommitted while it changes.
+            storage.delete_file(storage.join(uri, MANIFEST), storage_cfg)
         entries = storage.upload_dir(local_dir, uri, storage_cfg, files=files)
         part = {"format_version": FORMAT_VERSION, "rank": rank, "world_size": world_size, "step": step,
                 "save_id": save_id, "files": [e.to_dict() for e in entries], "created_at": now_utc()}

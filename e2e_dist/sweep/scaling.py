@@ -31,6 +31,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,8 @@ import numpy as np
 from scipy.optimize import least_squares, nnls
 from scipy.special import logsumexp, softmax
 
+from e2e_dist import storage
+from e2e_dist.config import redact
 from e2e_dist.errors import UserError
 
 RESULTS_FILE = "results.jsonl"
@@ -265,71 +268,36 @@ def compute_optimal(fit: Fit, budget: float) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ results table
-def _is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
-
-
-def _local(uri: str) -> Path:
-    return Path(uri[len("file://"):] if uri.startswith("file://") else uri).expanduser()
-
-
-def _resolve(uri: str, storage_cfg: Any):
-    # Remote URIs go through the team's storage layer (endpoint override, AWS credential chain).
-    from e2e_dist import storage
-    from e2e_dist.config import StorageConfig
-
-    return storage.resolve(uri, storage_cfg or StorageConfig())
-
-
 def _read_text(uri: str, storage_cfg: Any = None) -> str:
-    if not _is_remote(uri):
-        path = _local(uri)
-        if not path.is_file():
-            raise ScalingError(f"results not found: {uri} (has the sweep finished a trial?)")
-        return path.read_text()
-    fs, path = _resolve(uri, storage_cfg)
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read().decode()
-    except FileNotFoundError:
-        raise ScalingError(f"results not found: {uri} (has the sweep finished a trial?)") from None
-
-
-def _write_bytes(uri: str, data: bytes, storage_cfg: Any = None) -> None:
-    if not _is_remote(uri):
-        path = _local(uri)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        return
-    fs, path = _resolve(uri, storage_cfg)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+    if not storage.exists(uri, storage_cfg):
+        raise ScalingError(f"results not found: {redact(uri)} (has the sweep finished a trial?)")
+    return storage.read_text(uri, storage_cfg)
 
 
 def results_file(results_uri: str) -> str:
     """`<sweep dir>/results.jsonl` for a sweep folder; a `.jsonl` URI is taken as it is."""
-    return results_uri if results_uri.endswith(".jsonl") else results_uri.rstrip("/") + "/" + RESULTS_FILE
+    return results_uri if results_uri.endswith(".jsonl") else storage.join(results_uri, RESULTS_FILE)
 
 
 def load_results(results_uri: str, storage_cfg: Any = None) -> list[dict[str, Any]]:
     """Read a sweep's results table (a sweep folder or its results.jsonl; local or s3://), checked
     against the schema in this module's docstring; a bad line is one ScalingError naming it."""
     uri = results_file(results_uri)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i, line in enumerate(_read_text(uri, storage_cfg).splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ScalingError(f"{uri} line {i}: not valid JSON ({e.msg})") from None
+            raise ScalingError(f"{redact(uri)} line {i}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
-            raise ScalingError(f"{uri} line {i}: expected an object, got {type(row).__name__}")
+            raise ScalingError(f"{redact(uri)} line {i}: expected an object, got {type(row).__name__}")
         for key, typ in (("trial", str), ("status", str), ("params", dict), ("metrics", dict)):
             if not isinstance(row.get(key), typ):
-                raise ScalingError(f"{uri} line {i}: {key} missing or not a {typ.__name__}")
+                raise ScalingError(f"{redact(uri)} line {i}: {key} missing or not a {typ.__name__}")
         if row["status"] not in STATUSES:
-            raise ScalingError(f"{uri} line {i}: status {row['status']!r} is not one of {', '.join(STATUSES)}")
+            raise ScalingError(f"{redact(uri)} line {i}: status {row['status']!r} is not one of {', '.join(STATUSES)}")
         rows.append(row)
     return rows
 
@@ -362,8 +330,10 @@ def scaling_report(results_uri: str, budget: float | None = None, out_uri: str |
                    metric: str = "val_loss", d_key: str = "auto", n_boot: int = 200, seed: int = 0,
                    storage_cfg: Any = None) -> dict[str, Any]:
     """Fit a finished sweep's results, write scaling_fit.{png,json,md} (next to the results unless
-    `out_uri`), and return the report: `summary` (print-ready text), `fit`, `optimal`, the written
-    URIs `png`/`json`/`md`, and `png_local`, a local copy of the plot (for W&B)."""
+    `out_uri`), and return the report: `summary` (print-ready text), `formula`, `params`, `ci`,
+    `optimal` (None without a budget or without the joint form; `note` says why), `points`, the
+    written URIs `png`/`json`/`md`, and `png_local`, a local file of the plot (for wandb.Image).
+    `d_key`: which metric is D (see `fit_points`)."""
     from e2e_dist.sweep import plot  # matplotlib only when a report is made
 
     uri = results_file(results_uri)
@@ -376,7 +346,7 @@ def scaling_report(results_uri: str, budget: float | None = None, out_uri: str |
         else:
             note = f"no compute-optimal split: it needs L(N, D), and this sweep only fits {fit.formula}"
     report: dict[str, Any] = {
-        "results": uri, "metric": metric, "d_key": d_used, "formula": fit.formula, "form": fit.form,
+        "results": redact(uri), "metric": metric, "d_key": d_used, "formula": fit.formula, "form": fit.form,
         "params": fit.params, "ci": {k: list(v) for k, v in fit.ci.items()}, "ci_level": fit.ci_level,
         "n_points": fit.n_points, "n_boot": fit.n_boot, "seed": seed, "rmse_log": fit.rmse_log,
         "optimal": optimal, "note": note,
@@ -385,15 +355,17 @@ def scaling_report(results_uri: str, budget: float | None = None, out_uri: str |
     }
     report["summary"] = plot.summary_text(report)
     out_dir = out_uri.rstrip("/") if out_uri else (uri.rsplit("/", 1)[0] if "/" in uri else ".")
-    png_local = Path(tempfile.mkdtemp(prefix="scaling-")) / "scaling_fit.png" if _is_remote(out_dir) \
-        else _local(out_dir) / "scaling_fit.png"
-    png_local.parent.mkdir(parents=True, exist_ok=True)
+    report.update(png=storage.join(out_dir, "scaling_fit.png"), json=storage.join(out_dir, "scaling_fit.json"),
+                  md=storage.join(out_dir, "scaling_fit.md"))
+    # Render locally (W&B logs a local file), then store the copy next to the results.
+    png_local = Path(tempfile.mkdtemp(prefix="e2e-dist-scaling-")) / "scaling_fit.png"
     plot.plot_fit(fit, n, d, loss, png_local, optimal=optimal, d_label=d_used, metric=metric)
-    report.update(png=f"{out_dir}/scaling_fit.png", json=f"{out_dir}/scaling_fit.json",
-                  md=f"{out_dir}/scaling_fit.md", png_local=str(png_local))
-    if _is_remote(out_dir):
-        _write_bytes(report["png"], png_local.read_bytes(), storage_cfg)
-    _write_bytes(report["md"], plot.summary_markdown(report).encode(), storage_cfg)
-    _write_bytes(report["json"], json.dumps({k: v for k, v in report.items() if k != "summary"},
-                                            indent=2).encode(), storage_cfg)
+    storage.write_bytes(report["png"], png_local.read_bytes(), storage_cfg)
+    if not storage.is_s3(out_dir):  # the stored file is local already: no second copy
+        shutil.rmtree(png_local.parent)
+        png_local = Path(storage.resolve(report["png"], storage_cfg)[1])
+    report["png_local"] = str(png_local)
+    storage.write_text(report["md"], plot.summary_markdown(report), storage_cfg)
+    storage.write_text(report["json"], json.dumps({k: v for k, v in report.items() if k not in ("summary", "png_local")},
+                                                  indent=2), storage_cfg)
     return report

@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -33,6 +34,7 @@ from pydantic import BaseModel, Field, PrivateAttr, ValidationError, ValidationI
 from e2e_dist.config import (
     RunConfig,
     Section,
+    StorageConfig,
     apply_overrides,
     deep_merge,
     format_validation_error,
@@ -41,85 +43,13 @@ from e2e_dist.config import (
     validate_run_config,
 )
 from e2e_dist.errors import ConfigError
+from e2e_dist.sweep.domains import Domain
 
 POINT_KEY = "point"
 """Key of the tied points in `tune_param_space()` (one grid_search over the point dicts)."""
 MAX_VALIDATED = 20000
 """Most combinations validated up front; a bigger space is refused rather than half-checked."""
 _NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"  # leaves room for "-t0000-abcdef" in a 128-char run name
-
-
-class Domain(Section):
-    """Exactly one of the fields: the values one run-config key takes in the sweep."""
-
-    grid: list[Any] | None = None
-    """Every value, crossed with the other grid dimensions (Ray `grid_search`)."""
-    choice: list[Any] | None = None
-    """One value drawn uniformly per sample (search: random)."""
-    uniform: tuple[float, float] | None = None
-    """Float drawn uniformly from [lo, hi) (search: random)."""
-    loguniform: tuple[float, float] | None = None
-    """Float drawn log-uniformly from [lo, hi), 0 < lo (search: random)."""
-    randint: tuple[int, int] | None = None
-    """Integer drawn uniformly from [lo, hi) — hi excluded, as in Ray (search: random)."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _is_mapping(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            raise ValueError(f"expected a domain like {{grid: [..]}}, {{choice: [..]}}, {{uniform: [lo, hi]}}, "
-                             f"{{loguniform: [lo, hi]}} or {{randint: [lo, hi]}}, got {data!r}")
-        return data
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> "Domain":
-        set_ = [k for k in type(self).model_fields if getattr(self, k) is not None]
-        if len(set_) != 1:
-            raise ValueError(f"a domain needs exactly one of grid/choice/uniform/loguniform/randint, got {set_ or 'none'}")
-        kind, value = set_[0], getattr(self, set_[0])
-        if kind in ("grid", "choice") and not value:
-            raise ValueError(f"empty {kind}")
-        if kind in ("uniform", "loguniform", "randint") and not value[0] < value[1]:
-            raise ValueError(f"{kind}: needs lo < hi, got {list(value)}")
-        if kind == "loguniform" and value[0] <= 0:
-            raise ValueError(f"loguniform: needs 0 < lo, got {list(value)}")
-        return self
-
-    @property
-    def kind(self) -> str:
-        return next(k for k in type(self).model_fields if getattr(self, k) is not None)
-
-    def to_tune(self) -> Any:
-        """The Ray Tune domain (ray.tune.grid_search / choice / uniform / loguniform / randint)."""
-        from ray import tune
-
-        fn = {"grid": tune.grid_search, "choice": tune.choice}.get(self.kind)
-        if fn is not None:
-            return fn(list(getattr(self, self.kind)))
-        lo, hi = getattr(self, self.kind)
-        return getattr(tune, self.kind)(lo, hi)
-
-    def sample(self, rng: np.random.Generator) -> Any:
-        """One draw, for previews of random sweeps (the Tuner samples through Ray instead)."""
-        if self.kind in ("grid", "choice"):
-            values = getattr(self, self.kind)
-            return values[int(rng.integers(len(values)))]
-        lo, hi = getattr(self, self.kind)
-        if self.kind == "randint":
-            return int(rng.integers(lo, hi))
-        if self.kind == "loguniform":
-            return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
-        return float(rng.uniform(lo, hi))
-
-    def check_values(self) -> list[Any]:
-        """Values every run config must accept: all listed values, the ends of ranges, every
-        integer of a short randint range (heads that must divide a width are typically a few)."""
-        if self.kind in ("grid", "choice"):
-            return list(getattr(self, self.kind))
-        lo, hi = getattr(self, self.kind)
-        if self.kind == "randint":
-            return list(range(lo, hi)) if hi - lo <= 64 else [lo, hi - 1]
-        return [lo, float(np.nextafter(hi, lo))]  # hi itself is never drawn
 
 
 class SchedulerSpec(Section):
@@ -156,15 +86,6 @@ class ResourcesSpec(Section):
     Ray refuses 0, and a whole CPU per driver starves the workers on small machines."""
 
 
-class StorageOverride(Section):
-    path: str | None = None
-    """Sweep storage (local dir or s3://bucket/prefix); the sweep lives at `<path>/<sweep name>`."""
-    endpoint_url: str | None = None
-    """S3-compatible endpoint override."""
-    region: str | None = None
-    """S3 region."""
-
-
 class SweepSpec(Section):
     name: str
     """Sweep name: the W&B group, the results folder `<storage.path>/<name>` and trial-name prefix."""
@@ -192,8 +113,9 @@ class SweepSpec(Section):
     """Trials running at once (None: as many as resources allow)."""
     resources_per_trial: ResourcesSpec = ResourcesSpec()
     """Workers and CPUs/GPUs of each trial."""
-    storage: StorageOverride | None = None
-    """Override of the base run config's storage section."""
+    storage: StorageConfig | None = None
+    """Override of the base run config's storage (only the keys given); the sweep lives at
+    `<storage.path>/<sweep name>`."""
 
     _source: str = PrivateAttr("sweep")
     _base_data: dict[str, Any] = PrivateAttr(default_factory=dict)
@@ -246,6 +168,20 @@ class SweepSpec(Section):
         if v and (both := set(v[0]) & set(info.data.get("search_space") or {})):
             raise ValueError(f"{sorted(both)[0]} is in both search_space and points")
         return v
+
+    def with_absolute_paths(self) -> "SweepSpec":
+        """A copy whose local storage path and data paths are absolute. Trials run in Ray worker
+        processes whose working directory is not the command's: `./runs` must mean the same there."""
+        spec = self.model_copy(deep=True)
+        data = spec._base_data = copy.deepcopy(self._base_data)
+        store = data.setdefault("storage", {})
+        path = store.get("path", "./runs")
+        if "://" not in path:
+            store["path"] = os.path.abspath(os.path.expanduser(path))
+        if isinstance(paths := (data.get("data") or {}).get("paths"), list):
+            data["data"]["paths"] = [p if "://" in p else os.path.abspath(os.path.expanduser(p)) for p in paths]
+        spec._grid_index = None
+        return spec
 
     # ------------------------------------------------------------------------------ expansion
     @property
@@ -354,21 +290,15 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
     """Read, override and fully validate a sweep file; every failure is one ConfigError line.
 
     `--set` items: `<sweep field>=v` (e.g. `num_samples=2`, `scheduler.max_t=4`);
-    `search_space.<dotted key>={grid: [..]}`; `overrides.<dotted key>=v`; and run-config keys
-    (`trainer.max_steps=5`, `data.max_bytes=20000`, `storage.path=s3://b/p`), which override the base.
+    `search_space.<dotted key>={grid: [..]}`; and run-config keys, which override the base for every
+    trial: `trainer.max_steps=5`, `base.trainer.max_steps=5` or `overrides.trainer.max_steps=5` alike
+    (`storage.path=s3://b/p` sets the sweep's storage).
     """
     source = str(path)
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"sweep file not found: {source}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"{source}:{f' line {mark.line + 1}' if mark else ''} is not valid YAML "
-                          f"({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: top level must be a mapping, got {type(data).__name__}")
+    data = read_yaml_with_includes(str(p))  # YAML errors and `include:` exactly as for run configs
     data = _apply_sweep_overrides(data, overrides or [])
     try:
         spec = SweepSpec.model_validate(data)
@@ -387,10 +317,11 @@ def _apply_sweep_overrides(data: dict[str, Any], overrides: list[str]) -> dict[s
         head, _, rest = key.partition(".")
         if not sep or not head:
             raise ConfigError(f"--set {item!r}: expected key=value")
-        if head in ("search_space", "overrides") and rest:
-            # The rest of the key is itself a dotted run-config key: keep it whole.
-            section = data.get(head) if isinstance(data.get(head), dict) else {}
-            data[head] = {**section, rest: _parse_value(raw)}
+        if head in ("search_space", "overrides", "base") and rest:
+            # The rest of the key is itself a dotted run-config key: keep it whole. `base.x=v` is
+            # `overrides.x=v` (the base may be a preset name, which has no keys to set).
+            section = "search_space" if head == "search_space" else "overrides"
+            data[section] = {**(data.get(section) or {}), rest: _parse_value(raw)}
         elif head in SweepSpec.model_fields:
             data = apply_overrides(data, [item])
         elif head in _RUN_SECTIONS and rest:
@@ -414,24 +345,25 @@ def _check_settable(key: str) -> None:
 
 
 def _base_data(spec: SweepSpec, sweep_dir: Path, source: str) -> dict[str, Any]:
-    if isinstance(spec.base, str):
-        ref = spec.base if spec.base in preset_names() else str(sweep_dir / spec.base)
-        try:
-            data = read_yaml_with_includes(ref)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: base: {e}") from None
-    else:
-        data = dict(spec.base)
-        includes = data.pop("include", []) or []
-        merged: dict[str, Any] = {}
-        for inc in [includes] if isinstance(includes, str) else includes:
-            ref = inc if inc in preset_names() else str(sweep_dir / inc)
-            merged = deep_merge(merged, read_yaml_with_includes(ref))
-        data = deep_merge(merged, data)
+    def read(ref: str) -> dict[str, Any]:  # a preset name, else a path relative to the sweep file
+        return read_yaml_with_includes(ref if ref in preset_names() else str(sweep_dir / ref))
+
+    try:
+        if isinstance(spec.base, str):
+            data = read(spec.base)
+        else:
+            data = dict(spec.base)
+            includes = data.pop("include", []) or []
+            merged: dict[str, Any] = {}
+            for inc in [includes] if isinstance(includes, str) else includes:
+                merged = deep_merge(merged, read(inc))
+            data = deep_merge(merged, data)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: base: {e}") from None
     for key, value in spec.overrides.items():
         _set_dotted(data, key, value)
     if spec.storage is not None:
-        data["storage"] = {**(data.get("storage") or {}), **spec.storage.model_dump(exclude_none=True)}
+        data["storage"] = {**(data.get("storage") or {}), **spec.storage.model_dump(exclude_unset=True)}
     res = spec.resources_per_trial
     trainer = data.setdefault("trainer", {})
     for field in ("num_workers", "cpus_per_worker", "use_gpu"):

@@ -1,8 +1,9 @@
-"""Deliberate failures for recovery tests and drills: `E2E_DIST_FAULT=crash@STEP[:RANK]`.
+"""Deliberate failures for recovery tests and drills: `E2E_DIST_FAULT=crash@STEP[:RANK][,...]`.
 
 `crash` kills the worker process outright (as a dying node would); `sigterm` sends it SIGTERM (as
-a spot reclaim or Kubernetes eviction would). Each fault fires once per run name and step (a marker
-file records it), so the restarted worker group trains through the same step.
+a spot reclaim or Kubernetes eviction would). Several faults may be listed, comma-separated. Each
+fires once per run name (a marker file records it), so the restarted worker group trains through
+the same step.
 """
 
 from __future__ import annotations
@@ -13,25 +14,27 @@ import tempfile
 from pathlib import Path
 
 
-def parse_fault(spec: str | None) -> tuple[str, int, int] | None:
-    if not spec:
-        return None
-    kind, _, rest = spec.partition("@")
-    step, _, rank = rest.partition(":")
-    if kind not in ("crash", "sigterm") or not step.isdigit() or (rank and not rank.isdigit()):
-        raise ValueError(f"E2E_DIST_FAULT={spec!r}: expected crash@STEP[:RANK] or sigterm@STEP[:RANK]")
-    return kind, int(step), int(rank or 0)
+def parse_faults(spec: str | None) -> list[tuple[str, int, int]]:
+    """`crash@12:1,sigterm@20` -> [("crash", 12, 1), ("sigterm", 20, 0)]."""
+    faults = []
+    for item in filter(None, (spec or "").split(",")):
+        kind, _, rest = item.strip().partition("@")
+        step, _, rank = rest.partition(":")
+        if kind not in ("crash", "sigterm") or not step.isdigit() or (rank and not rank.isdigit()):
+            raise ValueError(f"E2E_DIST_FAULT={spec!r}: expected crash@STEP[:RANK] or sigterm@STEP[:RANK], comma-separated")
+        faults.append((kind, int(step), int(rank or 0)))
+    return faults
 
 
 def maybe_inject_fault(spec: str | None, run_name: str, step: int, rank: int) -> None:
-    fault = parse_fault(spec)
-    if fault is None or fault[1] != step or fault[2] != rank:
-        return
-    marker_dir = Path(os.environ.get("E2E_DIST_FAULT_DIR", tempfile.gettempdir()))
-    marker = marker_dir / f"e2e-dist-fault-{run_name}-{fault[0]}-{step}"
-    if marker.exists():
-        return
-    marker.write_text(str(os.getpid()))
-    if fault[0] == "crash":
-        os._exit(17)
-    os.kill(os.getpid(), signal.SIGTERM)
+    for kind, at, fault_rank in parse_faults(spec):
+        if at != step or fault_rank != rank:
+            continue
+        marker_dir = Path(os.environ.get("E2E_DIST_FAULT_DIR", tempfile.gettempdir()))
+        marker = marker_dir / f"e2e-dist-fault-{run_name}-{kind}-{step}-{rank}"
+        if marker.exists():
+            continue
+        marker.write_text(str(os.getpid()))
+        if kind == "crash":
+            os._exit(17)
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -53,6 +53,29 @@ def _register_cpu_attention() -> None:
 _register_cpu_attention()
 
 
+def _fix_grouped_conv_backward() -> None:
+    """PyTorch's convolution_backward formula ignores `groups` in the weight-gradient term, so a
+    depthwise conv's backward is overcounted `groups`-fold (inflating CNN/audio MFU). Count the
+    input-gradient and weight-gradient parts separately and divide the latter by `groups`."""
+    aten = torch.ops.aten
+    stock = flop_counter.flop_registry[aten.convolution_backward]
+    if getattr(stock, "_e2e_grouped_fix", False):
+        return
+
+    def fixed(grad_out, x, w, bias, stride, padding, dilation, transposed, output_padding, groups, output_mask,
+              *args, out_val=None, **kwargs):
+        common = (grad_out, x, w, bias, stride, padding, dilation, transposed, output_padding, groups)
+        grad_input = stock(*common, [output_mask[0], False], *args, out_val=out_val, **kwargs)
+        grad_weight = stock(*common, [False, output_mask[1]], *args, out_val=out_val, **kwargs)
+        return grad_input + grad_weight // groups
+
+    fixed._e2e_grouped_fix = True
+    flop_counter.flop_registry[aten.convolution_backward] = fixed
+
+
+_fix_grouped_conv_backward()
+
+
 def train_flops_per_batch(model: torch.nn.Module, batch: dict) -> int:
     """FLOPs of one forward + backward of `batch` through `model` (as counted by PyTorch)."""
     was_training = model.training

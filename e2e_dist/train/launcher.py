@@ -43,7 +43,8 @@ def prepare_run_dir(cfg: RunConfig, *, resume: bool) -> None:
     storage.write_text(storage.join(cfg.run_uri, "config.yaml"), dump_yaml(cfg), cfg.storage)
 
 
-def build_trainer(cfg: RunConfig, *, datasets: dict[str, Any], collate, progress_actor=None, callbacks=None):
+def build_trainer(cfg: RunConfig, *, datasets: dict[str, Any], collate, progress_actor=None, callbacks=None,
+                  data_stats: dict[str, float] | None = None):
     """The TorchTrainer for one run; also used by each sweep trial's driver."""
     import ray
     import ray.train
@@ -51,6 +52,7 @@ def build_trainer(cfg: RunConfig, *, datasets: dict[str, Any], collate, progress
 
     from e2e_dist import storage
     from e2e_dist.data.common import ingest_data_config
+    from e2e_dist.train import preemption
     from e2e_dist.train.loop import train_loop_per_worker
     from e2e_dist.train.ray_env import local_runtime_env_vars
 
@@ -58,14 +60,17 @@ def build_trainer(cfg: RunConfig, *, datasets: dict[str, Any], collate, progress
     use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     backend = t.backend if t.backend != "auto" else ("nccl" if use_gpu else "gloo")
     loop_config = {"run": cfg.model_dump(mode="json"), "collate": collate, "progress_actor": progress_actor,
-                   "fault": os.environ.get("E2E_DIST_FAULT")}
+                   "fault": os.environ.get("E2E_DIST_FAULT"), "data_stats": dict(data_stats or {})}
     run_config = ray.train.RunConfig(
         name=cfg.name,
         failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
         # keep-N is ours (checkpoint.py deletes only after a newer commit): Ray keeps everything.
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
-        worker_runtime_env={"env_vars": local_runtime_env_vars()},
+        # The setup hook runs in each worker process's main thread: the only place a SIGTERM
+        # handler can be installed (the training function runs in a thread).
+        worker_runtime_env={"env_vars": local_runtime_env_vars(), "worker_process_setup_hook": preemption.SETUP_HOOK},
         callbacks=callbacks or [],
+        logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         **storage.ray_storage_kwargs(cfg.storage.path, cfg.storage),
     )
     return TorchTrainer(
@@ -100,7 +105,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, address: str | None = 
     bundle.val = bundle.val.materialize()
     with ProgressDisplay(cfg.name, quiet=quiet) as display:
         trainer = build_trainer(cfg, datasets={"train": bundle.train, "val": bundle.val}, collate=bundle.collate,
-                                progress_actor=display.actor)
+                                progress_actor=display.actor, data_stats=bundle.stats)
         try:
             result = trainer.fit()
         except Exception as e:  # Ray wraps worker errors; surface the root cause's one line

@@ -21,11 +21,16 @@ import torch.distributed as dist
 
 from e2e_dist.config import RunConfig
 from e2e_dist.train.deepspeed_config import build_deepspeed_config, lr_lambda, resolve_precision
+from e2e_dist.train import preemption
 from e2e_dist.train.faults import maybe_inject_fault
 from e2e_dist.train.flops import peak_flops, train_flops_per_batch
 from e2e_dist.train.metrics import MetricWindow, all_reduce_sum
 
 log = logging.getLogger("e2e_dist.train")
+
+
+class PreemptedError(RuntimeError):
+    """Raised on every rank after the just-in-time checkpoint; Ray Train restarts the group."""
 
 
 class BatchStream:
@@ -128,6 +133,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = build_model(cfg.model, cfg.data)
     # Count FLOPs on the real module before DeepSpeed partitions it (ZeRO-3 hides full params).
     model.to(device)
+    n_params, n_params_non_embedding = model.num_params(), model.num_params(non_embedding=True)
     flops_per_micro = train_flops_per_batch(model, model.example_batch(t.micro_batch_size, device))
     flops_per_step = flops_per_micro * t.grad_accum
     if t.activation_checkpointing:
@@ -135,6 +141,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, fused=on_gpu)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     ds_config = build_deepspeed_config(cfg, world_size=world, on_gpu=on_gpu)
+    if not on_gpu:
+        _skip_cpu_shm_comm()
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
@@ -166,8 +174,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         shutil.rmtree(local_root / "restore", ignore_errors=True)
 
     tracker = Tracker.start(cfg, rank=rank, resume_step=resumed_from,
-                            extra_config={"n_params": model.num_params(), "world_size": world,
-                                          "n_params_non_embedding": model.num_params(non_embedding=True),
+                            extra_config={"n_params": n_params, "world_size": world,
+                                          "n_params_non_embedding": n_params_non_embedding,
                                           "flops_per_step": flops_per_step})
     progress = ProgressSink.connect(loop_config.get("progress_actor"), rank)
 
@@ -176,15 +184,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                **data_pos)
     val_shard = ray.train.get_dataset_shard("val")
     window = MetricWindow(device, flops_per_step, peak_flops(device), world)
-    base_metrics = {"n_params": model.num_params(), "n_params_non_embedding": model.num_params(non_embedding=True),
+    base_metrics = {"n_params": n_params, "n_params_non_embedding": n_params_non_embedding,
                     "flops_per_step": flops_per_step, "precision": resolve_precision(cfg, on_gpu),
-                    "zero_stage": cfg.deepspeed.zero_stage, "world_size": world}
+                    "zero_stage": cfg.deepspeed.zero_stage, "world_size": world, "run_name": cfg.name,
+                    # what the data subset holds (train_tokens, train_bytes, ...): sweeps and
+                    # scaling fits need the real data size of each run
+                    **{k: v for k, v in loop_config.get("data_stats", {}).items() if isinstance(v, (int, float))}}
     last_eval: dict[str, float] = {}
     last: dict[str, float] = {}
     if rank == 0 and resumed_from is not None:
         log.warning("resumed from the committed checkpoint of step %d", resumed_from)
 
-    def save_and_report(step: int, metrics: dict[str, Any], final: bool) -> None:
+    pending: list = []  # the upload still in flight (at most one)
+
+    def save_and_report(step: int, metrics: dict[str, Any], final: bool) -> float:
+        """Checkpoint at `step`; returns the seconds training stood still for it."""
+        t_stall = time.perf_counter()
+        if pending:  # at most one upload in flight: bounded memory, and errors surface here
+            prev = pending.pop()
+            prev.done.wait()
+            if prev.error is not None:
+                raise prev.error
         local = local_root / ckpt.checkpoint_dir_name(step)
         client_state = {"step": step, "data": train_stream.state(), "units_seen": units_seen}
         ckpt.save_engine(engine, local, client_state)
@@ -197,9 +217,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(local)),
                          checkpoint_dir_name=ckpt.checkpoint_dir_name(step), checkpoint_upload_mode=mode,
                          checkpoint_upload_fn=upload, delete_local_checkpoint_after_upload=True)
+        if mode == ray.train.CheckpointUploadMode.ASYNC:
+            pending.append(upload)
+        return time.perf_counter() - t_stall
 
     engine.train()
     step = start_step
+    stall_s = 0.0
     while step < t.max_steps:
         for _ in range(t.grad_accum):
             batch = train_stream.next()
@@ -213,19 +237,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         step += 1
         maybe_inject_fault(loop_config.get("fault"), cfg.name, step, rank)
         is_last = step == t.max_steps
+        preempted = False
         if step % t.log_every == 0 or is_last:
             last = {**window.flush(model.unit_name), "lr": scheduler.get_last_lr()[0], "step": step,
                     f"{model.unit_name}_seen": units_seen, "epoch": train_stream.epoch}
+            if stall_s:
+                last["ckpt_stall_s"] = stall_s
+            # SIGTERM on any rank: everyone checkpoints now (checked once per log interval, so the
+            # hot path has no extra collective).
+            preempted = all_reduce_sum({"p": float(preemption.requested())}, device)["p"] > 0 and not is_last
         do_eval = step % t.eval_every == 0 or is_last
         if do_eval:
             last_eval = evaluate(engine, model, val_shard, t.eval_batches, t.micro_batch_size, collate, device,
                                  rank, world)
             last.update(last_eval)
         if step % t.log_every == 0 or do_eval:
-            tracker.log({k: v for k, v in last.items() if k != "step"}, step=step)
+            tracker.log({k: v for k, v in last.items() if k != "step"}, step=step, commit=True)
             progress.update(step, t.max_steps, last)
+        if preempted:
+            save_and_report(step, {**base_metrics, **last, "preempted": 1}, final=True)
+            tracker.finish(exit_code=1)
+            raise PreemptedError(f"preempted (SIGTERM) at step {step}: checkpoint committed, "
+                                 f"a restart resumes from it")
         if step % t.ckpt_every == 0 and not is_last:
-            save_and_report(step, {**base_metrics, **last}, final=False)
+            stall_s = save_and_report(step, {**base_metrics, **last}, final=False)
         elif do_eval and not is_last:
             ray.train.report({**base_metrics, **last})  # feeds Tune schedulers between checkpoints
 
@@ -236,6 +271,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     progress.update(step, t.max_steps, final, done=True)
     tracker.finish()
     shutil.rmtree(local_root, ignore_errors=True)
+
+
+def _skip_cpu_shm_comm() -> None:
+    """Keep DeepSpeed's CPU collectives on plain gloo.
+
+    Its shared-memory all-reduce op is JIT-built on first use (~25 s on a fresh machine) and its
+    rendezvous between Ray worker processes stalled init by ~60 s here; gloo is what the raw DDP
+    baseline uses too, so CPU comparisons stay like for like.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _quiet_library_logs() -> None:
@@ -251,18 +298,26 @@ def _quiet_library_logs() -> None:
 
 
 def _final_sample(engine, model, rank: int, cfg: RunConfig) -> str:
-    """A short generated text (text models) from rank 0; empty for other modalities."""
+    """A short generated text (text models) from rank 0; empty for other modalities.
+
+    Generation runs on a plain copy of the model: under ZeRO-3 the engine's module fetches its
+    parameter shards with collectives in every forward, which only rank 0 would call here.
+    """
     if not hasattr(model, "generate"):
         return ""
     import deepspeed
 
-    engine.eval()
-    # ZeRO-3 partitions parameters; gathering is collective, so every rank enters the context.
-    params = list(model.parameters())
-    with deepspeed.zero.GatheredParameters(params, enabled=cfg.deepspeed.zero_stage == 3):
-        text = ""
+    from e2e_dist.models.registry import build_model
+
+    # Gathering ZeRO-3 shards is collective, so every rank enters the context.
+    state = None
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=cfg.deepspeed.zero_stage == 3):
         if rank == 0:
-            g = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.trainer.seed)
-            text = model.generate(b"def ", max_new_bytes=160, generator=g).decode("utf-8", errors="replace")
-    engine.train()
-    return "def " + text
+            state = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+    if rank != 0:
+        return ""
+    plain = build_model(cfg.model, cfg.data)
+    plain.load_state_dict(state)
+    plain.eval()
+    g = torch.Generator().manual_seed(cfg.trainer.seed)
+    return "def " + plain.generate(b"def ", max_new_bytes=160, generator=g).decode("utf-8", errors="replace")

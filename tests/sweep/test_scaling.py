@@ -4,6 +4,7 @@ the written report (PNG / JSON / markdown)."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -11,7 +12,12 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize_scalar
 
-from e2e_dist.errors import UserError
+# conftest gives each session a fresh HOME; keep matplotlib's font cache in the repo's ignored .cache
+# so it is built once, not per session (seconds on a loaded 2-core machine).
+os.environ.setdefault("MPLCONFIGDIR", str(Path(__file__).resolve().parents[2] / ".cache" / "matplotlib"))
+
+from e2e_dist import storage  # noqa: E402
+from e2e_dist.errors import UserError  # noqa: E402
 from e2e_dist.sweep.scaling import (
     ScalingError,
     compute_optimal,
@@ -147,7 +153,7 @@ def test_report_writes_png_json_md_next_to_results(tmp_path: Path) -> None:
     png = (sweep / "scaling_fit.png").read_bytes()
     w, h = png_size(png)
     assert w > 800 and h > 400 and len(png) > 20_000  # two panels with points and curves, not a blank
-    assert report["png"] == report["png_local"] == str(sweep / "scaling_fit.png")
+    assert report["png"] == str(sweep / "scaling_fit.png") and report["png_local"] == str(sweep.resolve() / "scaling_fit.png")
     saved = json.loads((sweep / "scaling_fit.json").read_text())
     assert saved["params"] == pytest.approx(report["params"]) and len(saved["points"]) == 16
     assert saved["optimal"]["budget"] == 1e18 and saved["optimal"]["n_opt"] > 0
@@ -200,3 +206,17 @@ def test_results_missing_fields_and_files(tmp_path: Path) -> None:
     only_failed = [r for r in grid_rows(k=3) if r["status"] != "completed"]
     with pytest.raises(ScalingError, match="no completed trials among 2"):
         fit_points(load_results(str(write_results(tmp_path / "f", only_failed))))
+
+
+def test_report_from_and_to_s3(s3_bucket: str) -> None:
+    """Results in a bucket (moto over HTTP, endpoint from AWS_ENDPOINT_URL): the report lands next to them."""
+    sweep = f"{s3_bucket}/runs/g"
+    storage.write_text(f"{sweep}/results.jsonl", "".join(json.dumps(r) + "\n" for r in grid_rows()))
+    report = scaling_report(sweep, n_boot=10)
+    assert report["png"] == f"{sweep}/scaling_fit.png" and report["n_points"] == 16
+    stored = storage.read_bytes(report["png"])
+    assert stored == Path(report["png_local"]).read_bytes() and png_size(stored)[0] > 800
+    assert json.loads(storage.read_text(report["json"]))["params"] == pytest.approx(report["params"])
+    assert "| alpha |" in storage.read_text(report["md"])
+    with pytest.raises(ScalingError, match=f"results not found: {s3_bucket}/nope/results.jsonl"):
+        load_results(f"{s3_bucket}/nope")

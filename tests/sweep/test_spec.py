@@ -6,10 +6,11 @@ import re
 from pathlib import Path
 
 import pytest
-from ray import tune
+from ray import cloudpickle, tune
 from ray.tune.search.sample import Categorical, Float, Integer
 from ray.tune.search.variant_generator import generate_variants
 
+from e2e_dist.data.text import plan_splits, stdlib_files
 from e2e_dist.errors import ConfigError
 from e2e_dist.models.gpt import ByteGPT
 from e2e_dist.sweep.spec import POINT_KEY, flatten_params, load_sweep
@@ -17,6 +18,11 @@ from e2e_dist.sweep.spec import POINT_KEY, flatten_params, load_sweep
 ROOT = Path(__file__).resolve().parents[2]
 TUNE = ROOT / "tune_configs"
 SHIPPED = {"arch_sweep": 12, "data_ablation": 5, "scaling_grid": 9}
+
+
+def tokens_seen(cfg) -> int:
+    t = cfg.trainer
+    return t.max_steps * t.micro_batch_size * t.grad_accum * t.num_workers * cfg.data.seq_len
 
 
 def write(tmp_path: Path, text: str, name: str = "sweep.yaml") -> Path:
@@ -56,6 +62,13 @@ def test_shipped_arch_sweep_uses_asha_and_data_ablation_fractions() -> None:
     assert sorted(c.data.fraction for c in cfgs) == [1 / 16, 1 / 8, 1 / 4, 1 / 2, 1]
     assert len({c.model.model_dump_json() for c in cfgs}) == 1  # one architecture
     assert all(c.data.max_bytes is None for c in cfgs)  # nothing but the fraction limits the data
+    # With the real text planner on this machine's stdlib: subsets grow with the fraction, and every
+    # trial's steps cover its whole subset (else the big fractions would not differ at all).
+    files = stdlib_files()
+    subset = [plan_splits(files, c.data, "stdlib")[0] for c in sorted(cfgs, key=lambda c: c.data.fraction)]
+    tokens = [p.windows * p.seq_len for p in subset]
+    assert tokens == sorted(set(tokens)) and tokens[-1] > 12 * tokens[0]
+    assert all(tokens_seen(c) >= 0.9 * tokens[-1] for c in cfgs)
 
 
 def test_scaling_grid_points_are_spaced_by_compute_budget() -> None:
@@ -65,18 +78,19 @@ def test_scaling_grid_points_are_spaced_by_compute_budget() -> None:
     for _, cfg in spec.trial_configs():
         m, t = cfg.model, cfg.trainer
         n = ByteGPT(m.n_layer, m.n_head, m.d_model, m.max_seq_len).num_params(non_embedding=True)
-        d = t.max_steps * t.micro_batch_size * t.grad_accum * t.num_workers * cfg.data.seq_len
+        d = tokens_seen(cfg)
         c = 6 * n * d
         near = [b for b in budgets if abs(c / b - 1) < 0.05]
         assert near, f"{cfg.name}: C = {c:.3g} is not within 5% of a budget"
         budgets[near[0]] += 1
         sizes.add(n)
-        assert d <= cfg.data.max_bytes  # each token is seen once: D counts distinct data
+        train = plan_splits(stdlib_files(), cfg.data, "stdlib")[0]
+        assert d <= train.windows * train.seq_len  # no token is seen twice: D counts distinct data
     assert list(budgets.values()) == [3, 3, 3] and len(sizes) >= 3
 
 
 def test_set_overrides_reach_every_trial() -> None:
-    spec = load_sweep(TUNE / "arch_sweep.yaml", ["trainer.max_steps=3", "data.max_bytes=20000",
+    spec = load_sweep(TUNE / "arch_sweep.yaml", ["trainer.max_steps=3", "base.data.max_bytes=20000",
                                                   "max_concurrent_trials=1", "scheduler.max_t=3",
                                                   "scheduler.grace_period=1", "storage.path=/tmp/x",
                                                   "search_space.model.n_layer={grid: [1]}"])
@@ -84,6 +98,14 @@ def test_set_overrides_reach_every_trial() -> None:
     assert len(trials) == 4 and spec.max_concurrent_trials == 1
     assert all(c.trainer.max_steps == 3 and c.data.max_bytes == 20000 and c.model.n_layer == 1 for _, c in trials)
     assert trials[0][1].run_uri.startswith("/tmp/x/arch-sweep/")
+    assert load_sweep(TUNE / "arch_sweep.yaml", ["overrides.trainer.lr=0.02"]).trial_configs()[0][1].trainer.lr == 0.02
+
+
+def test_spec_travels_to_ray_workers() -> None:
+    """The Tuner ships the spec to each trial's driver: it must survive Ray's pickling intact."""
+    spec = load_sweep(TUNE / "scaling_grid.yaml")
+    copy = cloudpickle.loads(cloudpickle.dumps(spec))
+    assert [c.name for _, c in copy.trial_configs()] == [c.name for _, c in spec.trial_configs()]
 
 
 def test_tune_param_space_matches_trial_configs() -> None:

@@ -1,0 +1,197 @@
+"""CLI verbs for clusters and Ray Jobs, registered on the main parser by `e2e_dist.cli`.
+
+    e2e-dist cluster validate FILE [FILE ...]
+    e2e-dist cluster local [--nodes N | --autoscale] [--num-cpus N] ...
+    e2e-dist submit [--address URL] [--follow] [--working-dir .] -- e2e-dist train|sweep ...
+    e2e-dist jobs status|logs|stop|list [--address URL] [JOB_ID]
+
+Each verb sets `func=<callable(args) -> int>`. Ray is imported inside the functions only, so
+`e2e-dist --help` stays fast. Bad input raises `UserError` subclasses (one line; the CLI exits 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from typing import Any
+
+from e2e_dist.errors import UserError
+
+_ADDRESS_HELP = ("Ray dashboard / Jobs API URL (default: $RAY_API_SERVER_ADDRESS, or $RAY_ADDRESS if it is an "
+                 "http URL, else http://127.0.0.1:8265 where `ray dashboard ray-cluster.yaml` forwards the head's)")
+
+
+def register(subparsers: Any) -> None:
+    """Add `cluster`, `submit` and `jobs` to the main CLI's subparsers."""
+    _register_cluster(subparsers)
+    _register_submit(subparsers)
+    _register_jobs(subparsers)
+
+
+# -------------------------------------------------------------------------------- cluster
+def _register_cluster(subparsers: Any) -> None:
+    cluster = subparsers.add_parser("cluster", help="validate cluster yamls; run a local multi-node Ray cluster")
+    verbs = cluster.add_subparsers(dest="cluster_verb", metavar="{validate,local}")
+    verbs.required = True
+
+    v = verbs.add_parser("validate", help="check cluster yamls offline (Ray's schema + checks Ray misses)")
+    v.add_argument("files", nargs="+", metavar="FILE", help="ray-cluster.yaml, cluster/*.yaml, KubeRay manifests")
+    v.set_defaults(func=cmd_cluster_validate)
+
+    loc = verbs.add_parser("local", help="start a local multi-node Ray cluster on 127.0.0.1 (Ctrl-C stops it)")
+    mode = loc.add_mutually_exclusive_group()
+    mode.add_argument("--nodes", type=int, default=1, help="worker nodes besides the head (default 1)")
+    mode.add_argument("--autoscale", action="store_true",
+                      help="the fake autoscaling cluster of cluster/local-autoscale.yaml instead")
+    loc.add_argument("--num-cpus", type=int, default=1, help="CPUs per worker node (default 1)")
+    loc.add_argument("--head-cpus", type=int, default=None, help="CPUs of the head (default: --num-cpus)")
+    loc.add_argument("--config", default=None, help="autoscaling yaml for --autoscale (default cluster/local-autoscale.yaml)")
+    loc.add_argument("--idle-timeout-minutes", type=float, default=None, help="--autoscale: override idle timeout")
+    loc.add_argument("--auth", choices=("token", "disabled"), default="token",
+                     help="Ray token auth (default token; clients then need RAY_AUTH_MODE=token)")
+    loc.add_argument("--home", default=None, help="HOME of the Ray processes (auth token, caches); default yours")
+    loc.add_argument("--object-store-mb", type=int, default=256, help="object store per node in MiB (default 256)")
+    loc.set_defaults(func=cmd_cluster_local)
+
+
+def cmd_cluster_validate(args: argparse.Namespace) -> int:
+    from e2e_dist.cluster.validate import validate_cluster_file
+
+    bad = 0
+    for path in args.files:
+        problems = validate_cluster_file(path)  # unreadable files raise a one-line UserError
+        if problems:
+            bad += 1
+            for p in problems:
+                print(f"{path}: {p}", file=sys.stderr)
+        else:
+            print(f"{path}: ok")
+    return 2 if bad else 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_cluster_local(args: argparse.Namespace) -> int:
+    from e2e_dist.cluster.local import LocalCluster
+
+    if args.nodes < 0 or args.num_cpus < 0:
+        raise UserError(f"--nodes {args.nodes} / --num-cpus {args.num_cpus}: must be >= 0")
+    cluster = LocalCluster(
+        nodes=args.nodes, num_cpus_per_node=args.num_cpus, head_num_cpus=args.head_cpus,
+        autoscale=args.autoscale, autoscaling_config=args.config,
+        idle_timeout_minutes=args.idle_timeout_minutes, auth_mode=args.auth, home=args.home,
+        object_store_memory=args.object_store_mb * 2**20,
+    )
+    # SIGTERM (e.g. from a CI runner) stops the cluster like Ctrl-C does; SIGINT explicitly too,
+    # since a shell's background job starts with SIGINT ignored.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        cluster.start()
+        print(cluster.describe())
+        if args.auth == "token":
+            print("  clients           : export RAY_AUTH_MODE=token (the token is in ~/.ray/auth_token)")
+        print("Ctrl-C stops every process this command started (and nothing else).", flush=True)
+        while True:
+            time.sleep(1)
+            dead = [n.name for n in cluster.nodes if n.popen.poll() is not None]
+            if dead:
+                print(f"ray node(s) {', '.join(dead)} exited; stopping the cluster (logs in {cluster.base_dir})",
+                      file=sys.stderr)
+                return 1
+    except KeyboardInterrupt:
+        print("stopping ...", file=sys.stderr)
+        return 0
+    finally:
+        cluster.stop()
+
+
+# --------------------------------------------------------------------------------- submit
+def _register_submit(subparsers: Any) -> None:
+    s = subparsers.add_parser(
+        "submit", help="submit `e2e-dist train|sweep ...` to a Ray cluster as a Ray job",
+        description="Submit a command as a Ray job (Ray Jobs SDK). Everything after `--` is the command, e.g. "
+                    "`e2e-dist submit --follow -- e2e-dist train tiny-text --set trainer.use_gpu=true`. "
+                    "W&B / AWS / E2E_DIST_* variables set here are passed to the job (values never printed).")
+    s.add_argument("--address", default=None, help=_ADDRESS_HELP)
+    s.add_argument("--follow", action="store_true", help="stream the logs until the job ends; exit 1 unless it succeeded")
+    s.add_argument("--working-dir", default=".", help="directory uploaded as the job's working dir (default .)")
+    s.add_argument("--no-working-dir", action="store_true", help="upload nothing (the cluster has the code)")
+    s.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra env var for the job")
+    s.add_argument("--submission-id", default=None, help="job id to use (default: Ray picks one)")
+    s.add_argument("--timeout", type=float, default=None, help="--follow: stop waiting after this many seconds")
+    s.add_argument("command", nargs=argparse.REMAINDER, help="-- e2e-dist train|sweep ...")
+    s.set_defaults(func=cmd_submit)
+
+
+def _parse_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise UserError(f"--env {pair.split('=')[0]!r}: expected NAME=VALUE")
+        env[name.strip()] = value
+    return env
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from e2e_dist.cluster import jobs
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise UserError("submit: no command; put it after `--`, e.g. `e2e-dist submit -- e2e-dist train tiny-text`")
+    job_id = jobs.submit(command, address=args.address,
+                         working_dir=None if args.no_working_dir else args.working_dir,
+                         env_vars=_parse_env(args.env), submission_id=args.submission_id)
+    if not args.follow:
+        print(f"follow it: e2e-dist jobs logs --follow {job_id}   stop it: e2e-dist jobs stop {job_id}")
+        return 0
+    state = jobs.follow(job_id, args.address, timeout_s=args.timeout)
+    print(f"job {job_id}: {state}")
+    return jobs.exit_code(state)
+
+
+# ----------------------------------------------------------------------------------- jobs
+def _register_jobs(subparsers: Any) -> None:
+    j = subparsers.add_parser("jobs", help="status / logs / stop / list of Ray jobs")
+    verbs = j.add_subparsers(dest="jobs_verb", metavar="{status,logs,stop,list}")
+    verbs.required = True
+    for name, helptext in (("status", "a job's status"), ("logs", "a job's logs"), ("stop", "stop a job")):
+        p = verbs.add_parser(name, help=helptext)
+        p.add_argument("job_id", metavar="JOB_ID")
+        p.add_argument("--address", default=None, help=_ADDRESS_HELP)
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="stream until the job ends")
+        if name == "stop":
+            p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for it to stop (default 60)")
+        p.set_defaults(func=cmd_jobs)
+    p = verbs.add_parser("list", help="all jobs of the cluster")
+    p.add_argument("--address", default=None, help=_ADDRESS_HELP)
+    p.set_defaults(func=cmd_jobs)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from e2e_dist.cluster import jobs
+
+    verb = args.jobs_verb
+    if verb == "list":
+        jobs.print_summaries(jobs.list_jobs(args.address))
+        return 0
+    if verb == "status":
+        info = jobs.status(args.job_id, args.address)
+        jobs.print_summaries([info])
+        return 0
+    if verb == "logs":
+        if args.follow:
+            return jobs.exit_code(jobs.follow(args.job_id, args.address))
+        sys.stdout.write(jobs.logs(args.job_id, args.address))
+        return 0
+    state = jobs.stop(args.job_id, args.address, wait_s=args.wait)
+    print(f"job {args.job_id}: {state}")
+    return 0 if state in jobs.TERMINAL else 1

@@ -1,0 +1,140 @@
+"""A ResNet-style CNN: raw pixels in, class logits out, trained with cross-entropy.
+
+stem (conv3: one 3x3 conv; conv7: 7x7 stride-2 conv + 3x3 max-pool) -> stages of basic residual
+blocks (two 3x3 convs; the first block of every stage after the first halves the resolution and a
+1x1 conv matches the shortcut) -> global average pool -> linear head.
+
+Batch: {"pixels": float (B, C, H, W) already normalized by the data pipeline, "labels": long (B,)}.
+No in-place ops anywhere (DeepSpeed's hooks and activation checkpointing both see every tensor);
+inputs are cast to the parameters' dtype so the same module runs under fp32 and bf16 engines.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from e2e_dist.models.base import Batch, E2EModel
+from e2e_dist.models.registry import register_model
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm computed in fp32 whatever dtype the engine runs in.
+
+    Under a bf16 DeepSpeed engine the weights are bf16 while the running statistics stay fp32,
+    and CPU kernels refuse that mix; bf16 running statistics would also lose the small momentum
+    updates. So normalize in fp32 and hand back the input's dtype.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.running_mean is not None and self.running_mean.dtype != torch.float32:
+            # Someone cast the buffers (module.to(bf16)): swap them for fp32 copies once.
+            self.running_mean, self.running_var = self.running_mean.float(), self.running_var.float()
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)  # a buffer, not a parameter: DeepSpeed never shards it
+        y = F.batch_norm(x.float(), self.running_mean, self.running_var, self.weight.float(), self.bias.float(),
+                         training=self.training or self.running_mean is None, momentum=self.momentum, eps=self.eps)
+        return y.to(x.dtype)
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus shortcut, then ReLU (He et al., 2016)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
+        self.bn2 = BatchNorm2d(c_out)
+        # Zero-init the last BN's scale: every block starts as (ReLU of) its shortcut, which lets
+        # deep stacks train from step one at a high learning rate (Goyal et al., 2017).
+        nn.init.zeros_(self.bn2.weight)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return F.relu(y + self.shortcut(x))
+
+
+class ResNet(E2EModel):
+    input_kind = "pixels"
+    unit_name = "samples"
+
+    def __init__(self, widths: list[int], blocks_per_stage: int = 1, stem: str = "conv3", in_channels: int = 1,
+                 num_classes: int = 10, image_size: int = 32):
+        super().__init__()
+        if not widths:
+            raise ValueError("widths must name at least one stage")
+        self.in_channels, self.num_classes = in_channels, num_classes
+        self.image_size = image_size  # example batches (FLOP counting) use the data's image size
+        w0 = widths[0]
+        if stem == "conv7":
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, w0, 7, stride=2, padding=3, bias=False),
+                                      BatchNorm2d(w0), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1))
+        elif stem == "conv3":
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, w0, 3, stride=1, padding=1, bias=False),
+                                      BatchNorm2d(w0), nn.ReLU())
+        else:
+            raise ValueError(f"unknown stem {stem!r} (conv3, conv7)")
+        blocks, c_in = [], w0
+        for i, w in enumerate(widths):
+            for j in range(blocks_per_stage):
+                blocks.append(BasicBlock(c_in, w, stride=2 if (i > 0 and j == 0) else 1))
+                c_in = w
+        self.blocks_ = nn.ModuleList(blocks)
+        self.head = nn.Linear(c_in, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) normalized pixels -> (B, num_classes) logits."""
+        x = pixels.to(self.head.weight.dtype)
+        x = self.stem(x)
+        for block in self.blocks_:
+            x = block(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(self.logits(batch["pixels"]).float(), batch["labels"])
+
+    def eval_sums(self, batch: Batch) -> dict[str, torch.Tensor]:
+        logits = self.logits(batch["pixels"]).float()
+        labels = batch["labels"]
+        loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+        correct = (logits.argmax(dim=-1) == labels).sum().to(loss_sum.dtype)
+        count = torch.tensor(float(labels.numel()), device=loss_sum.device)
+        return {"loss_sum": loss_sum.detach(), "correct": correct, "count": count}
+
+    def eval_sum_keys(self) -> list[str]:
+        return ["loss_sum", "correct", "count"]
+
+    def summarize_eval(self, sums: dict[str, float]) -> dict[str, float]:
+        n = max(sums["count"], 1.0)
+        return {"val_loss": sums["loss_sum"] / n, "val_acc": sums["correct"] / n}
+
+    def units_in(self, batch: Batch) -> int:
+        return int(batch["pixels"].shape[0])
+
+    def example_batch(self, batch_size: int, device: torch.device | str = "cpu") -> Batch:
+        s = self.image_size
+        return {"pixels": torch.randn(batch_size, self.in_channels, s, s, device=device),
+                "labels": torch.randint(0, self.num_classes, (batch_size,), device=device)}
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.blocks_)
+
+    @torch.no_grad()
+    def predict(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Class index per image (B,)."""
+        return self.logits(pixels).argmax(dim=-1)
+
+
+@register_model("resnet")
+def build_resnet(cfg, data_cfg=None) -> ResNet:
+    return ResNet(list(cfg.widths), cfg.blocks_per_stage, cfg.stem, cfg.in_channels, cfg.num_classes,
+                  image_size=data_cfg.image_size if data_cfg is not None else 32)

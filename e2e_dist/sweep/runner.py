@@ -1,0 +1,322 @@
+"""`e2e-dist sweep` and `e2e-dist scaling`: a Ray Tune Tuner whose trials are our DeepSpeed runs.
+
+Each Tune trial runs `trial_driver`, a function that builds the trial's RunConfig, its datasets and
+a TorchTrainer (the same `build_trainer` as `e2e-dist train`) and fits it. Why a function and not
+`Tuner(trainer, param_space={"train_loop_config": ...})`: that form fails under Ray Train V2
+("Improper 'run'"). Train reports reach Tune through `TuneReportCallback`; the driver holds
+`driver_cpus` (0.01 by default: Ray refuses 0) and the Train workers hold the rest, so two trials
+of one 0.99-CPU worker each fit a 2-CPU machine.
+
+Layout of a sweep at `<storage.path>/<name>/`:
+    sweep.json       the validated sweep (a resume must match it)
+    results.jsonl    one row per finished trial (schema: e2e_dist/sweep/scaling.py)
+    _tune/           Tune's experiment state (what `--resume` restores) and per-trial result logs
+    <trial name>/    each trial's run dir: checkpoints, config.yaml, W&B files (local storage)
+
+A trial's W&B run id derives from its unique run name and its place, so no two trials share a
+run (unlike ray#28919 / ray#33084, where reused actors or a shared W&B process mixed trials).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from e2e_dist import storage
+from e2e_dist.config import RunConfig, dump_yaml, redact
+from e2e_dist.errors import ConfigError, UserError
+from e2e_dist.sweep.spec import SweepSpec, flatten_params, load_sweep
+from e2e_dist.sweep.table import SweepBook, SweepCallback, register_book, trial_index
+
+TUNE_DIR = "_tune"
+SPEC_FILE = "sweep.json"
+WORKER_START_TIMEOUT_S = "900"
+"""Train worker groups of a sweep wait for CPUs that other trials still hold (Ray's default is 60 s)."""
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """The sweep stopped before every trial finished (Ctrl+C): finished rows are written."""
+
+    def __init__(self, rows: list[dict[str, Any]], unfinished: list[str]) -> None:
+        super().__init__(f"{len(unfinished)} trial(s) unfinished")
+        self.rows, self.unfinished = rows, unfinished
+
+
+# ------------------------------------------------------------------------------ the trial driver
+def trial_run_config(spec: SweepSpec, params: dict[str, Any], trial_id: str) -> RunConfig:
+    """The RunConfig of one Tune trial: `spec.run_config_for` plus the swept values as W&B tags
+    (they are in the W&B config too, under their sections; tags make them visible in run lists)."""
+    cfg = spec.run_config_for(params, index=trial_index(spec, trial_id))
+    tags = [f"{k.rsplit('.', 1)[-1]}={v:.4g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+            for k, v in flatten_params(params).items()]
+    cfg.tracking.tags = list(dict.fromkeys([*cfg.tracking.tags, *(t[:64] for t in tags)]))
+    return cfg
+
+
+def trial_driver(config: dict[str, Any], spec: SweepSpec) -> None:
+    """One Tune trial: build and fit this trial's TorchTrainer (runs in the trial's actor)."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from e2e_dist.data.registry import build_data
+    from e2e_dist.train.launcher import build_trainer
+
+    cfg = trial_run_config(spec, config, tune.get_context().get_trial_id())
+    # Train V2 passes this on to the controller it starts (ENV_VARS_TO_PROPAGATE).
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", WORKER_START_TIMEOUT_S)
+    _pin_cluster_address()
+    storage.write_text(storage.join(cfg.run_uri, "config.yaml"), dump_yaml(cfg), cfg.storage)
+    bundle = build_data(cfg.data, cfg.model, cfg.storage)
+    bundle.val = bundle.val.materialize()  # read at every evaluation: once into the object store
+    trainer = build_trainer(cfg, datasets={"train": bundle.train, "val": bundle.val}, collate=bundle.collate,
+                            callbacks=[TuneReportCallback()], data_stats=bundle.stats)
+    try:
+        trainer.fit()
+    except Exception as e:  # Ray wraps worker errors: the trial's error file ends with the root cause
+        raise RuntimeError(f"trial {cfg.name} failed: {_root_cause(e)}") from e
+
+
+def _pin_cluster_address() -> None:
+    """Let this trial's Train controller and its placement-group cleaner find *this* Ray cluster.
+
+    When the scheduler stops a trial, Tune ends the trial's actor and with it the Train controller
+    it owns, ungracefully; the worker placement group (scoped to the job, not the controller) is then
+    freed only by Train's detached PlacementGroupCleaner, which asks the state API whether the
+    controller is alive. Without RAY_ADDRESS that API auto-detects the cluster and fails when the
+    machine runs several Ray instances ("Found multiple active Ray instances", seen with ray 2.60):
+    the group leaks its CPUs and the sweep deadlocks once leaks fill the machine. Train V2 copies the
+    variables in its ENV_VARS_TO_PROPAGATE from here to the controller, whose children (the
+    cleaner) inherit its runtime env.
+    """
+    import ray
+    from ray.train.v2._internal import constants as train_constants
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    train_constants.ENV_VARS_TO_PROPAGATE.add("RAY_ADDRESS")
+
+
+def _root_cause(e: BaseException) -> str:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"[:300]
+
+
+# ---------------------------------------------------------------------------------- the Tuner
+def _tune_location(spec: SweepSpec) -> tuple[str, Any]:
+    """(experiment path as Tune takes it, pyarrow filesystem or None) of `<sweep>/_tune`."""
+    kwargs = storage.ray_storage_kwargs(spec.sweep_uri, spec.base_config.storage)
+    return kwargs["storage_path"].rstrip("/") + "/" + TUNE_DIR, kwargs.get("storage_filesystem")
+
+
+def _scheduler(spec: SweepSpec):
+    s = spec.scheduler
+    if s.type == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    # stop_last_trials=False: a trial that reaches max_t is not cut at its last report; every
+    # trial that ASHA does not stop runs to trainer.max_steps (its final checkpoint and W&B finish).
+    return ASHAScheduler(time_attr=s.time_attr, max_t=s.max_t, grace_period=s.grace_period,
+                         reduction_factor=s.reduction_factor, stop_last_trials=False)
+
+
+def _trial_namer(spec: SweepSpec):
+    def name(trial) -> str:  # Tune's trial name and folder: our run name (short, unique)
+        return spec.run_config_for(dict(trial.config), index=trial_index(spec, trial.trial_id)).name
+
+    return name
+
+
+def _trainable(spec: SweepSpec):
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(trial_driver, spec=spec),
+                               {"cpu": spec.resources_per_trial.driver_cpus})
+
+
+def build_tuner(spec: SweepSpec, *, resume: bool, callback_key: str):
+    """A new Tuner for the sweep, or the interrupted one restored from `<sweep>/_tune`."""
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    path, fs = _tune_location(spec)
+    if resume:
+        # Finished trials stay finished; interrupted and errored ones run again, and their loop
+        # continues from the newest committed checkpoint of their run dir.
+        return tune.Tuner.restore(path, _trainable(spec), resume_unfinished=True, resume_errored=True,
+                                  restart_errored=False, param_space=spec.tune_param_space(),
+                                  storage_filesystem=fs)
+    namer = _trial_namer(spec)
+    tune_config = tune.TuneConfig(
+        metric=spec.metric, mode=spec.mode, scheduler=_scheduler(spec), num_samples=spec.num_samples,
+        search_alg=BasicVariantGenerator(max_concurrent=spec.max_concurrent_trials or 0, random_state=spec.seed),
+        reuse_actors=False,  # a fresh actor per trial: no W&B or Train state leaks between trials
+        trial_name_creator=namer, trial_dirname_creator=namer)
+    run_config = tune.RunConfig(
+        name=TUNE_DIR, storage_path=path.rsplit("/", 1)[0], storage_filesystem=fs,
+        callbacks=[SweepCallback(callback_key)], verbose=0,  # our table replaces Tune's console output
+        failure_config=tune.FailureConfig(max_failures=0))
+    return tune.Tuner(_trainable(spec), param_space=spec.tune_param_space(), tune_config=tune_config,
+                      run_config=run_config)
+
+
+# ------------------------------------------------------------------------------ state on disk
+def _spec_record(spec: SweepSpec) -> dict[str, Any]:
+    """What a resume must find unchanged: the sweep fields and the resolved base config."""
+    return redact({"sweep": spec.model_dump(mode="json", exclude={"storage"}),
+                   "base": json.loads(json.dumps(spec._base_data, default=str))})
+
+
+def prepare_sweep_dir(spec: SweepSpec, *, resume: bool) -> None:
+    """Refuse to clobber a sweep, to resume one that never started, or to resume a changed one."""
+    cfg = spec.base_config.storage
+    storage.check_access(spec.sweep_uri, cfg)
+    started = storage.exists(storage.join(spec.sweep_uri, TUNE_DIR, "tuner.pkl"), cfg)
+    spec_uri = storage.join(spec.sweep_uri, SPEC_FILE)
+    if resume and not started:
+        raise UserError(f"--resume: no sweep state under {redact(spec.sweep_uri)}/{TUNE_DIR} (start it without --resume)")
+    if not resume and (started or storage.exists(spec.results_uri, cfg)):
+        raise UserError(f"sweep {spec.name!r} already exists at {redact(spec.sweep_uri)}: pass --resume to continue "
+                        f"it, or --set name=<new name>")
+    record = _spec_record(spec)
+    if resume and storage.exists(spec_uri, cfg):
+        before = json.loads(storage.read_text(spec_uri, cfg))
+        if (diff := _first_difference(before, record)) is not None:
+            raise ConfigError(f"--resume: the sweep changed since it started ({diff}); "
+                              f"run the changed sweep under a new name (--set name=...)")
+    if not resume:
+        storage.write_text(spec_uri, json.dumps(record, indent=1, sort_keys=True), cfg)
+
+
+def _first_difference(a: Any, b: Any, where: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if (d := _first_difference(a.get(k), b.get(k), f"{where}.{k}" if where else str(k))) is not None:
+                return d
+        return None
+    return None if a == b else f"{where}: {a!r} -> {b!r}"
+
+
+# ------------------------------------------------------------------------------------- run
+def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = None,
+              live: bool | None = None, out=None) -> list[dict[str, Any]]:
+    """Run (or `resume`) a sweep to the end; return the rows written to results.jsonl.
+
+    Shows a live table of trials (a TTY; one line per event otherwise) and a final table sorted
+    by the target metric. Raises SweepInterrupted (a KeyboardInterrupt) after Ctrl+C, once the
+    finished trials' rows are written, and UserError on bad input.
+    """
+    from e2e_dist.train.ray_env import init_ray
+
+    spec = spec.with_absolute_paths()
+    prepare_sweep_dir(spec, resume=resume)
+    # Tune passes these on to every trial's actor (class_cache.ENV_VARS_TO_PROPAGATE): the driver
+    # keeps the command's working directory, and worker groups may wait for a finishing trial's CPUs.
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", WORKER_START_TIMEOUT_S)
+    # The loop reports between evaluations too (checkpoints); those reports lack val_loss, which
+    # ASHA skips but Tune's strict check would turn into an error.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    os.environ.setdefault("TUNE_RESULT_BUFFER_LENGTH", "1")  # results reach ASHA as they come
+    init_ray(address)  # keeps the dashboard on: Train V2 frees finished trials' placement groups through it
+
+    out = out or sys.stdout
+    book = SweepBook(spec, live=live, out=out)
+    key = spec.sweep_uri
+    register_book(key, book)
+    try:
+        tuner = build_tuner(spec, resume=resume, callback_key=key)
+        print(f"sweep {spec.name}: {spec.num_trials()} trial(s), results in {redact(spec.sweep_uri)}"
+              + (" (resumed)" if resume else ""), file=out, flush=True)
+        tuner.fit()
+        if not book.experiment_ended:  # defensive: Tune always calls on_experiment_end
+            raise RuntimeError("Ray Tune returned without ending the experiment")
+        rows = book.write_results()
+    finally:
+        book.stop_live()
+        register_book(key, None)
+    _print_final(book, out)
+    unfinished = [r.name for r in book.unfinished_rows()]
+    if unfinished:
+        raise SweepInterrupted(rows, unfinished)
+    return rows
+
+
+def _print_final(book: SweepBook, out) -> None:
+    from rich.console import Console
+
+    console = Console(file=out, width=max(120, Console(file=out).width))
+    console.print(book.table("final"))
+    console.print(f"results: {redact(book.spec.results_uri)}")
+
+
+# ------------------------------------------------------------------------------------- CLI
+def run_sweep_cli(args) -> int:
+    """`e2e-dist sweep FILE [--set k=v ...] [--resume] [--address A]`: 0 when every trial finished
+    without error, 1 when some failed, 130 when interrupted (finished rows are written)."""
+    spec = load_sweep(args.sweep_file, args.overrides)
+    try:
+        rows = run_sweep(spec, resume=args.resume, address=args.address)
+    except SweepInterrupted as e:
+        overrides = " ".join(f"--set {o!r}" for o in args.overrides)
+        print(f"sweep interrupted: {len(e.rows)} trial(s) finished, {len(e.unfinished)} unfinished. Continue with:\n"
+              f"  e2e-dist sweep {args.sweep_file} {overrides + ' ' if overrides else ''}--resume", file=sys.stderr)
+        return 130
+    failed = [r["trial"] for r in rows if r["status"] == "error"]
+    if failed:
+        print(f"{len(failed)} trial(s) failed: {', '.join(failed)} (their errors are in results.jsonl; "
+              f"`--resume` retries them)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def scaling_cli(args) -> int:
+    """`e2e-dist scaling SWEEP_DIR|results.jsonl [--budget C] [--endpoint-url U]`: fit, print, plot,
+    and log the plot to W&B (a `<sweep>-scaling` run in the sweep's group) when tracking is on."""
+    from e2e_dist.config import StorageConfig
+    from e2e_dist.sweep.scaling import scaling_report
+
+    storage_cfg = StorageConfig(path=args.results_uri, endpoint_url=getattr(args, "endpoint_url", None))
+    report = scaling_report(args.results_uri, budget=args.budget, storage_cfg=storage_cfg)
+    print(report["summary"])
+    print(f"plot: {redact(report['png'])}\nsummary: {redact(report['md'])}, {redact(report['json'])}")
+    where = log_scaling_to_wandb(args.results_uri, report, storage_cfg)
+    if where:
+        print(f"W&B: {where}")
+    return 0
+
+
+def log_scaling_to_wandb(results_uri: str, report: dict[str, Any], storage_cfg) -> str | None:
+    """Log the fit (plot in the summary, parameters, intervals) as the W&B run `<sweep>-scaling`,
+    grouped with the sweep's trials and with their tracking settings (from sweep.json). Returns
+    where the run is, or None when the sweep has no sweep.json or tracking is off."""
+    from e2e_dist.config import validate_run_config
+    from e2e_dist.sweep.scaling import results_file
+    from e2e_dist.tracking import Tracker, resolve_mode
+
+    sweep_dir = results_file(results_uri).rsplit("/", 1)[0]
+    spec_uri = storage.join(sweep_dir, SPEC_FILE)
+    if not storage.exists(spec_uri, storage_cfg):
+        return None
+    record = json.loads(storage.read_text(spec_uri, storage_cfg))
+    name = record["sweep"]["name"]
+    base = dict(record["base"])
+    base["name"] = f"{name}-scaling"
+    base["tracking"] = {**(base.get("tracking") or {}), "group": name}
+    base["storage"] = {**(base.get("storage") or {}), "path": sweep_dir}
+    if storage_cfg.endpoint_url:
+        base["storage"]["endpoint_url"] = storage_cfg.endpoint_url
+    cfg = validate_run_config(base, spec_uri)
+    if resolve_mode(cfg) == "disabled":
+        return None
+    fit = {k: report[k] for k in ("formula", "form", "params", "ci", "ci_level", "n_points", "rmse_log", "d_key",
+                                  "metric", "optimal", "note")}
+    tracker = Tracker.start(cfg, rank=0, resume_step=None, extra_config={"scaling": fit})
+    with tracker:
+        tracker.log_image("scaling/fit", report["png_local"])
+        tracker.log_summary({f"scaling/{k}": v for k, v in report["params"].items()}
+                            | {"scaling/n_points": report["n_points"], "scaling/rmse_log": report["rmse_log"]})
+        return tracker.describe()

@@ -1,0 +1,311 @@
+"""The sweep's trials as rows: the live table while Tune runs, results.jsonl, the final sorted table.
+
+A Ray Tune `Callback` (`SweepCallback`) forwards trial events to the `SweepBook` of the running
+sweep. Tune pickles the callbacks into its `tuner.pkl` and, on `Tuner.restore`, runs the unpickled
+copies, not new ones: so the callback holds only a key and looks the live book up in this process
+(`register_book`), and a resumed sweep reports to the book of the resuming process.
+
+A trial's status in results.jsonl (schema: e2e_dist/sweep/scaling.py):
+- `completed`: Tune terminated it after its last report at `trainer.max_steps`;
+- `stopped`: terminated earlier, by the scheduler (ASHA);
+- `error`: it failed (its error's last line is in `error`).
+Trials an interrupt (Ctrl+C) cut short are not finished: they get no row and `--resume` runs them.
+Tune marks such trials TERMINATED while it shuts down (ray 2.60 `_cleanup_trials`) but calls
+`on_trial_complete` only for real ends, which is how the book tells them apart.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.tune import Callback
+
+from e2e_dist import storage
+from e2e_dist.sweep.spec import SweepSpec, flatten_params
+
+TERMINATED, ERROR = "TERMINATED", "ERROR"
+# Keys Tune adds to every result: bookkeeping, not what the trial measured.
+_TUNE_KEYS = {"done", "trial_id", "date", "timestamp", "pid", "hostname", "node_ip", "config", "checkpoint_path",
+              "time_this_iter_s", "time_total_s", "time_since_restore", "iterations_since_restore",
+              "experiment_tag", "should_checkpoint", "checkpoint_dir_name"}
+_KEEP_STR = {"run_name", "precision"}  # other string metrics (the generated sample) stay out of the table
+
+
+def trial_index(spec: SweepSpec, trial_id: str) -> int | None:
+    """The trial's index in its run name: grid sweeps derive it from the point (None here); random
+    sweeps take Tune's trial counter (`<prefix>_00003` -> 3), stable across resumes."""
+    if spec.search == "grid":
+        return None
+    return int(trial_id.rsplit("_", 1)[-1])
+
+
+def clean_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """What the trial reported (numbers and a few labels), without Tune's bookkeeping."""
+    out: dict[str, Any] = {}
+    for key, value in result.items():
+        if key in _TUNE_KEYS:
+            continue
+        if isinstance(value, bool) or (isinstance(value, str) and key not in _KEEP_STR):
+            continue
+        if isinstance(value, (int, float, str)):
+            out[key] = value
+    return out
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    name: str
+    params: dict[str, Any]
+    max_steps: int
+    state: str = "pending"
+    """pending | running | completed | stopped | error | interrupted."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_result(self) -> dict[str, Any]:
+        """One line of results.jsonl."""
+        row: dict[str, Any] = {"trial": self.name, "status": self.state, "params": self.params,
+                               "metrics": self.metrics, "tune_trial_id": self.trial_id}
+        if self.error:
+            row["error"] = self.error
+        return row
+
+
+class SweepBook:
+    """Everything the driver process knows about the sweep's trials; renders and writes them."""
+
+    def __init__(self, spec: SweepSpec, *, live: bool | None = None, out=None) -> None:
+        self.spec = spec
+        self.rows: dict[str, TrialRow] = {}
+        self.started_here: set[str] = set()
+        self.ended_here: set[str] = set()
+        self.experiment_ended = False
+        self.out = out or sys.stdout
+        self.live = self.out.isatty() if live is None else live
+        self._lock = threading.Lock()
+        self._live_view = None
+        self._last_render = 0.0
+
+    # ------------------------------------------------------------------------------ trial events
+    def row(self, trial) -> TrialRow:
+        row = self.rows.get(trial.trial_id)
+        if row is None:
+            params = flatten_params(dict(trial.config))
+            cfg = self.spec.run_config_for(dict(trial.config), index=trial_index(self.spec, trial.trial_id))
+            row = self.rows[trial.trial_id] = TrialRow(trial.trial_id, cfg.name, params, cfg.trainer.max_steps)
+        return row
+
+    def sync(self, trial) -> TrialRow:
+        """Bring a trial's row up to date from Tune's Trial object."""
+        row = self.row(trial)
+        result = trial.last_result or {}
+        if any(k not in _TUNE_KEYS for k in result):
+            # merged: a report between evaluations (a checkpoint) lacks the val metrics of the last one
+            row.metrics = {**row.metrics, **clean_metrics(result)}
+        status = trial.status
+        if trial.trial_id in self.ended_here:
+            pass  # decided when Tune ended it (its status may still read RUNNING then)
+        elif status == ERROR:  # ended in an earlier session of this sweep
+            row.state, row.error = "error", row.error or _error_line(trial)
+        elif status == TERMINATED:
+            # Started here but never ended here: Tune's shutdown after Ctrl+C terminated it.
+            row.state = "interrupted" if trial.trial_id in self.started_here else self._finish_state(row)
+        else:
+            row.state = "running" if status == "RUNNING" else "pending"
+        return row
+
+    @staticmethod
+    def _finish_state(row: TrialRow) -> str:
+        return "completed" if row.metrics.get("step") == row.max_steps else "stopped"
+
+    def on_start(self, trial) -> None:
+        self.started_here.add(trial.trial_id)
+        self.ended_here.discard(trial.trial_id)  # a retried trial runs again
+        self.sync(trial).state = "running"
+        self._say(trial, "started")
+
+    def on_result(self, trial, result: dict[str, Any]) -> None:
+        row = self.row(trial)
+        row.metrics = {**row.metrics, **clean_metrics(result)}
+        row.state = "running"
+        if not self.live:
+            self._say(trial, f"step {row.metrics.get('step', '?')}/{row.max_steps} {_fmt_metrics(row.metrics, self.spec.metric)}")
+
+    def on_end(self, trial, trials, *, error: bool) -> None:
+        """Tune ended the trial: it returned, the scheduler stopped it, or it failed."""
+        row = self.sync(trial)
+        self.ended_here.add(trial.trial_id)
+        if error:
+            row.state, row.error = "error", _error_line(trial)
+        else:
+            row.state = self._finish_state(row)
+        self._say(trial, row.state + (f": {row.error}" if row.error else ""))
+        self.write_results(trials)
+
+    def on_experiment_end(self, trials) -> None:
+        self.experiment_ended = True
+        for t in trials:
+            self.sync(t)
+        self.write_results(trials)
+        self.stop_live()
+
+    # ---------------------------------------------------------------------------------- results
+    def finished_rows(self) -> list[TrialRow]:
+        return sorted((r for r in self.rows.values() if r.state in ("completed", "stopped", "error")),
+                      key=lambda r: r.name)
+
+    def unfinished_rows(self) -> list[TrialRow]:
+        return sorted((r for r in self.rows.values() if r.state not in ("completed", "stopped", "error")),
+                      key=lambda r: r.name)
+
+    def write_results(self, trials=()) -> list[dict[str, Any]]:
+        """(Re)write results.jsonl with every finished trial, in trial-name order."""
+        with self._lock:
+            for t in trials:
+                self.sync(t)
+            rows = [r.to_result() for r in self.finished_rows()]
+            text = "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in rows)
+            storage.write_text(self.spec.results_uri, text, self.spec.base_config.storage)
+        return rows
+
+    # ---------------------------------------------------------------------------------- display
+    def refresh(self) -> None:
+        """Redraw the live table (TTY only), at most once a second."""
+        if not self.live or time.monotonic() - self._last_render < 1.0:
+            return
+        self._last_render = time.monotonic()
+        if self._live_view is None:
+            from rich.console import Console
+            from rich.live import Live
+
+            self._live_view = Live(self.table("live"), console=Console(file=self.out), refresh_per_second=2,
+                                   transient=True)
+            self._live_view.start()
+        else:
+            self._live_view.update(self.table("live"))
+
+    def stop_live(self) -> None:
+        if self._live_view is not None:
+            self._live_view.stop()
+            self._live_view = None
+
+    def _say(self, trial, what: str) -> None:
+        if self.live:
+            self.refresh()
+        else:
+            print(f"[{self.spec.name}] {self.row(trial).name} {what}", file=self.out, flush=True)
+
+    def table(self, title: str = "final"):
+        """A rich Table of the trials: by name while live, by the target metric at the end."""
+        from rich.table import Table
+
+        rows = list(self.rows.values())
+        if title == "live":
+            rows.sort(key=lambda r: r.name)
+        else:
+            sign = 1 if self.spec.mode == "min" else -1
+            rows.sort(key=lambda r: (not isinstance(r.metrics.get(self.spec.metric), (int, float)),
+                                     sign * r.metrics.get(self.spec.metric, 0) if isinstance(
+                                         r.metrics.get(self.spec.metric), (int, float)) else 0, r.name))
+        params = _param_columns(self.rows.values())
+        table = Table(title=f"sweep {self.spec.name}: {_counts(self.rows.values())}"
+                      + ("" if title == "live" else f" (sorted by {self.spec.metric}, {self.spec.mode})"))
+        for col in ["trial", "status", *params.values(), "step", "loss", self.spec.metric, "tokens seen"]:
+            table.add_column(col, justify="left" if col in ("trial", "status") else "right")
+        for r in rows:
+            m = r.metrics
+            table.add_row(r.name, r.state + (f" ({r.error[:40]})" if r.error else ""),
+                          *(_short(r.params.get(k)) for k in params),
+                          f"{m.get('step', '-')}/{r.max_steps}", _num(m.get("loss")), _num(m.get(self.spec.metric)),
+                          _num(m.get("tokens_seen", m.get("samples_seen")), ","))
+        return table
+
+
+class SweepCallback(Callback):
+    """Forwards Tune's trial events to the book registered under `key` in this process."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def _book(self) -> SweepBook | None:
+        return _BOOKS.get(self.key)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if (book := self._book()) is not None:
+            book.on_start(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if (book := self._book()) is not None:
+            book.on_result(trial, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if (book := self._book()) is not None:
+            book.on_end(trial, trials, error=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        if (book := self._book()) is not None:
+            book.on_end(trial, trials, error=True)
+
+    def on_step_end(self, iteration, trials, **info):
+        if (book := self._book()) is not None and book.live:
+            for t in trials:
+                book.sync(t)
+            book.refresh()
+
+    def on_experiment_end(self, trials, **info):
+        if (book := self._book()) is not None:
+            book.on_experiment_end(trials)
+
+
+_BOOKS: dict[str, SweepBook] = {}
+
+
+def register_book(key: str, book: SweepBook | None) -> None:
+    """Make `book` the one `SweepCallback(key)` reports to (None removes it)."""
+    if book is None:
+        _BOOKS.pop(key, None)
+    else:
+        _BOOKS[key] = book
+
+
+# ---------------------------------------------------------------------------------- formatting
+def _error_line(trial) -> str:
+    try:
+        text = trial.get_error() or ""
+    except Exception:  # noqa: BLE001 - a missing error file must not hide the trial's status
+        text = ""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return (lines[-1] if lines else "failed (no error file)")[:300]
+
+
+def _param_columns(rows) -> dict[str, str]:
+    """Swept keys -> column titles: the last part of the dotted key unless two share it."""
+    keys = sorted({k for r in rows for k in r.params})
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
+
+
+def _counts(rows) -> str:
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.state] = counts.get(r.state, 0) + 1
+    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _num(v: Any, fmt: str = ".4f") -> str:
+    return format(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+
+def _fmt_metrics(m: dict[str, Any], metric: str) -> str:
+    keys = ["loss", metric] if metric != "loss" else ["loss"]
+    return " ".join(f"{k}={m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float)))
