@@ -1,52 +1,99 @@
-"""Throughput of the same model and batch five ways, in one run, on one device.
+"""Throughput of the same model and batch several ways, in one run, on one device.
 
     python benchmarks/gpu_mfu.py --shape gpt2-small        # one H100/H200 (bf16)
     python benchmarks/gpu_mfu.py --shape tiny --steps 6    # CPU smoke run (the test suite does this)
 
-Rows: plain PyTorch eager, plain torch.compile, raw DeepSpeed ZeRO-1/2/3 loops (no Ray), and our
-e2e-dist path through Ray Train for ZeRO-2/3. Columns: tokens/s, MFU (FlopCounterMode count /
-known peak), peak memory, ratio to the compile baseline. Every row uses our ByteGPT, the same
-micro-batch and sequence length, torch AdamW (fused on CUDA) and the same precision.
+Rows: plain PyTorch eager, plain torch.compile, raw DeepSpeed ZeRO-1/2/3 loops (no Ray; DeepSpeed as
+usually configured, not compiled), and our e2e-dist path through Ray Train (1 worker) for ZeRO-2/3.
+When our rows compile the model (`trainer.compile`, on by default on GPU), raw DeepSpeed ZeRO-2/3
+rows with `engine.compile()` are added too, so Ray Train's own overhead is measured like for like.
+Columns: tokens/s, MFU (FlopCounterMode count / known peak; achieved GFLOP/s where the peak is
+unknown, e.g. CPU), peak memory, ratio to the compile baseline.
+
+Every row uses our ByteGPT, the same micro-batch and sequence length, torch AdamW (fused on CUDA)
+and the same precision (bf16 on GPU, fp32 on CPU). On CPU every row runs with the same number of
+intra-op threads as a 1-CPU Ray worker gets (1): with more threads than free cores, OpenMP's spin
+waits make tiny models 10-200x slower on a busy machine, which would compare thread contention,
+not the training paths. Step times are means over `--steps` steps after `--warmup` steps; our rows
+run 2x`--steps` steps and report the mean of the second half (the loop's own logging window).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
+import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from e2e_dist.config import load_run_config  # noqa: E402
+from e2e_dist.config import RunConfig, load_run_config  # noqa: E402
 from e2e_dist.models.registry import build_model  # noqa: E402
 from e2e_dist.train.flops import mfu, peak_flops, train_flops_per_batch  # noqa: E402
+from e2e_dist.train.ray_env import LOOPBACK, free_port  # noqa: E402
 
 SHAPES = {
     # GPT-2-small shape with our byte vocabulary (259): 12 layers, width 768, 12 heads, T=1024, batch 32.
-    "gpt2-small": dict(n_layer=12, n_head=12, d_model=768, seq_len=1024, batch=32),
-    "tiny": dict(n_layer=2, n_head=2, d_model=64, seq_len=64, batch=4),
+    "gpt2-small": dict(n_layer=12, n_head=12, d_model=768, seq_len=1024, batch=32, max_files=400,
+                       max_bytes=8_000_000),
+    "tiny": dict(n_layer=2, n_head=2, d_model=64, seq_len=64, batch=4, max_files=40, max_bytes=400_000),
+}
+
+# Row keys (for --rows) and the names the table prints, in table order.
+ROWS = {
+    "eager": "plain eager",
+    "compile": "plain torch.compile",
+    "ds1": "raw DeepSpeed ZeRO-1",
+    "ds2": "raw DeepSpeed ZeRO-2",
+    "ds3": "raw DeepSpeed ZeRO-3",
+    "ds2c": "raw DeepSpeed ZeRO-2 + compile",
+    "ds3c": "raw DeepSpeed ZeRO-3 + compile",
+    "ours2": "e2e-dist Ray Train ZeRO-2",
+    "ours3": "e2e-dist Ray Train ZeRO-3",
 }
 
 
-def run_config(shape: dict, zero: int, steps: int, name: str, storage: str, compile_: bool):
+@dataclass
+class Row:
+    key: str
+    name: str
+    step_s: float | None = None
+    peak_mem_gib: float | None = None
+    compiled: bool = False
+    error: str | None = None
+
+
+def run_config(shape: dict, zero: int, steps: int, name: str, storage: str, compile_: bool) -> RunConfig:
+    """Our run config for one row: 1 worker, `steps` steps, one logging window of the last steps/2."""
+    half = max(steps // 2, 1)
     return load_run_config("tiny-text", [
         f"name={name}", f"storage.path={storage}", "tracking.wandb=false",
         f"model.n_layer={shape['n_layer']}", f"model.n_head={shape['n_head']}", f"model.d_model={shape['d_model']}",
         f"model.max_seq_len={shape['seq_len']}", f"data.seq_len={shape['seq_len']}",
-        f"trainer.micro_batch_size={shape['batch']}", f"trainer.max_steps={steps}", "trainer.num_workers=1",
-        f"trainer.log_every={steps // 2}", f"trainer.eval_every={steps}", "trainer.eval_batches=1",
-        f"trainer.ckpt_every={steps}", f"deepspeed.zero_stage={zero}", f"trainer.compile={str(compile_).lower()}",
-        "data.max_files=200", "data.max_bytes=2000000",
+        f"data.max_files={shape['max_files']}", f"data.max_bytes={shape['max_bytes']}",
+        f"trainer.micro_batch_size={shape['batch']}", f"trainer.max_steps={2 * half}", "trainer.num_workers=1",
+        # One window for warm-up (compile, allocator, Ray Data start), one measured; no eval or
+        # checkpoint inside the measured window (the final ones come after its flush).
+        f"trainer.log_every={half}", f"trainer.eval_every={2 * half}", "trainer.eval_batches=1",
+        f"trainer.ckpt_every={2 * half}", "trainer.warmup_steps=1", f"deepspeed.zero_stage={zero}",
+        f"trainer.compile={str(compile_).lower()}",
     ])
 
 
-def timed(step_fn, steps: int, warmup: int, device) -> float:
-    """Seconds per step after `warmup` steps (synchronized)."""
+def timed(step_fn: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
+    """Mean seconds per step over `steps` steps after `warmup` steps (synchronized on CUDA)."""
     for _ in range(warmup):
         step_fn()
     if device.type == "cuda":
@@ -59,13 +106,15 @@ def timed(step_fn, steps: int, warmup: int, device) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def plain_row(cfg, device, batch, steps, warmup, compiled: bool) -> float:
+def plain_row(cfg: RunConfig, device: torch.device, batch, steps: int, warmup: int, compiled: bool) -> float:
+    torch.manual_seed(0)
     model = build_model(cfg.model, cfg.data).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     fwd = torch.compile(model) if compiled else model
+    # bf16 autocast on GPU (what DeepSpeed's bf16 mode computes in); fp32 on CPU like our CPU default.
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    def step():
+    def step() -> None:
         with amp:
             loss = fwd(batch)
         loss.backward()
@@ -75,57 +124,124 @@ def plain_row(cfg, device, batch, steps, warmup, compiled: bool) -> float:
     return timed(step, steps, warmup, device)
 
 
-def deepspeed_row(cfg, device, batch, steps, warmup) -> float:
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration only: Ray workers started later inherit the
+    driver's environment, and a stray RANK/WORLD_SIZE/MASTER_PORT there would be wrong."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def one_rank_group(device: torch.device) -> Iterator[None]:
+    """A private one-rank process group (nccl on GPU, gloo on CPU) on a free loopback port.
+
+    Reuses an existing one-rank group (a test process may already hold one) and destroys only a
+    group it created, so our Ray Train rows afterwards and the caller's own group are untouched.
+    """
+    import torch.distributed as dist
+
+    port = free_port()
+    env = dict(MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    with _env(**env):
+        if dist.is_initialized():
+            if dist.get_world_size() != 1:
+                raise RuntimeError("gpu_mfu needs a one-rank process group; this process has a bigger one")
+            yield
+            return
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                init_method=f"tcp://{LOOPBACK}:{port}", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+def deepspeed_row(cfg: RunConfig, device: torch.device, batch, steps: int, warmup: int) -> float:
+    """The plain DeepSpeed loop a user would write: our AdamW handed to `deepspeed.initialize`."""
     import deepspeed
 
     from e2e_dist.train.deepspeed_config import build_deepspeed_config
+    from e2e_dist.train.loop import _skip_cpu_shm_comm
 
+    if device.type != "cuda":
+        _skip_cpu_shm_comm()  # what our loop does on CPU: plain gloo collectives, no JIT build
+    torch.manual_seed(0)
     model = build_model(cfg.model, cfg.data).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ds = build_deepspeed_config(cfg, world_size=1, on_gpu=device.type == "cuda")
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds, dist_init_required=False)
     if cfg.trainer.compile:
         engine.compile()
 
-    def step():
+    def step() -> None:
         loss = engine(batch)
         engine.backward(loss)
         engine.step()
 
-    t = timed(step, steps, warmup, device)
-    engine.destroy()
-    return t
+    try:
+        return timed(step, steps, warmup, device)
+    finally:
+        engine.destroy()
 
 
-def ours_row(cfg) -> tuple[float, float | None]:
+def ours_row(cfg: RunConfig) -> tuple[float, float | None]:
+    """Our whole path: run_training -> Ray Train TorchTrainer (1 worker) -> our loop; its own step time."""
     from e2e_dist.train.launcher import run_training
 
     summary = run_training(cfg, quiet=True)
     return summary.metrics["step_time_s"], summary.metrics.get("peak_mem_gb")
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="gpt2-small" if torch.cuda.is_available() else "tiny")
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per row (ours: 2x, half warmup)")
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--compile-ours", action="store_true", help="torch.compile under DeepSpeed in our rows")
-    ap.add_argument("--storage", default=".cache/bench-runs")
-    ap.add_argument("--json", help="also write the table as JSON here")
-    args = ap.parse_args(argv)
+@contextlib.contextmanager
+def ray_session() -> Iterator[None]:
+    """Use the caller's Ray if this process has one; else a private local instance, shut down after."""
+    import ray
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
+    from e2e_dist.train.ray_env import LocalRayOptions, init_ray
+
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    temp_dir = tempfile.mkdtemp(prefix="e2eb-", dir="/tmp")  # short: Ray's socket paths live under it
+    init_ray(None, LocalRayOptions(temp_dir=temp_dir))
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"[:300]
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Run the selected rows; returns the table as a JSON-able dict."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(0)
-        torch.backends.cuda.matmul.allow_tf32 = True
+    compile_ours = {"on": True, "off": False, "auto": device.type == "cuda"}[args.compile_ours]
+    keys = [k for k in ROWS if k in args.rows]
+    if not compile_ours:
+        keys = [k for k in keys if k not in ("ds2c", "ds3c")]
     shape = SHAPES[args.shape]
-    stamp = str(int(time.time()))
-    base = run_config(shape, 2, 2 * args.steps, f"bench-{stamp}", args.storage, False)
+    storage = args.storage or tempfile.mkdtemp(prefix="e2e-bench-runs-")
+    stamp = f"{int(time.time())}-{uuid.uuid4().hex[:6]}"
+    cfg = lambda z, compile_=False, tag="raw": run_config(  # noqa: E731
+        shape, z, 2 * args.steps, f"bench-{stamp}-{tag}-z{z}", storage, compile_)
+    base = cfg(2)
+
     model = build_model(base.model, base.data).to(device)
     batch = model.example_batch(shape["batch"], device)
     flops = train_flops_per_batch(model, batch)
@@ -133,42 +249,132 @@ def main(argv=None) -> int:
     peak = peak_flops(device)
     tokens = shape["batch"] * shape["seq_len"]
 
-    rows: list[tuple[str, float, float | None]] = []
+    rows: list[Row] = []
 
-    def add(name: str, step_s: float, mem: float | None = None) -> None:
-        if mem is None and device.type == "cuda":
-            mem = torch.cuda.max_memory_allocated() / 2**30
-        rows.append((name, step_s, mem))
+    def run_row(key: str, fn: Callable[[], tuple[float, float | None]], compiled: bool = False) -> None:
+        gc.collect()
         if device.type == "cuda":
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        print(f"  {name}: {tokens / step_s:,.0f} tokens/s", flush=True)
+        row = Row(key, ROWS[key], compiled=compiled)
+        t0 = time.perf_counter()
+        try:
+            row.step_s, row.peak_mem_gib = fn()
+            if row.peak_mem_gib is None and device.type == "cuda":
+                row.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
+            print(f"  {row.name}: {tokens / row.step_s:,.0f} tokens/s ({time.perf_counter() - t0:.0f} s)", flush=True)
+        except Exception as e:  # one broken row must not cost the others (one shot on a GPU machine)
+            row.error = _one_line(e)
+            print(f"  {row.name}: FAILED {row.error}", flush=True)
+        rows.append(row)
 
-    add("plain eager", plain_row(base, device, batch, args.steps, args.warmup, compiled=False))
-    add("plain torch.compile", plain_row(base, device, batch, args.steps, args.warmup, compiled=True))
-    for z in (1, 2, 3):
-        cfg = run_config(shape, z, 2 * args.steps, f"bench-{stamp}", args.storage, args.compile_ours)
-        add(f"raw DeepSpeed ZeRO-{z}", deepspeed_row(cfg, device, batch, args.steps, args.warmup))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # our path's workers bring their own
-    for z in (2, 3):
-        cfg = run_config(shape, z, 2 * args.steps, f"bench-{stamp}-ours-z{z}", args.storage, args.compile_ours)
-        step_s, mem = ours_row(cfg)
-        add(f"e2e-dist Ray Train ZeRO-{z}", step_s, mem)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    try:
+        for key, compiled in (("eager", False), ("compile", True)):
+            if key in keys:
+                run_row(key, lambda c=compiled: (plain_row(base, device, batch, args.steps, args.warmup, c), None),
+                        compiled)
+        raw = [(k, int(k[2]), k.endswith("c")) for k in ("ds1", "ds2", "ds3", "ds2c", "ds3c") if k in keys]
+        if raw:
+            with one_rank_group(device):
+                for key, z, compiled in raw:
+                    run_row(key, lambda z=z, c=compiled: (deepspeed_row(cfg(z, c), device, batch, args.steps,
+                                                                        args.warmup), None), compiled)
+        ours = [(k, int(k[4])) for k in ("ours2", "ours3") if k in keys]
+        if ours:
+            with ray_session():
+                for key, z in ours:
+                    run_row(key, lambda z=z: ours_row(cfg(z, compile_ours, "ours")), compile_ours)
+    finally:
+        torch.set_num_threads(threads)
+        if not args.storage:
+            shutil.rmtree(storage, ignore_errors=True)
 
-    compile_s = rows[1][1]
-    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"\n{dev_name} | shape {args.shape} {shape} | {flops / 1e9:.2f} GFLOP per step (FlopCounterMode)")
-    print(f"| row | tokens/s | MFU | peak mem GiB | vs compile |\n|---|---:|---:|---:|---:|")
+    by_key = {r.key: r for r in rows}
+    compile_s = by_key["compile"].step_s if "compile" in by_key else None
     table = []
-    for name, step_s, mem in rows:
-        m = mfu(flops, step_s, peak)
-        table.append({"row": name, "tokens_per_s": tokens / step_s, "mfu": m, "peak_mem_gib": mem,
-                      "ratio_to_compile": compile_s / step_s})
-        print(f"| {name} | {tokens / step_s:,.0f} | {f'{m:.1%}' if m is not None else f'{flops / step_s / 1e9:.1f} GFLOP/s'} "
-              f"| {f'{mem:.1f}' if mem is not None else '-'} | {compile_s / step_s:.2f}x |")
+    for r in rows:
+        ok = r.step_s is not None
+        table.append({**asdict(r),
+                      "tokens_per_s": tokens / r.step_s if ok else None,
+                      "mfu": mfu(flops, r.step_s, peak) if ok else None,
+                      "achieved_gflops": flops / r.step_s / 1e9 if ok else None,
+                      "ratio_to_compile": compile_s / r.step_s if ok and compile_s else None})
+    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    return {"device": dev_name, "shape_name": args.shape, "shape": shape, "flops_per_step": flops,
+            "tokens_per_step": tokens, "threads": args.threads if device.type == "cpu" else None,
+            "compile_ours": compile_ours, "steps": args.steps, "warmup": args.warmup, "rows": table,
+            "checks": _checks(by_key, compile_s, compile_ours)}
+
+
+def _checks(by_key: dict[str, Row], compile_s: float | None, compiled: bool) -> list[dict]:
+    """The issue's goals as ratios (higher is better for all three)."""
+    def ratio(a: str, b: str) -> float | None:
+        ra, rb = by_key.get(a), by_key.get(b)
+        return rb.step_s / ra.step_s if ra and rb and ra.step_s and rb.step_s else None
+
+    raw2, raw3 = ("ds2c", "ds3c") if compiled else ("ds2", "ds3")
+    return [
+        {"what": "ours ZeRO-2 tokens/s vs plain torch.compile", "ratio": ratio("ours2", "compile"), "goal": 1.00},
+        {"what": "ours ZeRO-3 tokens/s vs plain torch.compile", "ratio": ratio("ours3", "compile"), "goal": 0.90},
+        {"what": f"ours ZeRO-2 vs raw DeepSpeed ZeRO-2{' + compile' if compiled else ''} (Ray Train overhead, "
+                 f"1/step-time ratio)", "ratio": ratio("ours2", raw2), "goal": 1 / 1.02},
+        {"what": f"ours ZeRO-3 vs raw DeepSpeed ZeRO-3{' + compile' if compiled else ''} (Ray Train overhead, "
+                 f"1/step-time ratio)", "ratio": ratio("ours3", raw3), "goal": 1 / 1.02},
+    ]
+
+
+def format_table(res: dict) -> str:
+    out = [f"{res['device']} | shape {res['shape_name']} {res['shape']} | "
+           f"{res['flops_per_step'] / 1e9:.2f} GFLOP per step (FlopCounterMode)"
+           + (f" | {res['threads']} thread(s) per row" if res["threads"] else ""),
+           "| row | tokens/s | MFU | peak mem GiB | vs compile |", "|---|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        if r["error"]:
+            out.append(f"| {r['name']} | failed: {r['error']} | | | |")
+            continue
+        m = f"{r['mfu']:.1%}" if r["mfu"] is not None else f"{r['achieved_gflops']:.2f} GFLOP/s"
+        mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+        vs = f"{r['ratio_to_compile']:.2f}x" if r["ratio_to_compile"] else "-"
+        out.append(f"| {r['name']} | {r['tokens_per_s']:,.0f} | {m} | {mem} | {vs} |")
+    out.append("")
+    for c in res["checks"]:
+        if c["ratio"] is not None:
+            verdict = "ok" if c["ratio"] >= c["goal"] else "below goal"
+            out.append(f"{c['what']}: {c['ratio']:.2f}x (goal >= {c['goal']:.2f}x, {verdict})")
+    return "\n".join(out)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="gpt2-small" if torch.cuda.is_available() else "tiny")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per row (ours: 2x, first half warms up)")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--compile-ours", choices=["auto", "on", "off"], default="auto",
+                    help="trainer.compile in our rows (auto: on for GPU, off for CPU)")
+    ap.add_argument("--rows", default=",".join(ROWS),
+                    help=f"comma-separated subset of: {', '.join(ROWS)}")
+    ap.add_argument("--threads", type=int, default=1, help="CPU only: intra-op threads for every row")
+    ap.add_argument("--storage", default=None, help="run storage for our rows (default: a temp dir, removed)")
+    ap.add_argument("--json", help="also write the table as JSON here")
+    args = ap.parse_args(argv)
+    args.rows = [k.strip() for k in args.rows.split(",") if k.strip()]
+    unknown = [k for k in args.rows if k not in ROWS]
+    if unknown:
+        ap.error(f"--rows: unknown {', '.join(unknown)} (known: {', '.join(ROWS)})")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    res = measure(args)
+    print("\n" + format_table(res), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": dev_name, "shape": shape, "rows": table}, indent=1))
-    return 0
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return 1 if any(r["error"] for r in res["rows"]) else 0
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 
 from e2e_dist import storage
 from e2e_dist.checkpoint.discover import download_checkpoint, inspect, restore_latest
-from e2e_dist.checkpoint.layout import DS_TAG, MANIFEST, CommittedCheckpoint, parse_manifest, step_of
+from e2e_dist.checkpoint.layout import DS_TAG, MANIFEST, CommittedCheckpoint, step_of
 from e2e_dist.config import RunConfig, redact, validate_run_config
 from e2e_dist.errors import CheckpointError, ConfigError, UserError
 

@@ -265,6 +265,17 @@ class Tracker:
             self._last_step = self._state["last_step"] = step
             self._save_state()
 
+    def backfill(self, metrics: dict[str, Any], step: int) -> bool:
+        """Log the row of `step` saved with a checkpoint, if W&B lost it (a worker killed within
+        ~1 s of logging it, before wandb-core flushed). Resuming from that checkpoint does not
+        redo the step, so without this its row would be missing. Returns whether it was logged."""
+        if self._run is None or not metrics or (self._redo_floor is not None and step <= self._redo_floor):
+            return False
+        if self._last_step is not None and step <= self._last_step:
+            return False
+        self.log(metrics, step, commit=True)
+        return True
+
     def log_summary(self, d: dict[str, Any]) -> None:
         if self._run is not None:
             self._run.summary.update(dict(d))

@@ -255,6 +255,25 @@ def deterministic(ds):
     return ds
 
 
+def decoded_dataset(rows: list[dict], decode: Callable, *, name: str, rows_per_block: int, fn_kwargs: dict):
+    """A Ray Dataset of file `rows` decoded in the pipeline by `decode` (a map_batches function).
+
+    Decode tasks ask for 0 CPUs: the training workers may hold every CPU of a small machine, and a
+    1-CPU task would then never be scheduled (the same choice as the text source's reads).
+    """
+    import math
+
+    import ray.data
+
+    blocks = max(1, math.ceil(len(rows) / rows_per_block))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
+        decode, batch_size=rows_per_block, batch_format="numpy", fn_kwargs=fn_kwargs,
+        num_cpus=0, compute=ray.data.TaskPoolStrategy(size=min(2, blocks)),
+    )
+    ds.set_name(name)
+    return deterministic(ds)
+
+
 def ingest_data_config(datasets_to_split: list[str] | str = "all"):
     """`ray.train.DataConfig` that keeps our datasets' order when Ray Train shards them.
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from e2e_dist.data.common import (
-    DataError, FileItem, deterministic, list_files, read_range, seeded_order, split_by_hash, take_fraction,
+    DataError, FileItem, decoded_dataset, list_files, read_range, seeded_order, split_by_hash, take_fraction,
 )
 from e2e_dist.data.registry import DataBundle, register_source
 from e2e_dist.errors import ConfigError
@@ -99,17 +98,7 @@ def _rows(items: Sequence[FileItem], classes: dict[str, int]) -> list[dict]:
 
 
 def _dataset(rows: list[dict], name: str, fn_kwargs: dict):
-    import ray.data
-
-    blocks = max(1, math.ceil(len(rows) / ROWS_PER_BLOCK))
-    ds = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
-        decode_images, batch_size=ROWS_PER_BLOCK, batch_format="numpy", fn_kwargs=fn_kwargs,
-        # Decoding small images is cheap; the training workers may hold every CPU of a small
-        # machine, and a 1-CPU task would then never be scheduled (same choice as the text source).
-        num_cpus=0, compute=ray.data.TaskPoolStrategy(size=min(2, blocks)),
-    )
-    ds.set_name(name)
-    return deterministic(ds)
+    return decoded_dataset(rows, decode_images, name=name, rows_per_block=ROWS_PER_BLOCK, fn_kwargs=fn_kwargs)
 
 
 def _strict_scan(rows: list[dict], fn_kwargs: dict) -> None:

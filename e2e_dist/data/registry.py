@@ -8,14 +8,12 @@ numpy batch from `iter_batches` into the model's tensor dict, and what the subse
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from e2e_dist.errors import ConfigError
+from e2e_dist.registry import Registry
 
-_BUILDERS: dict[str, Callable[..., "DataBundle"]] = {}
-_MODULES = ["e2e_dist.data.text", "e2e_dist.data.images", "e2e_dist.data.speech"]
+SOURCES: Registry = Registry("data.source", ["e2e_dist.data.text", "e2e_dist.data.images", "e2e_dist.data.speech"])
 
 
 @dataclass(kw_only=True)
@@ -30,33 +28,13 @@ class DataBundle:
     """What the training subset holds: train_rows, val_rows, train_bytes / train_tokens / ..."""
 
 
-def register_source(name: str):
-    def deco(fn):
-        _BUILDERS[name] = fn
-        return fn
-
-    return deco
-
-
-def _load_all() -> None:
-    for mod in _MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+register_source = SOURCES.register
 
 
 def source_names() -> list[str]:
-    _load_all()
-    return sorted(_BUILDERS)
+    return SOURCES.names()
 
 
 def build_data(data_cfg, model_cfg=None, storage_cfg=None) -> DataBundle:
     """Build the train/val datasets for `data_cfg` (config.DataConfig)."""
-    _load_all()
-    try:
-        builder = _BUILDERS[data_cfg.source]
-    except KeyError:
-        raise ConfigError(f"data.source: unknown source {data_cfg.source!r} (known: {', '.join(sorted(_BUILDERS))})") from None
-    return builder(data_cfg, model_cfg=model_cfg, storage_cfg=storage_cfg)
+    return SOURCES.get(data_cfg.source)(data_cfg, model_cfg=model_cfg, storage_cfg=storage_cfg)

@@ -33,7 +33,7 @@ import numpy as np
 
 from e2e_dist.config import CTCSpeechConfig
 from e2e_dist.data.common import (
-    DataError, deterministic, is_remote, list_files, read_range, resolve_uri, seeded_order, split_by_hash,
+    DataError, decoded_dataset, is_remote, list_files, read_range, resolve_uri, seeded_order, split_by_hash,
     take_fraction,
 )
 from e2e_dist.data.registry import DataBundle, register_source
@@ -239,16 +239,7 @@ def read_manifests(paths: Sequence[str], alphabet: str, storage_cfg: Any, strict
 
 
 def _dataset(rows: list[dict], name: str, fn_kwargs: dict):
-    import ray.data
-
-    blocks = max(1, math.ceil(len(rows) / ROWS_PER_BLOCK))
-    ds = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
-        decode_clips, batch_size=ROWS_PER_BLOCK, batch_format="numpy", fn_kwargs=fn_kwargs,
-        # 0 CPUs: the training workers may hold every CPU of a small machine (see the text source).
-        num_cpus=0, compute=ray.data.TaskPoolStrategy(size=min(2, blocks)),
-    )
-    ds.set_name(name)
-    return deterministic(ds)
+    return decoded_dataset(rows, decode_clips, name=name, rows_per_block=ROWS_PER_BLOCK, fn_kwargs=fn_kwargs)
 
 
 def build_speech_bundle(data_cfg: Any, model_cfg: Any, storage_cfg: Any) -> DataBundle:

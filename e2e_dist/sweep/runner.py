@@ -19,10 +19,11 @@ run (unlike ray#28919 / ray#33084, where reused actors or a shared W&B process m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 from e2e_dist import storage
 from e2e_dist.config import RunConfig, dump_yaml, redact
@@ -64,8 +65,6 @@ def trial_driver(config: dict[str, Any], spec: SweepSpec) -> None:
     from e2e_dist.train.launcher import build_trainer
 
     cfg = trial_run_config(spec, config, tune.get_context().get_trial_id())
-    # Train V2 passes this on to the controller it starts (ENV_VARS_TO_PROPAGATE).
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", WORKER_START_TIMEOUT_S)
     _pin_cluster_address()
     storage.write_text(storage.join(cfg.run_uri, "config.yaml"), dump_yaml(cfg), cfg.storage)
     bundle = build_data(cfg.data, cfg.model, cfg.storage)
@@ -165,9 +164,11 @@ def build_tuner(spec: SweepSpec, *, resume: bool, callback_key: str):
 
 # ------------------------------------------------------------------------------ state on disk
 def _spec_record(spec: SweepSpec) -> dict[str, Any]:
-    """What a resume must find unchanged: the sweep fields and the resolved base config."""
-    return redact({"sweep": spec.model_dump(mode="json", exclude={"storage"}),
-                   "base": json.loads(json.dumps(spec._base_data, default=str))})
+    """What a resume must find unchanged: the sweep fields and the resolved base config (of its
+    storage only the path: an endpoint or region is how to reach it, and may change)."""
+    base = json.loads(json.dumps(spec.base_data(), default=str))
+    base["storage"] = {"path": base.get("storage", {}).get("path")}
+    return redact({"sweep": spec.model_dump(mode="json", exclude={"storage"}), "base": base})
 
 
 def prepare_sweep_dir(spec: SweepSpec, *, resume: bool) -> None:
@@ -213,14 +214,6 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
 
     spec = spec.with_absolute_paths()
     prepare_sweep_dir(spec, resume=resume)
-    # Tune passes these on to every trial's actor (class_cache.ENV_VARS_TO_PROPAGATE): the driver
-    # keeps the command's working directory, and worker groups may wait for a finishing trial's CPUs.
-    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", WORKER_START_TIMEOUT_S)
-    # The loop reports between evaluations too (checkpoints); those reports lack val_loss, which
-    # ASHA skips but Tune's strict check would turn into an error.
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    os.environ.setdefault("TUNE_RESULT_BUFFER_LENGTH", "1")  # results reach ASHA as they come
     init_ray(address)  # keeps the dashboard on: Train V2 frees finished trials' placement groups through it
 
     out = out or sys.stdout
@@ -228,10 +221,11 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
     key = spec.sweep_uri
     register_book(key, book)
     try:
-        tuner = build_tuner(spec, resume=resume, callback_key=key)
-        print(f"sweep {spec.name}: {spec.num_trials()} trial(s), results in {redact(spec.sweep_uri)}"
-              + (" (resumed)" if resume else ""), file=out, flush=True)
-        tuner.fit()
+        with _sweep_env():
+            tuner = build_tuner(spec, resume=resume, callback_key=key)
+            print(f"sweep {spec.name}: {spec.num_trials()} trial(s), results in {redact(spec.sweep_uri)}"
+                  + (" (resumed)" if resume else ""), file=out, flush=True)
+            tuner.fit()
         if not book.experiment_ended:  # defensive: Tune always calls on_experiment_end
             raise RuntimeError("Ray Tune returned without ending the experiment")
         rows = book.write_results()
@@ -243,6 +237,31 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
     if unfinished:
         raise SweepInterrupted(rows, unfinished)
     return rows
+
+
+@contextlib.contextmanager
+def _sweep_env() -> Iterator[None]:
+    """Environment of the Tune driver while the sweep runs (restored after: tests share a process).
+
+    Tune copies these to every trial's actor (class_cache.ENV_VARS_TO_PROPAGATE) and Train V2 on to
+    the controller: the trial driver keeps the command's working directory instead of Tune's trial
+    folder, and a worker group may wait for CPUs that a finishing trial still holds (Ray's 60 s
+    default fails such trials on a busy 2-CPU machine). Between evaluations the loop also reports
+    at checkpoints, without val_loss: ASHA skips such results, Tune's strict check would fail them.
+    """
+    wanted = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": WORKER_START_TIMEOUT_S,
+              "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
+    saved = {k: os.environ.get(k) for k in wanted}
+    for k, v in wanted.items():
+        os.environ.setdefault(k, v)  # a value the user set wins
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _print_final(book: SweepBook, out) -> None:

@@ -193,6 +193,10 @@ class SweepSpec(Section):
     def results_uri(self) -> str:
         return self.sweep_uri + "/results.jsonl"
 
+    def base_data(self) -> dict[str, Any]:
+        """The base run config as data, with the sweep's overrides, storage and resources applied."""
+        return copy.deepcopy(self._base_data)
+
     @property
     def base_config(self) -> RunConfig:
         """The base run config with the sweep's overrides, storage and resources applied."""

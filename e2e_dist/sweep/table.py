@@ -11,7 +11,8 @@ A trial's status in results.jsonl (schema: e2e_dist/sweep/scaling.py):
 - `error`: it failed (its error's last line is in `error`).
 Trials an interrupt (Ctrl+C) cut short are not finished: they get no row and `--resume` runs them.
 Tune marks such trials TERMINATED while it shuts down (ray 2.60 `_cleanup_trials`) but calls
-`on_trial_complete` only for real ends, which is how the book tells them apart.
+`on_trial_complete` / `on_trial_error` only for real ends; with the trials an earlier session had
+finished (`--resume`), that is how the book tells them apart.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -83,8 +85,9 @@ class SweepBook:
     def __init__(self, spec: SweepSpec, *, live: bool | None = None, out=None) -> None:
         self.spec = spec
         self.rows: dict[str, TrialRow] = {}
-        self.started_here: set[str] = set()
         self.ended_here: set[str] = set()
+        self.ended_before: set[str] | None = None
+        """Trials an earlier session of this sweep finished (restored as such by `--resume`)."""
         self.experiment_ended = False
         self.out = out or sys.stdout
         self.live = self.out.isatty() if live is None else live
@@ -111,11 +114,14 @@ class SweepBook:
         status = trial.status
         if trial.trial_id in self.ended_here:
             pass  # decided when Tune ended it (its status may still read RUNNING then)
-        elif status == ERROR:  # ended in an earlier session of this sweep
+        elif trial.trial_id in (self.ended_before or ()) and status == ERROR:
             row.state, row.error = "error", row.error or _error_line(trial)
-        elif status == TERMINATED:
-            # Started here but never ended here: Tune's shutdown after Ctrl+C terminated it.
-            row.state = "interrupted" if trial.trial_id in self.started_here else self._finish_state(row)
+        elif trial.trial_id in (self.ended_before or ()) and status == TERMINATED:
+            row.state = self._finish_state(row)
+        elif status in (TERMINATED, ERROR):
+            # Never ended in this session nor an earlier one: Tune's shutdown after Ctrl+C
+            # terminated it (running, or starting up and not yet reported as started).
+            row.state = "interrupted"
         else:
             row.state = "running" if status == "RUNNING" else "pending"
         return row
@@ -124,8 +130,14 @@ class SweepBook:
     def _finish_state(row: TrialRow) -> str:
         return "completed" if row.metrics.get("step") == row.max_steps else "stopped"
 
+    def on_session_start(self, trials) -> None:
+        """Before Tune's first step: what an earlier session (restored by `--resume`) finished."""
+        if self.ended_before is None:
+            self.ended_before = {t.trial_id for t in trials if t.status in (TERMINATED, ERROR)}
+
     def on_start(self, trial) -> None:
-        self.started_here.add(trial.trial_id)
+        if self.ended_before is not None:
+            self.ended_before.discard(trial.trial_id)  # an errored trial that --resume runs again
         self.ended_here.discard(trial.trial_id)  # a retried trial runs again
         self.sync(trial).state = "running"
         self._say(trial, "started")
@@ -149,6 +161,7 @@ class SweepBook:
         self.write_results(trials)
 
     def on_experiment_end(self, trials) -> None:
+        self.on_session_start(trials)  # a resumed sweep with nothing left to run never steps
         self.experiment_ended = True
         for t in trials:
             self.sync(t)
@@ -236,6 +249,10 @@ class SweepCallback(Callback):
     def _book(self) -> SweepBook | None:
         return _BOOKS.get(self.key)
 
+    def on_step_begin(self, iteration, trials, **info):
+        if (book := self._book()) is not None:
+            book.on_session_start(trials)
+
     def on_trial_start(self, iteration, trials, trial, **info):
         if (book := self._book()) is not None:
             book.on_start(trial)
@@ -276,10 +293,16 @@ def register_book(key: str, book: SweepBook | None) -> None:
 
 # ---------------------------------------------------------------------------------- formatting
 def _error_line(trial) -> str:
+    """The last line of the trial's error trace: Tune writes it on the driver first (`error_file`)
+    and syncs it to storage later (`get_error`)."""
+    text = ""
     try:
-        text = trial.get_error() or ""
+        if trial.error_file and Path(trial.error_file).is_file():
+            text = Path(trial.error_file).read_text()
+        else:
+            text = trial.get_error() or ""
     except Exception:  # noqa: BLE001 - a missing error file must not hide the trial's status
-        text = ""
+        pass
     lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
     return (lines[-1] if lines else "failed (no error file)")[:300]
 

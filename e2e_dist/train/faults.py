@@ -2,16 +2,25 @@
 
 `crash` kills the worker process outright (as a dying node would); `sigterm` sends it SIGTERM (as
 a spot reclaim or Kubernetes eviction would). Several faults may be listed, comma-separated. Each
-fires once per run name (a marker file records it), so the restarted worker group trains through
-the same step.
+fires once per run (a marker file in `fault_marker_dir` records it), so the restarted worker group
+trains through the same step.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import tempfile
 from pathlib import Path
+
+
+def fault_marker_dir(run_uri: str) -> str:
+    """Where fired faults are recorded: $E2E_DIST_FAULT_DIR, else a temp folder of this run's own."""
+    explicit = os.environ.get("E2E_DIST_FAULT_DIR")
+    if explicit:
+        return explicit
+    return str(Path(tempfile.gettempdir()) / f"e2e-dist-faults-{hashlib.sha1(run_uri.encode()).hexdigest()[:10]}")
 
 
 def parse_faults(spec: str | None) -> list[tuple[str, int, int]]:
@@ -26,12 +35,12 @@ def parse_faults(spec: str | None) -> list[tuple[str, int, int]]:
     return faults
 
 
-def maybe_inject_fault(spec: str | None, run_name: str, step: int, rank: int) -> None:
+def maybe_inject_fault(spec: str | None, marker_dir: str, run_name: str, step: int, rank: int) -> None:
     for kind, at, fault_rank in parse_faults(spec):
         if at != step or fault_rank != rank:
             continue
-        marker_dir = Path(os.environ.get("E2E_DIST_FAULT_DIR", tempfile.gettempdir()))
-        marker = marker_dir / f"e2e-dist-fault-{run_name}-{kind}-{step}-{rank}"
+        Path(marker_dir).mkdir(parents=True, exist_ok=True)
+        marker = Path(marker_dir) / f"e2e-dist-fault-{run_name}-{kind}-{step}-{rank}"
         if marker.exists():
             continue
         marker.write_text(str(os.getpid()))

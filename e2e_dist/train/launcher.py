@@ -53,6 +53,7 @@ def build_trainer(cfg: RunConfig, *, datasets: dict[str, Any], collate, progress
     from e2e_dist import storage
     from e2e_dist.data.common import ingest_data_config
     from e2e_dist.train import preemption
+    from e2e_dist.train.faults import fault_marker_dir
     from e2e_dist.train.loop import train_loop_per_worker
     from e2e_dist.train.ray_env import local_runtime_env_vars
 
@@ -60,7 +61,8 @@ def build_trainer(cfg: RunConfig, *, datasets: dict[str, Any], collate, progress
     use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     backend = t.backend if t.backend != "auto" else ("nccl" if use_gpu else "gloo")
     loop_config = {"run": cfg.model_dump(mode="json"), "collate": collate, "progress_actor": progress_actor,
-                   "fault": os.environ.get("E2E_DIST_FAULT"), "data_stats": dict(data_stats or {})}
+                   "fault": os.environ.get("E2E_DIST_FAULT"), "fault_dir": fault_marker_dir(cfg.run_uri),
+                   "data_stats": dict(data_stats or {})}
     run_config = ray.train.RunConfig(
         name=cfg.name,
         failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
@@ -89,14 +91,15 @@ def build_trainer(cfg: RunConfig, *, datasets: dict[str, Any], collate, progress
 
 def run_training(cfg: RunConfig, *, resume: bool = False, address: str | None = None, quiet: bool = False) -> RunSummary:
     """Train one run end to end; returns its summary (raises UserError on bad input)."""
-    import ray
-
     from e2e_dist import checkpoint as ckpt
     from e2e_dist.data.registry import build_data
     from e2e_dist.train.progress import ProgressDisplay
     from e2e_dist.train.ray_env import init_ray
 
+    from e2e_dist.data.registry import SOURCES
+
     t0 = time.time()
+    SOURCES.get(cfg.data.source)  # an unknown source is one line before anything starts
     prepare_run_dir(cfg, resume=resume)
     init_ray(address)
     bundle = build_data(cfg.data, cfg.model, cfg.storage)

@@ -9,7 +9,6 @@ never parses YAML or talks to storage itself: checkpoint.py and tracking.py own 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -152,6 +151,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # ---- resume: the newest *committed* checkpoint in storage (not Ray's record; see checkpoint.py)
     local_root = Path(tempfile.mkdtemp(prefix=f"e2e-{cfg.name}-r{rank}-"))
     start_step, data_pos, units_seen, resumed_from = 0, {"epoch": 0, "consumed": 0}, 0, None
+    logged_at_resume: dict[str, float] = {}
     # Rank 0 picks the checkpoint (newest that verifies); every rank then restores that same step.
     chosen = [None]
     restored_dir = None
@@ -170,6 +170,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 raise RuntimeError(f"rank {rank} could not restore step {chosen[0]}: {'; '.join(msgs)}")
         state = ckpt.load_engine(engine, restored_dir)
         start_step, data_pos, units_seen = state["step"], state["data"], state.get("units_seen", 0)
+        logged_at_resume = state.get("logged") or {}
         resumed_from = start_step
         shutil.rmtree(local_root / "restore", ignore_errors=True)
 
@@ -177,6 +178,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                             extra_config={"n_params": n_params, "world_size": world,
                                           "n_params_non_embedding": n_params_non_embedding,
                                           "flops_per_step": flops_per_step})
+    if resumed_from is not None:
+        tracker.backfill(logged_at_resume, resumed_from)
     progress = ProgressSink.connect(loop_config.get("progress_actor"), rank)
 
     collate = loop_config["collate"]
@@ -206,7 +209,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if prev.error is not None:
                 raise prev.error
         local = local_root / ckpt.checkpoint_dir_name(step)
-        client_state = {"step": step, "data": train_stream.state(), "units_seen": units_seen}
+        # The row logged at this step travels with the checkpoint (see Tracker.backfill).
+        logged = {k: v for k, v in last.items() if k != "step" and isinstance(v, (int, float))} if last.get("step") == step else {}
+        client_state = {"step": step, "data": train_stream.state(), "units_seen": units_seen, "logged": logged}
         ckpt.save_engine(engine, local, client_state)
         meta = {"config": cfg.to_public_dict(), "model_kind": cfg.model.kind, "data": train_stream.state(),
                 "units_seen": units_seen}
@@ -235,7 +240,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             units_seen += n * world
         window.end_step()
         step += 1
-        maybe_inject_fault(loop_config.get("fault"), cfg.name, step, rank)
+        maybe_inject_fault(loop_config.get("fault"), loop_config.get("fault_dir", ""), cfg.name, step, rank)
         is_last = step == t.max_steps
         preempted = False
         if step % t.log_every == 0 or is_last:

@@ -1,0 +1,261 @@
+"""Sweeps through real Ray Tune: trials are real TorchTrainer + DeepSpeed runs (tiny GPT, 1 worker each,
+two at once on 2 CPUs), W&B offline, read back from the run files.
+
+- a 4-trial data-ablation sweep (the shipped tune_configs/data_ablation.yaml made tiny) finishes,
+  writes results.jsonl, gives every trial its own W&B run, and its data sizes really differ; the
+  scaling fit runs on it; `--resume` of the finished sweep redoes nothing;
+- ASHA stops a trial with a useless learning rate early, a broken trial is an `error` row (on S3
+  storage, so Tune state and results live in a bucket), and every placement group is freed after;
+- `e2e-dist sweep` interrupted with Ctrl+C (SIGINT) after two finished trials resumes with
+  `--resume` without touching the finished ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from e2e_dist.data.text import plan_splits, stdlib_files
+from e2e_dist.errors import ConfigError, UserError
+from e2e_dist.sweep.scaling import load_results
+from e2e_dist.sweep.spec import load_sweep
+from tests.helpers.wandb_records import find_run_files, read_config, read_history, read_run, read_summary
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+TUNE = ROOT / "tune_configs"
+STEPS = 16
+TINY = [  # a tiny model and a short run: the sweep machinery is under test, not the model
+    "model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.max_seq_len=64", "data.seq_len=64",
+    "data.max_files=40", "trainer.micro_batch_size=8", f"trainer.max_steps={STEPS}", "trainer.log_every=4",
+    "trainer.eval_every=8", "trainer.eval_batches=2", f"trainer.ckpt_every={STEPS}", "trainer.warmup_steps=2",
+    "max_concurrent_trials=2", "resources_per_trial.num_workers=1", "resources_per_trial.cpus_per_worker=0.99",
+]
+FRACTIONS = [0.125, 0.25, 0.5, 1.0]
+
+
+def run_files(run_dir: Path) -> dict[str, tuple[int, int]]:
+    """Every file under a trial's run dir (checkpoints, config, W&B) -> (size, mtime_ns)."""
+    return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in run_dir.rglob("*") if p.is_file() and "debug" not in p.name}
+
+
+# ------------------------------------------------------------------------ a finished ablation sweep
+@pytest.fixture(scope="module")
+def ablation(ray_local, tmp_path_factory):
+    store = tmp_path_factory.mktemp("sweeps")
+    spec = load_sweep(TUNE / "data_ablation.yaml", [f"storage.path={store}", *TINY,
+                                                    f"search_space.data.fraction={{grid: {FRACTIONS}}}"])
+    from e2e_dist.sweep.runner import run_sweep
+
+    out = io.StringIO()
+    rows = run_sweep(spec, live=False, out=out)
+    return spec, rows, out.getvalue()
+
+
+def test_sweep_finishes_with_one_wandb_run_per_trial(ablation) -> None:
+    spec, rows, printed = ablation
+    expected = {cfg.name: (params, cfg) for params, cfg in spec.trial_configs()}
+    assert sorted(r["trial"] for r in rows) == sorted(expected) and len(rows) == 4
+    assert load_results(spec.sweep_uri) == rows  # what run_sweep returns is what results.jsonl holds
+    assert (Path(spec.sweep_uri) / "_tune" / "tuner.pkl").is_file()  # Tune's state lives with the sweep
+    run_ids = set()
+    for row in rows:
+        params, cfg = expected[row["trial"]]
+        assert row["status"] == "completed" and row["params"] == params
+        m = row["metrics"]
+        assert m["step"] == STEPS and m["run_name"] == row["trial"] and m["val_loss"] > 0
+        files = find_run_files(Path(spec.sweep_uri) / row["trial"] / "wandb")
+        assert len(files) == 1, files  # one W&B session, one run
+        info = read_run(files[0])
+        run_ids.add(info.run_id)
+        assert info.group == spec.name and info.name == row["trial"]
+        assert f"fraction={params['data.fraction']:.4g}" in info.tags
+        config = read_config(files[0])
+        assert config["data"]["fraction"] == params["data.fraction"]  # the swept value in the W&B config
+        assert config["tracking"]["group"] == spec.name and config["name"] == row["trial"]
+        history = read_history(files[0])
+        assert [h["_step"] for h in history] == [4, 8, 12, 16]
+        assert history[-1]["val_loss"] == pytest.approx(m["val_loss"], rel=1e-6)  # W&B holds what Tune got
+    assert len(run_ids) == 4  # no two trials share a run
+
+    # The final table lists the trials best first.
+    by_loss = [r["trial"] for r in sorted(rows, key=lambda r: r["metrics"]["val_loss"])]
+    table = printed[printed.index("sorted by val_loss"):]
+    assert [table.index(name) for name in by_loss] == sorted(table.index(name) for name in by_loss)
+
+
+def test_data_ablation_trials_used_their_planned_data(ablation) -> None:
+    spec, rows, _ = ablation
+    by_fraction = sorted(rows, key=lambda r: r["params"]["data.fraction"])
+    files = stdlib_files()
+    for row in by_fraction:
+        cfg = spec.run_config_for(row["params"])
+        plan = plan_splits(files, cfg.data, "stdlib")[0]
+        assert row["metrics"]["train_tokens"] == plan.windows * plan.seq_len  # what the subset really held
+        assert row["metrics"]["tokens_seen"] == STEPS * 8 * 64  # same compute for every size
+    tokens = [r["metrics"]["train_tokens"] for r in by_fraction]
+    assert tokens == sorted(set(tokens))  # strictly more data for each larger fraction
+    assert tokens[-1] > 4 * tokens[0]  # 1/8 vs all of it (file-granular subsets: not exactly 8x)
+
+
+def test_scaling_on_the_finished_sweep(ablation, tmp_path, capsys) -> None:
+    from e2e_dist.cli import main
+
+    spec, rows, _ = ablation
+    assert main(["scaling", spec.sweep_uri]) == 0
+    out = capsys.readouterr().out
+    assert "L(D) = E + B/D^beta" in out and "W&B:" in out
+    report = json.loads((Path(spec.sweep_uri) / "scaling_fit.json").read_text())
+    assert report["n_points"] == 4 and report["d_key"] == "train_tokens"
+    assert (Path(spec.sweep_uri) / "scaling_fit.png").stat().st_size > 1000
+    # The plot went to W&B: a `<sweep>-scaling` run in the sweep's group.
+    files = find_run_files(Path(spec.sweep_uri) / f"{spec.name}-scaling" / "wandb")
+    assert len(files) == 1 and read_run(files[0]).group == spec.name
+    summary = read_summary(files[0])
+    assert summary["scaling/fit"]["_type"] == "image-file"
+    assert summary["scaling/beta"] == pytest.approx(report["params"]["beta"])
+
+    # Too few completed trials for L(D): one clear line, exit code 2.
+    few = tmp_path / "few"
+    few.mkdir()
+    (few / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    assert main(["scaling", str(few)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs at least" in err
+
+
+def test_resume_of_a_finished_sweep_redoes_nothing(ablation) -> None:
+    from e2e_dist.sweep.runner import run_sweep
+
+    spec, rows, _ = ablation
+    before = {r["trial"]: run_files(Path(spec.sweep_uri) / r["trial"]) for r in rows}
+    again = run_sweep(spec, resume=True, live=False, out=io.StringIO())
+    assert again == rows
+    assert {r["trial"]: run_files(Path(spec.sweep_uri) / r["trial"]) for r in rows} == before
+
+
+def test_refusals_before_anything_runs(ablation, tmp_path) -> None:
+    from e2e_dist.sweep.runner import run_sweep
+
+    spec, _, _ = ablation
+    with pytest.raises(UserError, match="already exists .* pass --resume"):
+        run_sweep(spec, live=False, out=io.StringIO())
+    changed = load_sweep(TUNE / "data_ablation.yaml", [f"storage.path={Path(spec.sweep_uri).parent}", *TINY,
+                                                       "trainer.max_steps=17",
+                                                       f"search_space.data.fraction={{grid: {FRACTIONS}}}"])
+    with pytest.raises(ConfigError, match=r"--resume: the sweep changed .*max_steps: 16 -> 17"):
+        run_sweep(changed, resume=True, live=False, out=io.StringIO())
+    fresh = load_sweep(TUNE / "data_ablation.yaml", [f"storage.path={tmp_path}", *TINY])
+    with pytest.raises(UserError, match="--resume: no sweep state under"):
+        run_sweep(fresh, resume=True, live=False, out=io.StringIO())
+
+
+# ------------------------------------------------------------------------------------------ ASHA
+def test_asha_stops_useless_trials_early(ray_local, s3_bucket, s3_server, tmp_path) -> None:
+    """Two good learning rates run first (two at once); the useless one (1e-7) reaches ASHA's first
+    rung after both good ones recorded far lower losses there, so it must stop. A fourth trial has
+    too little data and fails: an `error` row. Storage is S3: Tune's state and results live there."""
+    import ray
+
+    from e2e_dist.sweep.runner import run_sweep
+
+    max_steps = 24
+    sweep = tmp_path / "asha.yaml"
+    sweep.write_text(f"""
+name: asha-test
+base: tiny-text
+search: grid
+points:
+  - {{trainer.lr: 0.01, data.max_bytes: 200000}}
+  - {{trainer.lr: 0.005, data.max_bytes: 200000}}
+  - {{trainer.lr: 1.0e-7, data.max_bytes: 200000}}
+  - {{trainer.lr: 1.0e-8, data.max_bytes: 40}}
+scheduler: {{type: asha, max_t: {max_steps // 4}, grace_period: 1, reduction_factor: 2}}
+""")
+    spec = load_sweep(sweep, [*TINY, f"trainer.max_steps={max_steps}", "trainer.eval_every=4",
+                              f"trainer.ckpt_every={max_steps}", "trainer.warmup_steps=0",
+                              f"storage.path={s3_bucket}/sweeps", f"storage.endpoint_url={s3_server.url}",
+                              f"tracking.dir={tmp_path}/wb"])
+    rows = {r["params"]["trainer.lr"]: r for r in run_sweep(spec, live=False, out=io.StringIO())}
+    assert load_results(spec.results_uri, spec.base_config.storage) == sorted(rows.values(), key=lambda r: r["trial"])
+
+    assert rows[1e-7]["status"] == "stopped" and rows[1e-7]["metrics"]["step"] < max_steps
+    assert any(r["status"] == "completed" and r["metrics"]["step"] == max_steps for r in rows.values())
+    assert rows[1e-8]["status"] == "error" and "fewer than one window" in rows[1e-8]["error"]
+    # W&B: one run per trial that trained, in the shared W&B dir; completed runs reach max_steps,
+    # stopped ones end early (their process is killed: W&B keeps what it flushed, maybe no row).
+    wandb_dir = tmp_path / "wb" / "wandb"
+    runs = {read_run(f).name: f for f in find_run_files(wandb_dir)}
+    trained = {lr: r for lr, r in rows.items() if r["status"] != "error"}
+    assert sorted(runs) == sorted(r["trial"] for r in trained.values()) and len(find_run_files(wandb_dir)) == 3
+    for lr, r in trained.items():
+        f = runs[r["trial"]]
+        assert read_run(f).group == spec.name and read_config(f)["trainer"]["lr"] == lr
+        last = max((h["_step"] for h in read_history(f)), default=0)
+        assert (last == max_steps) if r["status"] == "completed" else (last < max_steps), (r["trial"], last)
+
+    # A stopped trial's controller dies with its actor: its workers' placement group must still
+    # be freed (a leak would starve, then deadlock, the next trials on a small machine).
+    deadline = time.time() + 90
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
+        time.sleep(1)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+
+
+# ------------------------------------------------------------------------------------ interrupt
+def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path) -> None:
+    """The real CLI in a subprocess with its own Ray: SIGINT once two trials are finished (the
+    third is then starting), then `--resume`."""
+    cwd = Path(tempfile.mkdtemp(prefix="e2es-", dir="/tmp"))  # short: Ray's socket paths live under it
+    store = tmp_path / "runs"
+    args = [sys.executable, "-m", "e2e_dist.cli", "sweep", str(TUNE / "data_ablation.yaml"),
+            *(f"--set={o}" for o in [f"storage.path={store}", *TINY, "trainer.async_checkpoint=false",
+                                     "search_space.data.fraction={grid: [0.25, 0.5, 1.0]}"])]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")}  # its own Ray
+    env["PYTHONPATH"] = str(ROOT)
+    results = store / "data-ablation" / "results.jsonl"
+
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 400
+        while proc.poll() is None and time.time() < deadline:
+            if results.exists() and len(results.read_text().splitlines()) >= 2:
+                proc.send_signal(signal.SIGINT)
+                break
+            time.sleep(0.3)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    first_log = (tmp_path / "first.log").read_text()
+    assert rc == 130, first_log[-3000:]
+    assert "--resume" in first_log  # the CLI says how to continue
+    done = load_results(str(store / "data-ablation"))
+    assert [r["status"] for r in done] == ["completed", "completed"], done
+    before = {r["trial"]: run_files(store / "data-ablation" / r["trial"]) for r in done}
+
+    second = subprocess.run([*args, "--resume"], cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    final = load_results(str(store / "data-ablation"))
+    assert len(final) == 3 and all(r["status"] == "completed" and r["metrics"]["step"] == STEPS for r in final)
+    # The finished trials were not run again: not one of their files (checkpoints, W&B) changed.
+    assert {r["trial"]: run_files(store / "data-ablation" / r["trial"]) for r in done} == before
+    assert [r for r in final if r["trial"] in before] == done
+    # The interrupted trial ended with one W&B run whose history reaches the last step exactly once.
+    (last,) = [r for r in final if r["trial"] not in before]
+    files = find_run_files(store / "data-ablation" / last["trial"] / "wandb")
+    steps = [h["_step"] for f in files for h in read_history(f)]
+    assert len({read_run(f).run_id for f in files}) == 1 and steps.count(STEPS) == 1 and max(steps) == STEPS
