@@ -52,7 +52,6 @@ def build_trainer(cfg: RunConfig, *, datasets: dict[str, Any], collate, progress
 
     from e2e_dist import storage
     from e2e_dist.data.common import ingest_data_config
-    from e2e_dist.train import preemption
     from e2e_dist.train.faults import fault_marker_dir
     from e2e_dist.train.loop import train_loop_per_worker
     from e2e_dist.train.ray_env import local_runtime_env_vars
@@ -68,9 +67,7 @@ def build_trainer(cfg: RunConfig, *, datasets: dict[str, Any], collate, progress
         failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
         # keep-N is ours (checkpoint.py deletes only after a newer commit): Ray keeps everything.
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
-        # The setup hook runs in each worker process's main thread: the only place a SIGTERM
-        # handler can be installed (the training function runs in a thread).
-        worker_runtime_env={"env_vars": local_runtime_env_vars(), "worker_process_setup_hook": preemption.SETUP_HOOK},
+        worker_runtime_env={"env_vars": local_runtime_env_vars()},
         callbacks=callbacks or [],
         logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         **storage.ray_storage_kwargs(cfg.storage.path, cfg.storage),

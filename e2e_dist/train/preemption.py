@@ -2,9 +2,11 @@
 
 Spot reclaims and Kubernetes evictions send SIGTERM and wait a grace period (30 s to 2 min).
 Ray runs our training function in a thread, where Python cannot install signal handlers, so the
-handler is installed when each Ray Train worker process starts (runtime_env
-`worker_process_setup_hook`, which runs in the process's main thread). The handler only sets a
-flag; the loop reduces the flag across ranks at its next logging interval (no extra collective
+handler is installed when each worker process starts: the job-level runtime_env's
+`worker_process_setup_hook` (set by `init_ray` for local instances; Ray ignores it in an actor's
+runtime_env), which runs in the process's main thread. Ray's worker main loop
+installs its own SIGTERM handler (exit at once) *after* that hook, so the hook also intercepts
+that one call and keeps Ray's handler for a second SIGTERM. Our handler only sets a flag; the loop reduces the flag across ranks at its next logging interval (no extra collective
 per step), and then every rank saves the same checkpoint before the signalled one exits.
 """
 
@@ -16,17 +18,29 @@ import threading
 
 log = logging.getLogger("e2e_dist.train")
 _requested = threading.Event()
-SETUP_HOOK = "e2e_dist.train.preemption.install_sigterm_handler"
+_exit_handler: list = [None]  # the handler Ray wanted (exit now): used on a second SIGTERM
 
 
 def _on_sigterm(signum, frame) -> None:
+    if _requested.is_set() and callable(_exit_handler[0]):
+        _exit_handler[0](signum, frame)  # asked twice: stop now, as Ray would have
     _requested.set()
 
 
 def install_sigterm_handler() -> None:
     """Runs at worker-process start (main thread): SIGTERM sets a flag instead of killing us."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    original = signal.signal
+
+    def keep_ours(signum, handler):
+        if signum == signal.SIGTERM and handler is not _on_sigterm:
+            _exit_handler[0] = handler
+            return original(signum, _on_sigterm)
+        return original(signum, handler)
+
+    signal.signal = keep_ours
+    original(signal.SIGTERM, _on_sigterm)
 
 
 def requested() -> bool:

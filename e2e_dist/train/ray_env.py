@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
+SIGTERM_SETUP_HOOK = "e2e_dist.train.preemption.install_sigterm_handler"
 
 # A single-node Ray on Linux advertises the machine's primary address, even with
 # _node_ip_address="127.0.0.1" (Ray maps loopback back to the "reachable" address). This switch,
@@ -72,7 +73,9 @@ def init_ray(address: str | None = None, opts: LocalRayOptions | None = None) ->
         return
     # Actors that use the state API (Train V2's placement-group cleaner) find "the" cluster by
     # RAY_ADDRESS; with several clusters on one machine, auto-detection fails.
-    runtime_env = {"env_vars": {}}
+    # SIGTERM -> just-in-time checkpoint (train/preemption.py). Ray runs the setup hook only from
+    # the job-level runtime_env, not from an actor's.
+    runtime_env = {"env_vars": {}, "worker_process_setup_hook": SIGTERM_SETUP_HOOK}
     opts = opts or LocalRayOptions()
     temp_dir = opts.temp_dir or str(Path(".cache/ray").resolve())
     Path(temp_dir).mkdir(parents=True, exist_ok=True)
