@@ -76,6 +76,8 @@ class LocalNode:
 # loopback address too, while this process keeps multi-node `ray start` allowed.
 _LOOPBACK_RAY_START = (
     "import os, sys\n"
+    # multi-node `ray start` must be allowed in this process even if our caller turned it off
+    "os.environ['RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'] = '1'\n"
     "import ray._private.services as services\n"
     "from ray.scripts.scripts import main\n"
     "services.resolve_ip_for_localhost = lambda host: host\n"

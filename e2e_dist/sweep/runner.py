@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import sys
 from typing import Any, Iterator
 
@@ -280,9 +281,10 @@ def run_sweep_cli(args) -> int:
     try:
         rows = run_sweep(spec, resume=args.resume, address=args.address)
     except SweepInterrupted as e:
-        overrides = " ".join(f"--set {o!r}" for o in args.overrides)
-        print(f"sweep interrupted: {len(e.rows)} trial(s) finished, {len(e.unfinished)} unfinished. Continue with:\n"
-              f"  e2e-dist sweep {args.sweep_file} {overrides + ' ' if overrides else ''}--resume", file=sys.stderr)
+        again = shlex.join(["e2e-dist", "sweep", args.sweep_file, *(f"--set={o}" for o in args.overrides),
+                            *(["--address", args.address] if args.address else []), "--resume"])
+        print(f"sweep interrupted: {len(e.rows)} trial(s) finished, {len(e.unfinished)} unfinished. "
+              f"Continue with:\n  {again}", file=sys.stderr)
         return 130
     failed = [r["trial"] for r in rows if r["status"] == "error"]
     if failed:

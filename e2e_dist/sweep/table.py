@@ -218,25 +218,24 @@ class SweepBook:
         """A rich Table of the trials: by name while live, by the target metric at the end."""
         from rich.table import Table
 
-        rows = list(self.rows.values())
-        if title == "live":
-            rows.sort(key=lambda r: r.name)
-        else:
-            sign = 1 if self.spec.mode == "min" else -1
-            rows.sort(key=lambda r: (not isinstance(r.metrics.get(self.spec.metric), (int, float)),
-                                     sign * r.metrics.get(self.spec.metric, 0) if isinstance(
-                                         r.metrics.get(self.spec.metric), (int, float)) else 0, r.name))
+        metric, sign = self.spec.metric, (1 if self.spec.mode == "min" else -1)
+
+        def best_first(r: TrialRow) -> tuple:  # trials without the metric (errors) last
+            v = r.metrics.get(metric)
+            return (0, sign * v, r.name) if isinstance(v, (int, float)) else (1, 0, r.name)
+
+        rows = sorted(self.rows.values(), key=(lambda r: r.name) if title == "live" else best_first)
         params = _param_columns(self.rows.values())
         table = Table(title=f"sweep {self.spec.name}: {_counts(self.rows.values())}"
                       + ("" if title == "live" else f" (sorted by {self.spec.metric}, {self.spec.mode})"))
-        for col in ["trial", "status", *params.values(), "step", "loss", self.spec.metric, "tokens seen"]:
+        shown = list(dict.fromkeys(["loss", metric]))  # the target metric may be the train loss itself
+        for col in ["trial", "status", *params.values(), "step", *shown, "seen"]:
             table.add_column(col, justify="left" if col in ("trial", "status") else "right")
         for r in rows:
             m = r.metrics
             table.add_row(r.name, r.state + (f" ({r.error[:40]})" if r.error else ""),
-                          *(_short(r.params.get(k)) for k in params),
-                          f"{m.get('step', '-')}/{r.max_steps}", _num(m.get("loss")), _num(m.get(self.spec.metric)),
-                          _num(m.get("tokens_seen", m.get("samples_seen")), ","))
+                          *(_short(r.params.get(k)) for k in params), f"{m.get('step', '-')}/{r.max_steps}",
+                          *(_num(m.get(k)) for k in shown), _num(m.get("tokens_seen", m.get("samples_seen")), ","))
         return table
 
 

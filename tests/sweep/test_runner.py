@@ -12,10 +12,10 @@ two at once on 2 CPUs), W&B offline, read back from the run files.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -215,7 +215,7 @@ scheduler: {{type: asha, max_t: {max_steps // 4}, grace_period: 1, reduction_fac
 
 
 # ------------------------------------------------------------------------------------ interrupt
-def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path) -> None:
+def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, request) -> None:
     """The real CLI in a subprocess with its own Ray: SIGINT once two trials are finished (the
     third is then starting), then `--resume`."""
     cwd = Path(tempfile.mkdtemp(prefix="e2es-", dir="/tmp"))  # short: Ray's socket paths live under it
@@ -229,6 +229,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path) -> 
 
     log = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    request.addfinalizer(lambda: shutil.rmtree(cwd, ignore_errors=True))  # its Ray session logs
     try:
         deadline = time.time() + 400
         while proc.poll() is None and time.time() < deadline:
