@@ -40,6 +40,11 @@ def prepare_run_dir(cfg: RunConfig, *, resume: bool) -> None:
     if not resume and found is not None:
         raise UserError(f"run {cfg.name!r} already has checkpoints at {cfg.run_uri}: pass --resume to continue it, "
                         f"or --set name=<new name>")
+    if resume:
+        # Ray Train's run snapshot lists every checkpoint ever reported; our keep-N pruning deletes
+        # old ones, and Ray 2.60 then refuses to start the run. Resume reads storage itself
+        # (checkpoint.restore_latest), so the snapshot is not needed.
+        storage.delete_file(storage.join(cfg.run_uri, "checkpoint_manager_snapshot.json"), cfg.storage)
     storage.write_text(storage.join(cfg.run_uri, "config.yaml"), dump_yaml(cfg), cfg.storage)
 
 
