@@ -65,9 +65,9 @@ def intervals(wins: list[dict[str, Any]], every: int, n: int) -> list[dict[str, 
     """Per measured interval i (steps i*every .. (i+1)*every, checkpoint at its start).
 
     first_s: wall seconds of its first half (holds the checkpoint's stall and, with async upload,
-    most of the upload running beside training); second_s: its second half. A clean interval is
-    estimated as 2 x second_s from the same run, minutes apart from nothing, so a shared machine's
-    slow load swings cancel out (the run without checkpoints shows the noise floor of that).
+    most of the upload running beside training); second_s: its second half. The clean interval is
+    estimated as 2 x second_s: the same run, seconds later, so a shared machine's slow load swings
+    mostly cancel (the run without checkpoints shows what is left of them).
     """
     by_end = {w["step"]: w for w in wins}
     half = every // 2
@@ -146,7 +146,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def format_result(res: dict[str, Any]) -> str:
     mb = next((r["checkpoint_mb"] for r in res["rows"] if r["checkpoint_mb"]), None)
-    size = f"{mb:.0f} MB" if mb else "?"
+    size = f"{mb:.1f} MB" if mb is not None else "?"
     out = [f"model {res['model']}, batch {res['batch']}x128, 2 workers, ZeRO-2, storage {res['storage']}; "
            f"checkpoint {size} every {res['ckpt_every']} steps, {res['checkpoints']} measured per run (medians)",
            "| upload | clean interval s | stall per checkpoint s | stall / interval | extra wall time / interval |",

@@ -293,7 +293,8 @@ def format_result(res: dict[str, Any]) -> str:
         f"raw DDP (gloo)                   {med['ddp'] * 1e3:8.1f} ms/step  ({mean['ddp'] * 1e3:.1f})",
         f"raw DeepSpeed ZeRO-{res['zero_stage']} (no Ray)     {med['deepspeed'] * 1e3:8.1f} ms/step  "
         f"({mean['deepspeed'] * 1e3:.1f})",
-        f"e2e-dist Ray Train + ZeRO-{res['zero_stage']}      {med['ours'] * 1e3:8.1f} ms/step  ({mean['ours'] * 1e3:.1f})",
+        f"e2e-dist Ray Train + ZeRO-{res['zero_stage']}      {med['ours'] * 1e3:8.1f} ms/step  "
+        f"({mean['ours'] * 1e3:.1f})",
         f"ratio ours / DDP                 {res['ratio']:8.3f}x  (goal <= 1.10x; ratio of means "
         f"{res['ratio_of_means']:.3f}x)",
         f"ratio ours / raw DeepSpeed       {res['ratio_vs_deepspeed']:8.3f}x  (Ray Train + data feeding + loop)",

@@ -190,6 +190,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     base_metrics = {"n_params": n_params, "n_params_non_embedding": n_params_non_embedding,
                     "flops_per_step": flops_per_step, "precision": resolve_precision(cfg, on_gpu),
                     "zero_stage": cfg.deepspeed.zero_stage, "world_size": world, "run_name": cfg.name,
+                    # which speed options really took effect (benchmarks and tests read these back)
+                    "compiled": bool(engine.is_compiled), "grad_accum": t.grad_accum,
+                    "activation_checkpointing": t.activation_checkpointing,
                     # what the data subset holds (train_tokens, train_bytes, ...): sweeps and
                     # scaling fits need the real data size of each run
                     **{k: v for k, v in loop_config.get("data_stats", {}).items() if isinstance(v, (int, float))}}
