@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from e2e_dist.config import RunConfig
+from e2e_dist.config import RunConfig, deep_merge
 
 
 def resolve_precision(cfg: RunConfig, on_gpu: bool) -> str:
@@ -52,14 +52,7 @@ def build_deepspeed_config(cfg: RunConfig, *, world_size: int, on_gpu: bool) -> 
     if ds.offload_optimizer:
         # With an external torch optimizer DeepSpeed needs explicit consent to offload it.
         out["zero_force_ds_cpu_optimizer"] = False
-    return deep_update(out, ds.overrides)
-
-
-def deep_update(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    return deep_merge(out, ds.overrides)
 
 
 def lr_lambda(cfg: RunConfig):

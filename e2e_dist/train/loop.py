@@ -247,13 +247,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         is_last = step == t.max_steps
         preempted = False
         if step % t.log_every == 0 or is_last:
-            last = {**window.flush(model.unit_name), "lr": scheduler.get_last_lr()[0], "step": step,
+            # SIGTERM on any rank: everyone checkpoints now (checked once per log interval, inside the
+            # metrics collective, so the hot path has no extra collective).
+            interval, any_preempt = window.flush(model.unit_name, preempt_requested=preemption.requested())
+            preempted = any_preempt and not is_last
+            last = {**interval, "lr": scheduler.get_last_lr()[0], "step": step,
                     f"{model.unit_name}_seen": units_seen, "epoch": train_stream.epoch}
             if stall_s:
                 last["ckpt_stall_s"] = stall_s
-            # SIGTERM on any rank: everyone checkpoints now (checked once per log interval, so the
-            # hot path has no extra collective).
-            preempted = all_reduce_sum({"p": float(preemption.requested())}, device)["p"] > 0 and not is_last
         do_eval = step % t.eval_every == 0 or is_last
         if do_eval:
             last_eval = evaluate(engine, model, val_shard, t.eval_batches, t.micro_batch_size, collate, device,

@@ -48,13 +48,16 @@ class MetricWindow:
     def end_step(self) -> None:
         self.steps += 1
 
-    def flush(self, unit_name: str) -> dict[str, float]:
-        """Reduce across ranks and return interval metrics (every rank gets the same numbers)."""
+    def flush(self, unit_name: str, *, preempt_requested: bool = False) -> tuple[dict[str, float], bool]:
+        """Reduce across ranks and return (interval metrics, whether any rank asked to preempt).
+
+        Every rank gets the same numbers; the preemption flag rides in the same collective, so
+        checking it costs nothing extra."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - self.t0
-        red = all_reduce_sum({"loss": self.loss_sum, "n": float(self.micro_batches), "units": float(self.units)},
-                             self.device)
+        red = all_reduce_sum({"loss": self.loss_sum, "n": float(self.micro_batches), "units": float(self.units),
+                              "preempt": float(preempt_requested)}, self.device)
         steps = max(self.steps, 1)
         step_time = elapsed / steps
         achieved = self.flops_per_step / step_time if step_time > 0 else 0.0  # per device
@@ -70,4 +73,4 @@ class MetricWindow:
         if m is not None:
             out["mfu"] = m
         self._reset()
-        return out
+        return out, red["preempt"] > 0

@@ -59,8 +59,8 @@ def init_ray(address: str | None = None, opts: LocalRayOptions | None = None) ->
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # Workers log to files, not to our terminal, unless asked (keeps the progress display readable).
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Repeated worker lines are folded, which keeps the progress display readable.
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray Data's progress bars are noise in CI logs and our own display.
