@@ -8,7 +8,6 @@ with their own local directories. One slow test runs it under Ray Train itself.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from pathlib import Path

@@ -76,7 +76,7 @@ def test_scaling_grid_points_are_spaced_by_compute_budget() -> None:
     budgets = {1e11: 0, 3e11: 0, 1e12: 0}
     sizes = set()
     for _, cfg in spec.trial_configs():
-        m, t = cfg.model, cfg.trainer
+        m = cfg.model
         n = ByteGPT(m.n_layer, m.n_head, m.d_model, m.max_seq_len).num_params(non_embedding=True)
         d = tokens_seen(cfg)
         c = 6 * n * d
