@@ -161,8 +161,12 @@ class TrainerConfig(Section):
     """auto = bf16 on GPU, fp32 on CPU."""
     activation_checkpointing: bool = False
     """Recompute block activations in backward (saves memory, costs ~30% compute)."""
-    compile: bool = False
-    """torch.compile the model under DeepSpeed."""
+    compile: bool | None = None
+    """torch.compile the model under DeepSpeed (`engine.compile()`); None = on for GPU workers, off
+    on CPU (where compile time outweighs the gain for the small models people run there)."""
+    prefetch_batches: int = Field(2, ge=0)
+    """Micro-batches Ray Data prepares ahead in background threads (collated, pinned and copied to
+    the GPU), so the step never waits on input."""
     max_failures: int = Field(0, ge=-1)
     """Ray Train FailureConfig: worker-group restarts allowed (-1 = unlimited)."""
     async_checkpoint: bool = True

@@ -3,7 +3,7 @@
 build model -> DeepSpeed engine -> restore latest committed checkpoint (if any) -> step loop with
 metrics every `log_every`, evaluation every `eval_every`, checkpoint every `ckpt_every` -> final
 checkpoint + sample. The function gets the validated RunConfig as a plain dict (Ray pickles it) and
-never parses YAML or talks to storage itself: checkpoint.py and tracking.py own those concerns.
+never parses YAML or talks to storage itself: e2e_dist.checkpoint and e2e_dist.tracking own those.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from e2e_dist.config import RunConfig
-from e2e_dist.train.deepspeed_config import build_deepspeed_config, lr_lambda, resolve_precision
+from e2e_dist.train.deepspeed_config import build_deepspeed_config, lr_lambda, resolve_compile, resolve_precision
 from e2e_dist.train import preemption
 from e2e_dist.train.faults import maybe_inject_fault
 from e2e_dist.train.flops import peak_flops, train_flops_per_batch
@@ -32,22 +33,39 @@ class PreemptedError(RuntimeError):
     """Raised on every rank after the just-in-time checkpoint; Ray Train restarts the group."""
 
 
+class ModalityCollate(NumpyBatchCollateFn):
+    """Our modality's numpy -> tensor collate in the form Ray Data's `iter_torch_batches` takes.
+
+    Ray runs it (and the pinning and host-to-device copy after it) in its prefetch threads, so the
+    next batch is ready on the device while the current step computes."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, batch):
+        return self.fn(batch)
+
+
 class BatchStream:
     """Endless micro-batches from a Ray Data shard, epoch after epoch, with a resumable position.
 
     The position is (epoch, batches consumed in that epoch). Resuming replays the epoch's
     deterministic order and skips the consumed batches, so a restart sees the same data it would
-    have seen without the crash (up to Ray Data's shard assignment between workers).
+    have seen without the crash (up to Ray Data's shard assignment between workers). Batches are
+    prefetched `prefetch` deep; on a GPU they arrive pinned and already copied to the device.
     """
 
-    def __init__(self, shard, batch_size: int, collate, device: torch.device, epoch: int = 0, consumed: int = 0):
-        self.shard, self.batch_size, self.collate, self.device = shard, batch_size, collate, device
+    def __init__(self, shard, batch_size: int, collate, device: torch.device, epoch: int = 0, consumed: int = 0,
+                 prefetch: int = 2):
+        self.shard, self.batch_size, self.device, self.prefetch = shard, batch_size, device, prefetch
+        self.collate = ModalityCollate(collate)
         self.epoch, self.consumed = epoch, consumed
         self._it: Iterator | None = None
 
     def _start_epoch(self) -> None:
-        self._it = iter(self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy",
-                                                drop_last=True, prefetch_batches=2))
+        self._it = iter(self.shard.iter_torch_batches(
+            batch_size=self.batch_size, collate_fn=self.collate, device=self.device,
+            pin_memory=self.device.type == "cuda", drop_last=True, prefetch_batches=self.prefetch))
         for _ in range(self.consumed):  # fast-forward to the saved position
             next(self._it)
 
@@ -64,8 +82,7 @@ class BatchStream:
                 self.epoch, self.consumed = self.epoch + 1, 0
                 self._start_epoch()
         self.consumed += 1
-        pin = self.device.type == "cuda"
-        return {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=pin) for k, v in self.collate(batch).items()}
+        return batch
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "consumed": self.consumed}
@@ -91,22 +108,31 @@ def evaluate(engine, model, val_iter, batches: int, batch_size: int, collate, de
 
     Every rank reads the same val stream and takes every world-th batch, so the evaluated set is
     identical from run to run and across restarts, whatever Ray Data's split would have done.
+    Every rank runs the same number of forwards: under ZeRO-3 each forward gathers parameter shards
+    collectively, so a rank that stopped one batch early would hang the others. A rank short of a
+    batch (a val set that does not divide by the world size) repeats one and discards the result.
     """
+    mine, total, filler = [], 0, None
+    for i, np_batch in enumerate(val_iter.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                                       drop_last=False)):
+        if i >= batches * world:
+            break
+        total += 1
+        filler = np_batch if filler is None else filler
+        if i % world == rank:
+            mine.append(np_batch)
+    rounds = -(-total // world)  # the same on every rank: they all read the same stream
     engine.eval()
-    sums: dict[str, torch.Tensor] = {}
+    sums = {k: torch.zeros((), device=device) for k in model.eval_sum_keys()}
     with torch.no_grad():
-        it = val_iter.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False)
-        for i, np_batch in enumerate(it):
-            if i >= batches * world:
-                break
-            if i % world != rank:
-                continue
-            batch = {k: v.to(device) for k, v in collate(np_batch).items()}
-            for k, v in model.eval_sums(batch).items():
-                sums[k] = sums.get(k, 0) + v.float()
+        for r in range(rounds):
+            real = r < len(mine)
+            batch = {k: v.to(device) for k, v in collate(mine[r] if real else filler).items()}
+            out = model.eval_sums(batch)
+            if real:
+                for k, v in out.items():
+                    sums[k] = sums[k] + v.float()
     engine.train()
-    if not sums:  # tiny val set: this rank got no batch; still join the collective
-        sums = {k: torch.zeros((), device=device) for k in model.eval_sum_keys()}
     return model.summarize_eval(all_reduce_sum(sums, device))
 
 
@@ -145,7 +171,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
-    if t.compile:
+    if resolve_compile(cfg, on_gpu):
         engine.compile()
 
     # ---- resume: the newest *committed* checkpoint in storage (not Ray's record; see checkpoint.py)
@@ -184,7 +210,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     collate = loop_config["collate"]
     train_stream = BatchStream(ray.train.get_dataset_shard("train"), t.micro_batch_size, collate, device,
-                               **data_pos)
+                               prefetch=t.prefetch_batches, **data_pos)
     val_shard = ray.train.get_dataset_shard("val")
     window = MetricWindow(device, flops_per_step, peak_flops(device), world)
     base_metrics = {"n_params": n_params, "n_params_non_embedding": n_params_non_embedding,
