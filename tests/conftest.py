@@ -27,4 +27,4 @@ os.environ.setdefault("MPLCONFIGDIR", str(ROOT / ".cache" / "matplotlib"))
 # Slow 2-core CI machines: a worker group may wait for CPUs another trial still holds.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
-pytest_plugins = ["tests.fixtures.ray_local", "tests.fixtures.s3"]
+pytest_plugins = ["tests.fixtures.ray_local", "tests.fixtures.s3", "tests.fixtures.tiny_deepspeed"]

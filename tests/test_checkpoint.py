@@ -20,90 +20,12 @@ from e2e_dist.checkpoint import (
     MANIFEST, checkpoint_dir_name, find_latest_committed, list_checkpoints, load_engine, make_upload_fn,
     restore_latest, save_engine, step_of,
 )
-from e2e_dist.config import RunConfig, StorageConfig
+from e2e_dist.config import StorageConfig
 from e2e_dist.errors import CheckpointError
-from tests.fixtures.s3 import _free_port
+from tests.fixtures.tiny_deepspeed import fake_rank_dir, tiny_cfg, tiny_engine, train, upload
 
 
-# ------------------------------------------------------------------------------ tiny engines
-@pytest.fixture(scope="session")
-def ds_process_group():
-    """A one-rank gloo process group in this process (DeepSpeed needs one)."""
-    import torch.distributed as dist
-
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    yield
-    if created and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-@pytest.fixture
-def ds(ds_process_group, monkeypatch):
-    """What a test needs to build and run DeepSpeed engines in this process."""
-    monkeypatch.setenv("LOCAL_RANK", "0")  # DeepSpeed reads it at init and (ZeRO-3) during steps
-
-
-def tiny_cfg(zero_stage: int = 2, storage_path: str = "./runs", name: str = "ck", **ds_overrides) -> RunConfig:
-    return RunConfig.model_validate({
-        "name": name, "storage": {"path": storage_path},
-        "model": {"kind": "gpt", "n_layer": 1, "n_head": 2, "d_model": 16, "max_seq_len": 32},
-        "data": {"seq_len": 16},
-        "trainer": {"micro_batch_size": 2, "max_steps": 20, "warmup_steps": 2, "lr": 1e-2},
-        "deepspeed": {"zero_stage": zero_stage, "overrides": ds_overrides},
-    })
-
-
-def tiny_engine(cfg: RunConfig, seed: int = 0):
-    """A DeepSpeed engine over ByteGPT with our AdamW + warmup/cosine LambdaLR, like the loop builds."""
-    import deepspeed
-
-    from e2e_dist.models.registry import build_model
-    from e2e_dist.train.deepspeed_config import build_deepspeed_config, lr_lambda
-
-    torch.manual_seed(seed)
-    model = build_model(cfg.model, cfg.data)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.trainer.lr, betas=cfg.trainer.betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                      config=build_deepspeed_config(cfg, world_size=1, on_gpu=False))
-    return engine
-
-
-def batch(seed: int) -> dict[str, torch.Tensor]:
-    return {"tokens": torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(seed))}
-
-
-def train(engine, steps: int, first: int = 0) -> float:
-    loss = torch.tensor(0.0)
-    for s in range(first, first + steps):
-        loss = engine(batch(s))
-        engine.backward(loss)
-        engine.step()
-    return loss.item()
-
-
-def upload(local_dir: Path, run_uri: str, step: int, *, rank: int = 0, world_size: int = 1, keep_last: int = 10,
-           save_id: str | None = "attempt-1", timeout: float = 30.0, meta: dict | None = None,
-           storage_cfg: StorageConfig | None = None, zero_stage: int = 2):
-    """Call the upload function exactly as Ray Train does."""
-    import ray.train
-
-    fn = make_upload_fn(run_uri=run_uri, storage_cfg=storage_cfg, rank=rank, world_size=world_size, step=step,
-                        meta=meta if meta is not None else {"data": {"step": step}}, keep_last=keep_last,
-                        commit_timeout_s=timeout, save_id=save_id, zero_stage=zero_stage)
-    return fn(ray.train.Checkpoint.from_directory(str(local_dir)), checkpoint_dir_name(step))
-
-
-def fake_rank_dir(root: Path, rank: int) -> Path:
-    """What DeepSpeed writes on a non-zero rank: only that rank's optimizer shard."""
-    d = root / f"rank{rank}"
-    (d / "ds").mkdir(parents=True, exist_ok=True)
-    torch.save({"shard": torch.full((64,), float(rank))}, d / "ds" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
-    return d
-
-
+# ------------------------------------------------------------------------------ run locations
 @pytest.fixture(params=["local", "s3"])
 def run_uri(request, tmp_path) -> str:
     if request.param == "local":

@@ -18,7 +18,7 @@ from e2e_dist import storage
 from e2e_dist.errors import CheckpointError
 from e2e_dist.export import export_checkpoint, generate_from_export, load_exported
 from tests.conftest import ROOT
-from tests.test_checkpoint import ds, ds_process_group, fake_rank_dir, tiny_cfg, tiny_engine, train, upload  # noqa: F401
+from tests.fixtures.tiny_deepspeed import fake_rank_dir, tiny_cfg, tiny_engine, train, upload
 
 
 def _commit(engine, cfg, tmp_path: Path, step: int, zero_stage: int) -> None:

@@ -1,0 +1,111 @@
+"""Single objects and whole trees through `pyarrow.fs`: exists, read, write, list, delete."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyarrow.fs as pafs
+
+from e2e_dist.storage.clients import boto3_client, resolve
+from e2e_dist.storage.error_messages import operation_error
+from e2e_dist.storage.uris import split_s3
+
+if TYPE_CHECKING:
+    from e2e_dist.config import StorageConfig
+
+
+def exists(uri: str, storage_cfg: StorageConfig | None = None) -> bool:
+    fs, path = resolve(uri, storage_cfg)
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as e:
+        raise operation_error("checking", uri, e, storage_cfg) from None
+
+
+def read_bytes(uri: str, storage_cfg: StorageConfig | None = None) -> bytes:
+    fs, path = resolve(uri, storage_cfg)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except OSError as e:
+        raise operation_error("reading", uri, e, storage_cfg) from None
+
+
+def read_text(uri: str, storage_cfg: StorageConfig | None = None) -> str:
+    return read_bytes(uri, storage_cfg).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes, storage_cfg: StorageConfig | None = None) -> None:
+    """Write a whole object. Local files are written to a temp file and renamed (atomic); an S3 PUT
+    is atomic by itself (readers see the old object or the new one, never half)."""
+    fs, path = resolve(uri, storage_cfg)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        else:
+            # One PUT (pyarrow's output stream would take three requests: a multipart upload).
+            bucket, key = split_s3(uri)
+            boto3_client(storage_cfg).put_object(Bucket=bucket, Key=key, Body=data)
+    except Exception as e:
+        raise operation_error("writing", uri, e, storage_cfg) from None
+
+
+def write_text(uri: str, text: str, storage_cfg: StorageConfig | None = None) -> None:
+    write_bytes(uri, text.encode("utf-8"), storage_cfg)
+
+
+def list_dir(uri: str, storage_cfg: StorageConfig | None = None) -> list[str]:
+    """Names of the immediate children (files and directories), sorted; [] if `uri` does not exist."""
+    fs, path = resolve(uri, storage_cfg)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    except OSError as e:
+        raise operation_error("listing", uri, e, storage_cfg) from None
+    return sorted({i.base_name for i in infos})
+
+
+def list_files(uri: str, storage_cfg: StorageConfig | None = None) -> dict[str, int]:
+    """Every file under `uri` (recursively) as {relative posix path: size}; {} if missing."""
+    fs, path = resolve(uri, storage_cfg)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
+    except OSError as e:
+        raise operation_error("listing", uri, e, storage_cfg) from None
+    root = path.rstrip("/") + "/"
+    return {i.path[len(root):]: i.size for i in infos if i.type == pafs.FileType.File and i.path.startswith(root)}
+
+
+def delete_file(uri: str, storage_cfg: StorageConfig | None = None) -> None:
+    """Delete one file; a missing one is fine."""
+    fs, path = resolve(uri, storage_cfg)
+    try:
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            fs.delete_file(path)
+    except OSError as e:
+        raise operation_error("deleting", uri, e, storage_cfg) from None
+
+
+def delete_tree(uri: str, storage_cfg: StorageConfig | None = None) -> None:
+    """Delete a directory (or prefix) and everything under it; a missing one is fine."""
+    fs, path = resolve(uri, storage_cfg)
+    try:
+        kind = fs.get_file_info(path).type
+        if kind == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif kind == pafs.FileType.File:
+            fs.delete_file(path)
+    except OSError as e:
+        raise operation_error("deleting", uri, e, storage_cfg) from None

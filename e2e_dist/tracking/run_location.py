@@ -1,0 +1,73 @@
+"""Which W&B mode a run uses, the run's stable W&B id, and where W&B writes its files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from e2e_dist.config import RunConfig
+
+Mode = Literal["online", "offline", "disabled"]
+
+
+def resolve_mode(cfg: RunConfig, env: Any = None) -> Mode:
+    """`tracking.mode` -> W&B mode. auto: `$WANDB_MODE` when it says offline/disabled, else online
+    with `$WANDB_API_KEY`, else offline."""
+    env = os.environ if env is None else env
+    t = cfg.tracking
+    if not t.wandb or t.mode == "disabled":
+        return "disabled"
+    if t.mode != "auto":
+        return t.mode
+    forced = env.get("WANDB_MODE", "").lower()
+    if forced in ("offline", "dryrun", "disabled"):
+        return "disabled" if forced == "disabled" else "offline"
+    return "online" if env.get("WANDB_API_KEY") else "offline"
+
+
+def wandb_run_id(cfg: RunConfig) -> str:
+    """`<name>-<8 hex of sha1(run location)>`: one run (restarted, resumed) keeps one W&B id, and
+    one name in two places (sweep trial dirs, buckets) gets two. Local paths are made absolute."""
+    local = _local_run_dir(cfg)
+    where = str(local) if local is not None else cfg.run_uri.rstrip("/")
+    return f"{cfg.name[:64]}-{hashlib.sha1(where.encode()).hexdigest()[:8]}"
+
+
+def _local_run_dir(cfg: RunConfig) -> Path | None:
+    path = cfg.storage.path
+    if path.startswith("s3://"):
+        return None
+    return Path(os.path.abspath(os.path.expanduser(path.removeprefix("file://")))) / cfg.name
+
+
+def wandb_root(cfg: RunConfig) -> Path:
+    """What `wandb.init(dir=...)` gets; W&B writes to `<root>/wandb/`. `tracking.dir` if set, else
+    the local run directory, else (s3:// storage) `$WANDB_DIR` or the working directory."""
+    if cfg.tracking.dir:
+        return Path(os.path.abspath(os.path.expanduser(cfg.tracking.dir)))
+    local = _local_run_dir(cfg)
+    return local if local is not None else Path(os.path.abspath(os.environ.get("WANDB_DIR") or "."))
+
+
+def wandb_dir(cfg: RunConfig) -> Path:
+    """Where W&B's files (one `<offline-run|run>-<time>-<id>/` folder per session) and our state live."""
+    return wandb_root(cfg) / "wandb"
+
+
+def wandb_run_dir(cfg: RunConfig) -> str | None:
+    """The newest local W&B folder of this run, for the end-of-run summary; None when tracking is
+    disabled or nothing was written on this machine (rank 0 ran on another node)."""
+    if resolve_mode(cfg) == "disabled":
+        return None
+    run_id = wandb_run_id(cfg)
+    files = sorted(wandb_dir(cfg).glob(f"*run-*-{run_id}*/run-{run_id}.wandb"),
+                   key=lambda p: (_stamp(p.parent.name), p.stat().st_mtime))
+    return str(files[-1].parent) if files else None
+
+
+def _stamp(folder: str) -> str:
+    m = re.search(r"-(\d{8}_\d{6})-", folder)
+    return m.group(1) if m else ""
