@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any, Iterable
 
 from e2e_dist.errors import UserError
+from e2e_dist.train.ray_env import SIGTERM_SETUP_HOOK
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 """Where `ray dashboard ray-cluster.yaml` forwards the head's dashboard / Jobs API."""
@@ -127,8 +128,16 @@ def forwarded_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def build_runtime_env(working_dir: str | Path | None, env_vars: dict[str, str]) -> dict[str, Any]:
-    """runtime_env for the job: the project dir (minus venvs/outputs) and the env vars."""
-    runtime_env: dict[str, Any] = {"env_vars": dict(env_vars)}
+    """runtime_env for the job: the project dir (minus venvs/outputs), the env vars, and the
+    SIGTERM setup hook.
+
+    Why the hook here: Ray runs `worker_process_setup_hook` only from the job-level runtime_env
+    (an actor's is ignored), and without it Ray's own SIGTERM handler kills a worker at once
+    instead of letting it take a just-in-time checkpoint (train/preemption.py). The job's
+    runtime_env is that job-level one for its driver and every worker the driver starts. The
+    cluster's Python must be able to import e2e_dist (installed there, or the working dir).
+    """
+    runtime_env: dict[str, Any] = {"env_vars": dict(env_vars), "worker_process_setup_hook": SIGTERM_SETUP_HOOK}
     if working_dir is not None:
         wd = Path(working_dir).expanduser().resolve()
         if not wd.is_dir():

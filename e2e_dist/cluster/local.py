@@ -13,129 +13,40 @@ Every node is a `ray start --block` subprocess in its own session (process group
   children on SIGTERM, and Ray's reaper kills the group if it dies. `stop()` therefore touches
   exactly the processes this object started (never `ray stop`, which kills every Ray on the host).
 
-The fake autoscaling cluster (`autoscale=True`) follows what works with Ray 2.60:
-`RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=FILE` with `provider.type:
-fake_multinode` and the GCS address written into the provider section. Its worker nodes are
-started by the autoscaler (monitor) process in the head's process group and temp dir.
+The fake autoscaling cluster (`autoscale=True`, config in cluster/local_autoscale.py): its worker
+nodes are started by the autoscaler (monitor) process in the head's process group and temp dir.
+
+Split by concern: one node's process (cluster/local_node.py), worker port blocks
+(cluster/local_ports.py), the autoscaler config (cluster/local_autoscale.py); all importable from
+here as before.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
-from e2e_dist.errors import UserError
+from e2e_dist.cluster.local_autoscale import DEFAULT_AUTOSCALE_CONFIG, REPO_ROOT, render_autoscale_config
+from e2e_dist.cluster.local_node import (
+    LocalClusterError,
+    LocalNode,
+    node_pids,
+    ray_start_command,
+    stop_node,
+    wait_ready,
+)
+from e2e_dist.cluster.local_ports import pick_worker_port_range
 from e2e_dist.train.ray_env import LOOPBACK, free_port
 
-# `ray start --block` prints this once the node is fully up (after it registered with the GCS).
-_READY_MARK = "will now block forever"
-# Worker port ranges live below Linux's ephemeral range (32768+, where free_port() and Ray's
-# random ports come from) and above Ray's default range (10002-19999) other instances use.
-_WORKER_PORT_LO, _WORKER_PORT_HI, _WORKER_PORTS_PER_NODE = 20000, 32000, 100
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_AUTOSCALE_CONFIG = REPO_ROOT / "cluster" / "local-autoscale.yaml"
-
-
-class LocalClusterError(UserError):
-    """A local node failed to start (the message names the node and its log file)."""
-
-
-@dataclass
-class LocalNode:
-    """One `ray start --block` process and what identifies the processes it owns."""
-
-    name: str
-    temp_dir: Path
-    log_path: Path
-    popen: subprocess.Popen
-    ports: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def pgid(self) -> int:
-        # start_new_session=True: the group id is the leader's pid, valid even after it exits.
-        return self.popen.pid
-
-
-# `ray start --node-ip-address 127.0.0.1` is rewritten by Ray to the machine's primary address
-# (services.resolve_ip_for_localhost), and so is `--address 127.0.0.1:PORT`. This launcher runs
-# Ray's own `ray start` CLI with that one rewrite disabled, and exports
-# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 to the node's children *after* Ray is imported here: in
-# those processes (autoscaler, job drivers, workers) Ray's get_node_ip_address() then answers the
-# loopback address too, while this process keeps multi-node `ray start` allowed.
-_LOOPBACK_RAY_START = (
-    "import os, sys\n"
-    # multi-node `ray start` must be allowed in this process even if our caller turned it off
-    "os.environ['RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'] = '1'\n"
-    "import ray._private.services as services\n"
-    "from ray.scripts.scripts import main\n"
-    "services.resolve_ip_for_localhost = lambda host: host\n"
-    "os.environ['RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'] = '0'\n"
-    "sys.argv = ['ray'] + sys.argv[1:]\n"
-    "sys.exit(main())\n"
-)
-
-
-def ray_start_command(args: list[str]) -> list[str]:
-    """`ray start ARGS` that keeps every advertised address on 127.0.0.1."""
-    return [sys.executable, "-c", _LOOPBACK_RAY_START, "start", *args]
-
-
-def _ports_free(ports: range) -> bool:
-    for port in ports:
-        with socket.socket() as s:
-            try:
-                s.bind((LOOPBACK, port))
-            except OSError:
-                return False
-    return True
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def pick_worker_port_range(taken: list[range], size: int = _WORKER_PORTS_PER_NODE) -> range:
-    """A block of `size` free ports above Ray's default range and below the ephemeral range."""
-    hi = min(_WORKER_PORT_HI, max(_ephemeral_low(), _WORKER_PORT_LO + 10 * size))
-    rng = random.Random()
-    for _ in range(200):
-        lo = rng.randrange(_WORKER_PORT_LO, hi - size)
-        block = range(lo, lo + size)
-        if not any(block.start < t.stop and t.start < block.stop for t in taken) and _ports_free(block):
-            return block
-    raise LocalClusterError(f"no free block of {size} worker ports in {_WORKER_PORT_LO}-{hi}")
-
-
-def render_autoscale_config(source: str | Path, gcs_port: int, dest: Path, *,
-                            idle_timeout_minutes: float | None = None) -> Path:
-    """Copy the fake-autoscaler yaml with this cluster's GCS address (and idle timeout)."""
-    try:
-        config = yaml.safe_load(Path(source).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise LocalClusterError(f"{source}: cannot read autoscaling config: {e}".splitlines()[0]) from None
-    provider = config.setdefault("provider", {})
-    if provider.get("type") != "fake_multinode":
-        raise LocalClusterError(f"{source}: provider.type must be fake_multinode for a local autoscaling cluster")
-    provider["gcs_address"] = f"{LOOPBACK}:{gcs_port}"
-    if idle_timeout_minutes is not None:
-        config["idle_timeout_minutes"] = idle_timeout_minutes
-    dest.write_text(yaml.safe_dump(config, sort_keys=False))
-    return dest
+__all__ = [
+    "DEFAULT_AUTOSCALE_CONFIG", "REPO_ROOT", "LocalCluster", "LocalClusterError", "LocalNode",
+    "pick_worker_port_range", "ray_start_command", "render_autoscale_config",
+]
 
 
 class LocalCluster:
@@ -316,7 +227,7 @@ class LocalCluster:
                                          stdin=subprocess.DEVNULL, start_new_session=True)
             node = LocalNode(name=name, temp_dir=temp_dir, log_path=log_path, popen=popen, ports=ports)
             try:
-                self._wait_ready(node)
+                wait_ready(node, self.start_timeout_s)
                 return node
             except LocalClusterError:
                 if attempt == self.start_attempts:
@@ -324,63 +235,10 @@ class LocalCluster:
                 shutil.copy(log_path, self.base_dir / f"{name}.attempt{attempt}.log")
         raise AssertionError("unreachable")
 
-    def _wait_ready(self, node: LocalNode) -> None:
-        deadline = time.monotonic() + self.start_timeout_s
-        while time.monotonic() < deadline:
-            text = node.log_path.read_text(errors="replace") if node.log_path.exists() else ""
-            if _READY_MARK in text:
-                return
-            if node.popen.poll() is not None:
-                break
-            time.sleep(0.25)
-        # Not ready: make sure its processes go too (the caller stops the rest).
-        why = "exited" if node.popen.poll() is not None else f"not ready after {self.start_timeout_s:.0f}s"
-        self._stop_node(node, timeout_s=10)
-        raise LocalClusterError(f"ray node {node.name} {why}; see {node.log_path}: {_last_error_line(node.log_path)}")
-
     # ------------------------------------------------------------------ processes and stop
     def pids(self) -> set[int]:
         """PIDs of every live process this cluster owns (all nodes)."""
-        return set().union(*(self._node_pids(n) for n in self.nodes)) if self.nodes else set()
-
-    @staticmethod
-    def _node_pids(node: LocalNode) -> set[int]:
-        """Processes in the node's process group, plus any that name its temp dir (Ray may move
-        workers into their own process groups) -- never anything else."""
-        import psutil
-
-        marker = str(node.temp_dir)
-        found: set[int] = set()
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            try:
-                if proc.info["pid"] == os.getpid():
-                    continue
-                if os.getpgid(proc.info["pid"]) == node.pgid or any(marker in a for a in proc.info["cmdline"] or ()):
-                    if proc.status() != psutil.STATUS_ZOMBIE:
-                        found.add(proc.info["pid"])
-            except (psutil.Error, ProcessLookupError, PermissionError):
-                continue
-        return found
-
-    def _stop_node(self, node: LocalNode, timeout_s: float) -> None:
-        import psutil
-
-        # 1) Graceful: `ray start --block` kills its own children on SIGTERM.
-        if node.popen.poll() is None:
-            node.popen.send_signal(signal.SIGTERM)
-            try:
-                node.popen.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
-        # 2) Whatever is left of this node (orphans, autoscaler-started fake nodes): TERM, then KILL.
-        for sig, wait in ((signal.SIGTERM, timeout_s / 2), (signal.SIGKILL, 5.0)):
-            procs = [p for p in (_signal(pid, sig) for pid in self._node_pids(node)) if p]
-            if not procs:
-                break
-            psutil.wait_procs(procs, timeout=wait)
-        if node.popen.poll() is None:
-            node.popen.kill()
-        node.popen.wait(timeout=5)
+        return set().union(*(node_pids(n) for n in self.nodes)) if self.nodes else set()
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """Stop exactly what this cluster started: worker nodes first, then the head."""
@@ -388,7 +246,7 @@ class LocalCluster:
             return
         self._stopped = True
         for node in reversed(self.nodes):
-            self._stop_node(node, timeout_s)
+            stop_node(node, timeout_s)
         if self._own_base and not os.environ.get("E2E_DIST_KEEP_CLUSTER_DIRS"):
             shutil.rmtree(self.base_dir, ignore_errors=True)
 
@@ -405,23 +263,3 @@ class LocalCluster:
         auth = "RAY_AUTH_MODE=token " if self.auth_mode == "token" else ""
         lines.append(f"  watch nodes      : {auth}ray list nodes --address {self.dashboard_url}")
         return "\n".join(lines)
-
-
-def _signal(pid: int, sig: int):  # -> psutil.Process | None
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        proc.send_signal(sig)
-        return proc
-    except psutil.Error:
-        return None
-
-
-def _last_error_line(log_path: Path) -> str:
-    try:
-        lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "(no log)"
-    errors = [ln for ln in lines if "rror" in ln or "ailed" in ln]
-    return (errors or lines or ["(empty log)"])[-1][:300]

@@ -13,14 +13,16 @@ Every point of the space is validated as a full RunConfig here (heads not dividi
 above 1, ...), so a bad sweep is one line before Ray starts. Trials are named
 `<sweep>-t<index>-<hash of params>`, belong to the W&B group `<sweep>`, and live under
 `<storage.path>/<sweep>/` next to the sweep's `results.jsonl`.
+
+Split by concern: the sweep's scheduler/resources sections (sweep/sections.py), parameters and
+their canonical form (sweep/params.py), base and `--set` resolution (sweep/overrides.py); the
+names used elsewhere stay importable from here.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
-import json
 import math
 import os
 import re
@@ -28,62 +30,36 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import numpy as np
-import yaml
-from pydantic import BaseModel, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
 
 from e2e_dist.config import (
     RunConfig,
     Section,
     StorageConfig,
-    apply_overrides,
-    deep_merge,
     format_validation_error,
-    preset_names,
     read_yaml_with_includes,
     validate_run_config,
 )
 from e2e_dist.errors import ConfigError
 from e2e_dist.sweep.domains import Domain
+from e2e_dist.sweep.overrides import apply_sweep_overrides, resolve_base
+from e2e_dist.sweep.params import (
+    POINT_KEY,
+    canon,
+    canon_hash,
+    check_key,
+    check_settable,
+    flatten_params,
+    set_dotted,
+    show_params,
+)
+from e2e_dist.sweep.sections import ResourcesSpec, SchedulerSpec
 
-POINT_KEY = "point"
-"""Key of the tied points in `tune_param_space()` (one grid_search over the point dicts)."""
+__all__ = ["MAX_VALIDATED", "POINT_KEY", "ResourcesSpec", "SchedulerSpec", "SweepSpec", "flatten_params", "load_sweep"]
+
 MAX_VALIDATED = 20000
 """Most combinations validated up front; a bigger space is refused rather than half-checked."""
 _NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"  # leaves room for "-t0000-abcdef" in a 128-char run name
-
-
-class SchedulerSpec(Section):
-    type: Literal["asha", "none"] = "none"
-    """Trial scheduler: `asha` stops poor trials early (Ray ASHAScheduler); `none` runs all to the end."""
-    max_t: int | None = Field(None, ge=1)
-    """ASHA: the longest a trial runs, in `time_attr` units (required for asha)."""
-    grace_period: int = Field(1, ge=1)
-    """ASHA: a trial is never stopped before this many `time_attr` units."""
-    reduction_factor: float = Field(2.0, gt=1)
-    """ASHA: 1/reduction_factor of the trials pass each rung."""
-    time_attr: str = "training_iteration"
-    """Result field that measures progress (training_iteration = number of reports)."""
-
-    @model_validator(mode="after")
-    def _asha_bounds(self) -> "SchedulerSpec":
-        if self.type == "asha":
-            if self.max_t is None:
-                raise ValueError("asha needs max_t")
-            if self.grace_period > self.max_t:
-                raise ValueError(f"grace_period={self.grace_period} > max_t={self.max_t}")
-        return self
-
-
-class ResourcesSpec(Section):
-    num_workers: int | None = Field(None, ge=1)
-    """Ray Train workers per trial (sets trainer.num_workers; None keeps the base's)."""
-    cpus_per_worker: float | None = Field(None, gt=0)
-    """CPUs reserved per worker (sets trainer.cpus_per_worker)."""
-    use_gpu: bool | None = None
-    """One GPU per worker (sets trainer.use_gpu; None keeps the base's)."""
-    driver_cpus: float = Field(0.01, gt=0)
-    """CPUs of each trial's driver (the function that runs the TorchTrainer). Small but not 0:
-    Ray refuses 0, and a whole CPU per driver starves the workers on small machines."""
 
 
 class SweepSpec(Section):
@@ -132,7 +108,7 @@ class SweepSpec(Section):
     @classmethod
     def _overrides_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
         for key in v:
-            _check_settable(key)
+            check_settable(key)
         return v
 
     @field_validator("num_samples")
@@ -146,7 +122,7 @@ class SweepSpec(Section):
     @classmethod
     def _space_vs_search(cls, v: dict[str, Domain], info: ValidationInfo) -> dict[str, Domain]:
         for key, dom in v.items():
-            _check_settable(key)
+            check_settable(key)
             if info.data.get("search") == "grid" and dom.kind != "grid":
                 raise ValueError(f"{key}: {dom.kind} needs search: random")
         return v
@@ -160,11 +136,11 @@ class SweepSpec(Section):
                 raise ValueError(f"points[{i}] is empty")
             if set(p) != set(v[0]):
                 raise ValueError(f"points[{i}] has keys {sorted(p)}, points[0] has {sorted(v[0])}")
-            if (h := _canon(p)) in seen:
+            if (h := canon(p)) in seen:
                 raise ValueError(f"points[{i}] repeats an earlier point")
             seen.add(h)
             for key in p:
-                _check_settable(key)
+                check_settable(key)
         if v and (both := set(v[0]) & set(info.data.get("search_space") or {})):
             raise ValueError(f"{sorted(both)[0]} is in both search_space and points")
         return v
@@ -249,18 +225,18 @@ class SweepSpec(Section):
             if self.search != "grid":
                 raise ValueError("run_config_for: random sweeps need the trial index")
             if self._grid_index is None:
-                self._grid_index = {_canon(p): i for i, p in enumerate(self._grid_params())}
-            index = self._grid_index.get(_canon(flat))
+                self._grid_index = {canon(p): i for i, p in enumerate(self._grid_params())}
+            index = self._grid_index.get(canon(flat))
             if index is None:
-                raise ConfigError(f"{self._source}: {_show(flat)} is not a point of this sweep")
+                raise ConfigError(f"{self._source}: {show_params(flat)} is not a point of this sweep")
         data = self._apply(flat)
-        data["name"] = f"{self.name}-t{index:03d}-{_canon_hash(flat)}"
-        return validate_run_config(data, f"{self._source} [{_show(flat)}]")
+        data["name"] = f"{self.name}-t{index:03d}-{canon_hash(flat)}"
+        return validate_run_config(data, f"{self._source} [{show_params(flat)}]")
 
     def _apply(self, flat: dict[str, Any]) -> dict[str, Any]:
         data = copy.deepcopy(self._base_data)
         for key, value in flat.items():
-            _set_dotted(data, key, value)
+            set_dotted(data, key, value)
         data.setdefault("tracking", {})["group"] = self.name
         data.setdefault("storage", {})["path"] = self.sweep_uri
         return data
@@ -273,7 +249,7 @@ class SweepSpec(Section):
         base_cfg = self.base_config
         for where, keys in (("search_space", self.search_space), ("points", self.points[0] if self.points else {})):
             for key in keys:
-                _check_key(base_cfg, key, f"{self._source}: {where}")
+                check_key(base_cfg, key, f"{self._source}: {where}")
         dims = {k: d.check_values() for k, d in self.search_space.items()}
         combos = math.prod(len(v) for v in dims.values()) * max(len(self.points), 1)
         if combos > MAX_VALIDATED:
@@ -283,13 +259,10 @@ class SweepSpec(Section):
         for combo in itertools.product(*dims.values()):
             for point in self.points or [{}]:
                 flat = {**dict(zip(keys, combo)), **point}
-                validate_run_config(self._apply(flat), f"{self._source} [{_show(flat)}]")
+                validate_run_config(self._apply(flat), f"{self._source} [{show_params(flat)}]")
 
 
 # -------------------------------------------------------------------------------------- loading
-_RUN_SECTIONS = ("data", "model", "trainer", "deepspeed", "tracking")
-
-
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
     """Read, override and fully validate a sweep file; every failure is one ConfigError line.
 
@@ -303,115 +276,12 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
     if not p.is_file():
         raise ConfigError(f"sweep file not found: {source}")
     data = read_yaml_with_includes(str(p))  # YAML errors and `include:` exactly as for run configs
-    data = _apply_sweep_overrides(data, overrides or [])
+    data = apply_sweep_overrides(data, overrides or [], SweepSpec.model_fields)
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source)) from None
     spec._source = source
-    spec._base_data = _base_data(spec, p.resolve().parent, source)
+    spec._base_data = resolve_base(spec, p.resolve().parent, source)
     spec._check()
     return spec
-
-
-def _apply_sweep_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    data = copy.deepcopy(data)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        head, _, rest = key.partition(".")
-        if not sep or not head:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        if head in ("search_space", "overrides", "base") and rest:
-            # The rest of the key is itself a dotted run-config key: keep it whole. `base.x=v` is
-            # `overrides.x=v` (the base may be a preset name, which has no keys to set).
-            section = "search_space" if head == "search_space" else "overrides"
-            data[section] = {**(data.get(section) or {}), rest: _parse_value(raw)}
-        elif head in SweepSpec.model_fields:
-            data = apply_overrides(data, [item])
-        elif head in _RUN_SECTIONS and rest:
-            data["overrides"] = {**(data.get("overrides") or {}), key: _parse_value(raw)}
-        else:
-            raise ConfigError(f"--set {item!r}: {head!r} is neither a sweep field nor a run-config section")
-    return data
-
-
-def _parse_value(raw: str) -> Any:
-    # Same rule as the run config's --set: YAML scalars/flow collections, else the raw string.
-    try:
-        return yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        return raw
-
-
-def _check_settable(key: str) -> None:
-    if not key or any(not p for p in key.split(".")) or key in ("name", "tracking.group", POINT_KEY):
-        raise ValueError(f"{key!r} cannot be set by a sweep (trial names and the W&B group are the sweep's)")
-
-
-def _base_data(spec: SweepSpec, sweep_dir: Path, source: str) -> dict[str, Any]:
-    def read(ref: str) -> dict[str, Any]:  # a preset name, else a path relative to the sweep file
-        return read_yaml_with_includes(ref if ref in preset_names() else str(sweep_dir / ref))
-
-    try:
-        if isinstance(spec.base, str):
-            data = read(spec.base)
-        else:
-            data = dict(spec.base)
-            includes = data.pop("include", []) or []
-            merged: dict[str, Any] = {}
-            for inc in [includes] if isinstance(includes, str) else includes:
-                merged = deep_merge(merged, read(inc))
-            data = deep_merge(merged, data)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: base: {e}") from None
-    for key, value in spec.overrides.items():
-        _set_dotted(data, key, value)
-    if spec.storage is not None:
-        data["storage"] = {**(data.get("storage") or {}), **spec.storage.model_dump(exclude_unset=True)}
-    res = spec.resources_per_trial
-    trainer = data.setdefault("trainer", {})
-    for field in ("num_workers", "cpus_per_worker", "use_gpu"):
-        if getattr(res, field) is not None:
-            trainer[field] = getattr(res, field)
-    return data
-
-
-def _check_key(cfg: BaseModel, key: str, where: str) -> None:
-    node: Any = cfg
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        if isinstance(node, dict):  # free-form mappings (deepspeed.overrides) take any key
-            return
-        if not isinstance(node, BaseModel) or part not in type(node).model_fields:
-            raise ConfigError(f"{where}: {key}: unknown run-config key ({'.'.join(parts[:i + 1])})")
-        node = getattr(node, part)
-
-
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    last = parts[-1]
-    node[last] = deep_merge(node[last], value) if isinstance(value, dict) and isinstance(node.get(last), dict) else value
-
-
-def flatten_params(params: dict[str, Any]) -> dict[str, Any]:
-    """A Tune trial config (tied point under POINT_KEY) -> flat `{dotted key: value}`."""
-    flat = {k: v for k, v in params.items() if k != POINT_KEY}
-    flat.update(params.get(POINT_KEY) or {})
-    return flat
-
-
-def _canon(params: dict[str, Any]) -> str:
-    return json.dumps(params, sort_keys=True, default=str)
-
-
-def _canon_hash(params: dict[str, Any]) -> str:
-    return hashlib.sha1(_canon(params).encode()).hexdigest()[:6]
-
-
-def _show(params: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in params.items())

@@ -8,6 +8,8 @@ temp dir and ports, and the auth mode is always set explicitly.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -48,6 +50,36 @@ def local_runtime_env_vars() -> dict[str, str]:
     return {k: os.environ[k] for k in keep if k in os.environ}
 
 
+def _cluster_runtime_env(address: str) -> dict | None:
+    """runtime_env for a driver joining an existing cluster: the SIGTERM setup hook, if needed.
+
+    Ray runs `worker_process_setup_hook` only from the job-level runtime_env, which a driver sets
+    in ray.init. In a submitted job (`ray job submit`, `e2e-dist submit`) the job supervisor hands
+    the driver the job's runtime_env in RAY_JOB_CONFIG_JSON_ENV_VAR, and ray.init merges ours into
+    it key by key (ray/_private/worker.py init -> ray/runtime_env/runtime_env.py
+    _merge_runtime_env): a key set on both sides is a conflict (an error, or ours replaces the
+    job's under RAY_OVERRIDE_JOB_RUNTIME_ENV=1). So the hook is added only where the job has none:
+    `e2e-dist submit` already puts it there, and a user's own hook is kept. Ray Client (ray://)
+    never turns the hook into the workers' env var (its server marks the job `_client_job`, and
+    ray.init skips upload_worker_process_setup_hook_if_needed), so there it would be a no-op.
+    """
+    if address.startswith("ray://"):
+        return None
+    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if job_config:
+        try:
+            job_hook = (json.loads(job_config).get("runtime_env") or {}).get("worker_process_setup_hook")
+        except (ValueError, AttributeError):
+            return None  # not what Ray writes: leave the merge to Ray alone
+        if job_hook:
+            if job_hook != SIGTERM_SETUP_HOOK:
+                logging.getLogger("e2e_dist.launcher").warning(
+                    "the job's runtime_env sets worker_process_setup_hook=%s: SIGTERM will not take "
+                    "a just-in-time checkpoint (that needs %s)", job_hook, SIGTERM_SETUP_HOOK)
+            return None
+    return {"worker_process_setup_hook": SIGTERM_SETUP_HOOK}
+
+
 def init_ray(address: str | None = None, opts: LocalRayOptions | None = None) -> None:
     """Connect to `address` (ray://, host:port) or, when None, start a private local instance.
 
@@ -67,9 +99,9 @@ def init_ray(address: str | None = None, opts: LocalRayOptions | None = None) ->
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        # The job's own runtime_env (working dir, env vars) applies; passing another one here
-        # makes Ray refuse to merge them.
-        ray.init(address=address, log_to_driver=True)
+        # The job's own runtime_env (working dir, env vars) applies; ours adds only the SIGTERM
+        # hook, and only where Ray merges it without conflict and runs it (see below).
+        ray.init(address=address, log_to_driver=True, runtime_env=_cluster_runtime_env(address))
         return
     # Actors that use the state API (Train V2's placement-group cleaner) find "the" cluster by
     # RAY_ADDRESS; with several clusters on one machine, auto-detection fails.

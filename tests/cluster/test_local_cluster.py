@@ -8,6 +8,9 @@ the job without being printed; stopping the cluster ends exactly the processes i
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,6 +22,7 @@ import pytest
 from e2e_dist.cli import main
 from e2e_dist.cluster import jobs
 from e2e_dist.cluster.local import LocalCluster
+from e2e_dist.train.ray_env import SIGTERM_SETUP_HOOK, _cluster_runtime_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -120,6 +124,70 @@ def test_jobs_stop_list_logs_and_secret_forwarding(cluster: LocalCluster, monkey
     assert "cl-sleep" in listing and "STOPPED" in listing and secret not in listing
 
 
+# A job's driver: starts an actor that reports its SIGTERM handler, then sends itself SIGTERM (with
+# Ray's handler the actor would exit at once; with ours it only records the request).
+PROBE = """
+import json, os, signal, sys, time
+import ray
+if sys.argv[1] == "init_ray":
+    from e2e_dist.train.ray_env import init_ray
+    init_ray()  # the job's cluster (RAY_ADDRESS), as `e2e-dist train --address auto` does
+else:
+    ray.init()  # a driver that knows nothing of the hook
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def report(self):
+        h = signal.getsignal(signal.SIGTERM)
+        return {"handler": getattr(h, "__module__", "?") + "." + getattr(h, "__qualname__", repr(h)),
+                "env": os.environ.get("E2E_DIST_PROBE")}
+
+    def sigterm_self(self):
+        from e2e_dist.train import preemption
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while not preemption.requested() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return preemption.requested()
+
+p = Probe.remote()
+result = ray.get(p.report.remote(), timeout=90)
+result["survived_sigterm"] = ray.get(p.sigterm_self.remote(), timeout=60)
+print("PROBE " + json.dumps(result), flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_submitted_jobs_get_the_sigterm_hook(cluster: LocalCluster) -> None:
+    """`e2e-dist submit` puts the hook into the job's runtime_env (a plain ray.init() driver gets it),
+    and a driver of a job submitted without it (`ray job submit`) adds it itself in init_ray."""
+    url = cluster.dashboard_url
+    env = {"E2E_DIST_PROBE": "kept"}
+    started = {
+        # our submit path, a driver that never mentions the hook
+        "submit-plain": jobs.submit([sys.executable, "-c", PROBE, "plain"], address=url, working_dir=None,
+                                    env_vars=env, submission_id="cl-hook-submit-plain", out=io.StringIO()),
+        # our submit path and our driver: the job's hook and init_ray's must not conflict
+        "submit-init_ray": jobs.submit([sys.executable, "-c", PROBE, "init_ray"], address=url, working_dir=None,
+                                       env_vars=env, submission_id="cl-hook-submit-init", out=io.StringIO()),
+        # what `ray job submit --runtime-env-json '{"env_vars": ...}'` sends: no hook; init_ray adds it
+        "raw-init_ray": jobs.client(url).submit_job(
+            entrypoint=shlex.join([sys.executable, "-c", PROBE, "init_ray"]), submission_id="cl-hook-raw-init",
+            runtime_env={"env_vars": env}),
+    }
+    assert jobs.client(url).get_job_info(started["submit-plain"]).runtime_env["worker_process_setup_hook"] == \
+        SIGTERM_SETUP_HOOK
+    for case, job_id in started.items():
+        state = jobs.wait(job_id, url, timeout_s=180, poll_s=0.5)
+        log = jobs.logs(job_id, url)
+        reports = [ln[len("PROBE "):] for ln in log.splitlines() if ln.startswith("PROBE {")]
+        assert state == "SUCCEEDED" and reports, f"{case}: {state}\n{log[-3000:]}"
+        result = json.loads(reports[-1])
+        assert result == {"handler": "e2e_dist.train.preemption._on_sigterm", "env": "kept",
+                          "survived_sigterm": True}, f"{case}: {result}"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_stop_ends_exactly_what_it_started(cluster: LocalCluster) -> None:
@@ -173,8 +241,26 @@ def test_forwarded_env_and_redaction(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "UNRELATED_VAR" not in env
     runtime_env = jobs.build_runtime_env(ROOT, env)
     assert runtime_env["working_dir"] == str(ROOT) and ".venv" in runtime_env["excludes"]
+    assert runtime_env["env_vars"] == env and runtime_env["worker_process_setup_hook"] == SIGTERM_SETUP_HOOK
     assert jobs.cluster_entrypoint(["e2e-dist", "sweep", "s.yaml"]) == ["e2e-dist", "sweep", "s.yaml", "--address", "auto"]
     assert jobs.cluster_entrypoint(["e2e-dist", "train", "x", "--address=ray://h:1"])[-1] == "--address=ray://h:1"
     assert jobs.cluster_entrypoint(["python", "x.py"]) == ["python", "x.py"]
     assert jobs.redact_entrypoint("e2e-dist train x --set tracking.api_key=abc --set a=1") == \
         "e2e-dist train x --set 'tracking.api_key=***' --set a=1"
+
+
+def test_driver_adds_the_hook_only_where_ray_merges_and_runs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    ours = {"worker_process_setup_hook": SIGTERM_SETUP_HOOK}
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert _cluster_runtime_env("127.0.0.1:6379") == ours  # a driver outside any job
+    assert _cluster_runtime_env("ray://127.0.0.1:10001") is None  # Ray Client never runs the hook
+
+    def job(runtime_env: dict) -> None:
+        monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": runtime_env, "metadata": {}}))
+
+    job({"env_vars": {"A": "1"}, "working_dir": "gcs://x.zip"})
+    assert _cluster_runtime_env("auto") == ours  # `ray job submit` without the hook: merged in
+    job({"env_vars": {}, **ours})
+    assert _cluster_runtime_env("auto") is None  # `e2e-dist submit` put it there already
+    job({"worker_process_setup_hook": "theirs.setup"})
+    assert _cluster_runtime_env("auto") is None  # the user's own hook is kept (a warning says so)

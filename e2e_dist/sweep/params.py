@@ -1,0 +1,62 @@
+"""Sweep parameters: dotted run-config keys, tied points under POINT_KEY, and their canonical form
+(which names trials and finds a point's place in the grid)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic import BaseModel
+
+from e2e_dist.config import deep_merge
+from e2e_dist.errors import ConfigError
+
+POINT_KEY = "point"
+"""Key of the tied points in `tune_param_space()` (one grid_search over the point dicts)."""
+
+
+def check_settable(key: str) -> None:
+    if not key or any(not p for p in key.split(".")) or key in ("name", "tracking.group", POINT_KEY):
+        raise ValueError(f"{key!r} cannot be set by a sweep (trial names and the W&B group are the sweep's)")
+
+
+def check_key(cfg: BaseModel, key: str, where: str) -> None:
+    node: Any = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if isinstance(node, dict):  # free-form mappings (deepspeed.overrides) take any key
+            return
+        if not isinstance(node, BaseModel) or part not in type(node).model_fields:
+            raise ConfigError(f"{where}: {key}: unknown run-config key ({'.'.join(parts[:i + 1])})")
+        node = getattr(node, part)
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    last = parts[-1]
+    node[last] = deep_merge(node[last], value) if isinstance(value, dict) and isinstance(node.get(last), dict) else value
+
+
+def flatten_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A Tune trial config (tied point under POINT_KEY) -> flat `{dotted key: value}`."""
+    flat = {k: v for k, v in params.items() if k != POINT_KEY}
+    flat.update(params.get(POINT_KEY) or {})
+    return flat
+
+
+def canon(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def canon_hash(params: dict[str, Any]) -> str:
+    return hashlib.sha1(canon(params).encode()).hexdigest()[:6]
+
+
+def show_params(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in params.items())
