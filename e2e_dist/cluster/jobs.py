@@ -172,8 +172,9 @@ def submit(
     if not command.strip():
         raise JobsError("nothing to submit: give the command after `--`, e.g. `-- e2e-dist train tiny-text`")
     env = forwarded_env(env_vars)
-    # The run's driver passes env vars of its own to ray.init (the same names we forward); let
-    # Ray combine the two runtime_envs instead of refusing to start the driver.
+    # A driver that passes its own runtime_env to ray.init (a user's script; ours adds only the
+    # setup hook where it is missing) may repeat a key we set: let Ray combine the two instead of
+    # refusing to start the driver.
     env.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
     runtime_env = build_runtime_env(working_dir, env)
     jc = client(address)

@@ -3,11 +3,11 @@
 Spot reclaims and Kubernetes evictions send SIGTERM and wait a grace period (30 s to 2 min).
 Ray runs our training function in a thread, where Python cannot install signal handlers, so the
 handler is installed when each worker process starts: the job-level runtime_env's
-`worker_process_setup_hook` (set by `init_ray` for local instances; Ray ignores it in an actor's
-runtime_env), which runs in the process's main thread. Ray's worker main loop
+`worker_process_setup_hook` (set by `init_ray` for local instances and cluster drivers, and by
+`e2e-dist submit` for jobs; Ray ignores it in an actor's runtime_env), which runs in the process's main thread. Ray's worker main loop
 installs its own SIGTERM handler (exit at once) *after* that hook, so the hook also intercepts
-that one call and keeps Ray's handler for a second SIGTERM. Our handler only sets a flag; the loop reduces the flag across ranks at its next logging interval (no extra collective
-per step), and then every rank saves the same checkpoint before the signalled one exits.
+that one call and keeps Ray's handler for a second SIGTERM. Our handler only sets a flag; the loop reduces the flag across ranks at its next logging
+interval, inside the metrics all-reduce (no extra collective), and then every rank saves the same checkpoint before the signalled one exits.
 """
 
 from __future__ import annotations
