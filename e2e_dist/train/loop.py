@@ -25,6 +25,7 @@ from e2e_dist.train import preemption
 from e2e_dist.train.faults import maybe_inject_fault
 from e2e_dist.train.flops import peak_flops, train_flops_per_batch
 from e2e_dist.train.metrics import MetricWindow, all_reduce_sum
+from e2e_dist.train.ray_env import quiet_library_logs
 
 log = logging.getLogger("e2e_dist.train")
 
@@ -147,7 +148,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from e2e_dist.train.progress import ProgressSink
 
     cfg = RunConfig.model_validate(loop_config["run"])
-    _quiet_library_logs()
+    quiet_library_logs()
     t = cfg.trainer
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -318,18 +319,6 @@ def _skip_cpu_shm_comm() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-def _quiet_library_logs() -> None:
-    """Workers' INFO chatter (Ray Data plans, Ray Train report echoes) drowns our progress lines."""
-    for name in ("ray.data", "ray.train", "ray.tune", "deepspeed", "DeepSpeed"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        import ray.data
-
-        ray.data.DataContext.get_current().enable_progress_bars = False
-    except Exception:
-        pass
 
 
 def _final_sample(engine, model, rank: int, cfg: RunConfig) -> str:

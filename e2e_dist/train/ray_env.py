@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,9 @@ def init_ray(address: str | None = None, opts: LocalRayOptions | None = None) ->
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray Data's progress bars are noise in CI logs and our own display.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # Ray Data may have read its settings at import already (the loop module imports it), and
+    # datasets take their context from the driver: apply ours there now.
+    quiet_library_logs()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         # The job's own runtime_env (working dir, env vars) applies; ours adds only the SIGTERM
@@ -130,3 +134,33 @@ def init_ray(address: str | None = None, opts: LocalRayOptions | None = None) ->
         configure_logging=True,
         logging_level="WARNING",
     )
+
+
+class _DropProgressBarNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Progress bars disabled" not in record.getMessage()
+
+
+def quiet_library_logs() -> None:
+    """Keep libraries' INFO chatter (Ray Data plans, Ray Train's echo of every report with all its
+    metrics) off the console, where it drowns our progress lines; Ray Data's log file keeps all.
+
+    Called by the driver (init_ray) and by every training worker (the loop)."""
+    for name in ("ray.train", "ray.tune", "deepspeed", "DeepSpeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # DeepSpeed's ZeRO calls a torch collective under its deprecated name, once per rank and run.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    try:
+        import ray.data
+        from ray.data._internal.logging import SessionFileHandler
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray version: its loggers may differ; nothing to quiet
+        return
+    # Train V2 names this logger after its file path, not its module.
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    if os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "1") == "1":
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, SessionFileHandler):
+            handler.setLevel(logging.WARNING)
+            handler.addFilter(_DropProgressBarNotice())
