@@ -148,8 +148,9 @@ def quiet_library_logs() -> None:
     Called by the driver (init_ray) and by every training worker (the loop)."""
     for name in ("ray.train", "ray.tune", "deepspeed", "DeepSpeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    # DeepSpeed's ZeRO calls a torch collective under its deprecated name, once per rank and run.
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    # DeepSpeed's ZeRO calls torch collectives under their deprecated names (a warning per rank).
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated",
+                            category=FutureWarning)
     try:
         import ray.data
         from ray.data._internal.logging import SessionFileHandler
