@@ -54,6 +54,10 @@ class DataConfig(Section):
     """Stop the run on the first unreadable item instead of skipping it with a warning."""
     seed: int = 0
     """Seed of the split, the subset and the per-epoch shuffle."""
+    shuffle_buffer_batches: int = Field(8, ge=0)
+    """Per-epoch reshuffle: each worker draws rows at random from a buffer of this many
+    micro-batches, seeded by (seed, epoch), so no two epochs repeat an order and every run (and
+    every resume) repeats the same one. 0 = every epoch repeats the stream's order."""
 
 
 # ---------------------------------------------------------------------------------------- model

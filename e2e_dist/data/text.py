@@ -23,8 +23,8 @@ batch mixes a few files instead of one file's consecutive windows. Rows carry th
 number in `index` for checks. Both datasets have preserve_order set; pass
 `common.ingest_data_config()` as the TorchTrainer's `dataset_config` so Ray Train keeps it: then
 each rank's batch sequence within an epoch is identical on every run with the same world size
-(resume = skip the consumed batches), and every epoch repeats it. For a different order per
-epoch, use `iter_batches(local_shuffle_buffer_size=..., local_shuffle_seed=seed + epoch)`.
+(resume = skip the consumed batches). The training loop adds a seeded local shuffle per epoch
+on top (`data.shuffle_buffer_batches`, train/loop.py's BatchStream), deterministic in the same way.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from ray.data.collate_fn import NumpyBatchCollateFn
@@ -50,23 +51,31 @@ class ModalityCollate(NumpyBatchCollateFn):
 class BatchStream:
     """Endless micro-batches from a Ray Data shard, epoch after epoch, with a resumable position.
 
-    The position is (epoch, batches consumed in that epoch). Resuming replays the epoch's
-    deterministic order and skips the consumed batches, so a restart sees the same data it would
-    have seen without the crash (up to Ray Data's shard assignment between workers). Batches are
-    prefetched `prefetch` deep; on a GPU they arrive pinned and already copied to the device.
+    The position is (epoch, batches consumed in that epoch). Each epoch draws rows at random from
+    a buffer of `shuffle_rows` rows, seeded by (seed, epoch): every epoch has its own order, and
+    that order is the same on every run. Resuming replays the epoch's order and skips the consumed
+    batches, so a restart sees the same data it would have seen without the crash (up to Ray
+    Data's shard assignment between workers). Batches are prefetched `prefetch` deep; on a GPU
+    they arrive pinned and already copied to the device.
     """
 
     def __init__(self, shard, batch_size: int, collate, device: torch.device, epoch: int = 0, consumed: int = 0,
-                 prefetch: int = 2):
+                 prefetch: int = 2, shuffle_rows: int = 0, seed: int = 0):
         self.shard, self.batch_size, self.device, self.prefetch = shard, batch_size, device, prefetch
+        self.shuffle_rows, self.seed = shuffle_rows, seed
         self.collate = ModalityCollate(collate)
         self.epoch, self.consumed = epoch, consumed
         self._it: Iterator | None = None
 
     def _start_epoch(self) -> None:
+        shuffle = {}
+        if self.shuffle_rows:
+            # Ray wants the buffer at least one batch; the seed mixes run seed and epoch.
+            shuffle = {"local_shuffle_buffer_size": max(self.shuffle_rows, self.batch_size),
+                       "local_shuffle_seed": int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])}
         self._it = iter(self.shard.iter_torch_batches(
             batch_size=self.batch_size, collate_fn=self.collate, device=self.device,
-            pin_memory=self.device.type == "cuda", drop_last=True, prefetch_batches=self.prefetch))
+            pin_memory=self.device.type == "cuda", drop_last=True, prefetch_batches=self.prefetch, **shuffle))
         for _ in range(self.consumed):  # fast-forward to the saved position
             next(self._it)
 
@@ -211,7 +220,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     collate = loop_config["collate"]
     train_stream = BatchStream(ray.train.get_dataset_shard("train"), t.micro_batch_size, collate, device,
-                               prefetch=t.prefetch_batches, **data_pos)
+                               prefetch=t.prefetch_batches, seed=cfg.data.seed,
+                               shuffle_rows=cfg.data.shuffle_buffer_batches * t.micro_batch_size, **data_pos)
     val_shard = ray.train.get_dataset_shard("val")
     window = MetricWindow(device, flops_per_step, peak_flops(device), world)
     base_metrics = {"n_params": n_params, "n_params_non_embedding": n_params_non_embedding,

@@ -52,3 +52,22 @@ def test_stream_without_a_full_batch_says_what_to_change(ray_local):
     tiny = ray.data.from_items([{"tokens": np.zeros(SEQ + 1, dtype=np.int64)}])
     with pytest.raises(RuntimeError, match="micro_batch_size"):
         BatchStream(tiny, BATCH, collate, torch.device("cpu")).next()
+
+
+def test_each_epoch_reshuffles_the_same_way_on_every_run_and_resume(dataset):
+    def stream(**kw):
+        return BatchStream(dataset, BATCH, collate, torch.device("cpu"), shuffle_rows=3 * BATCH, seed=7, **kw)
+
+    first = stream()
+    epochs = [[rows_of(first.next()) for _ in range(5)] for _ in range(3)]
+    for order in epochs:  # an epoch is still every row exactly once
+        assert sorted(r for batch in order for r in batch) == list(range(ROWS))
+    assert len({str(order) for order in epochs}) == 3, epochs  # no two epochs alike
+    assert epochs[0] != [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+
+    again = stream()  # a second run: the same orders
+    assert [[rows_of(again.next()) for _ in range(5)] for _ in range(3)] == epochs
+    resumed = stream(epoch=1, consumed=2)  # a restart inside epoch 1
+    assert [rows_of(resumed.next()) for _ in range(3)] == epochs[1][2:]
+    other_seed = BatchStream(dataset, BATCH, collate, torch.device("cpu"), shuffle_rows=3 * BATCH, seed=8)
+    assert [rows_of(other_seed.next()) for _ in range(5)] != epochs[0]
