@@ -17,7 +17,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from e2e_dist.config import RunConfig
@@ -27,6 +26,7 @@ from e2e_dist.train.faults import maybe_inject_fault
 from e2e_dist.train.flops import peak_flops, train_flops_per_batch
 from e2e_dist.train.metrics import MetricWindow, all_reduce_sum
 from e2e_dist.train.ray_env import quiet_library_logs
+from e2e_dist.train.resume import restore
 
 log = logging.getLogger("e2e_dist.train")
 
@@ -184,31 +184,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if resolve_compile(cfg, on_gpu):
         engine.compile()
 
-    # ---- resume: the newest *committed* checkpoint in storage (not Ray's record; see checkpoint.py)
+    # ---- resume: the newest *committed* checkpoint in storage, fetched once per node (resume.py)
     local_root = Path(tempfile.mkdtemp(prefix=f"e2e-{cfg.name}-r{rank}-"))
-    start_step, data_pos, units_seen, resumed_from = 0, {"epoch": 0, "consumed": 0}, 0, None
-    logged_at_resume: dict[str, float] = {}
-    # Rank 0 picks the checkpoint (newest that verifies); every rank then restores that same step.
-    chosen = [None]
-    restored_dir = None
-    if rank == 0:
-        found, restored_dir, skipped = ckpt.restore_latest(cfg.run_uri, cfg.storage, local_root / "restore")
-        for msg in skipped:
-            log.warning(msg)
-        chosen = [found.step if found else None]
-    if world > 1:
-        dist.broadcast_object_list(chosen, src=0)
-    if chosen[0] is not None:
-        if rank != 0:
-            found, restored_dir, msgs = ckpt.restore_latest(cfg.run_uri, cfg.storage, local_root / "restore",
-                                                           step=chosen[0])
-            if restored_dir is None:
-                raise RuntimeError(f"rank {rank} could not restore step {chosen[0]}: {'; '.join(msgs)}")
-        state = ckpt.load_engine(engine, restored_dir)
-        start_step, data_pos, units_seen = state["step"], state["data"], state.get("units_seen", 0)
-        logged_at_resume = state.get("logged") or {}
-        resumed_from = start_step
-        shutil.rmtree(local_root / "restore", ignore_errors=True)
+    resumed = restore(engine, cfg, rank=rank, world=world, local_rank=ctx.get_local_rank(),
+                      node_rank=ctx.get_node_rank())
+    start_step, data_pos, units_seen, resumed_from = resumed.step, resumed.data, resumed.units_seen, resumed.resumed_from
+    logged_at_resume = resumed.logged
 
     tracker = Tracker.start(cfg, rank=rank, resume_step=resumed_from,
                             extra_config={"n_params": n_params, "world_size": world,
