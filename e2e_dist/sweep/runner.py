@@ -15,20 +15,28 @@ Layout of a sweep at `<storage.path>/<name>/`:
 
 A trial's W&B run id derives from its unique run name and its place, so no two trials share a
 run (unlike ray#28919 / ray#33084, where reused actors or a shared W&B process mixed trials).
+
+Early stopping: a trial the scheduler (ASHA) stops ends at its next report with its W&B run finished
+as stopped and its checkpoints committed (e2e_dist/sweep/early_stop.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shlex
 import sys
 from typing import Any, Iterator
 
+from ray.tune.integration.ray_train import TuneReportCallback
+
 from e2e_dist import storage
 from e2e_dist.config import RunConfig, dump_yaml, redact
 from e2e_dist.errors import ConfigError, UserError
+from e2e_dist.sweep.early_stop import (ReportUnlessStopped, StopAtNextReport, await_graceful_stop, begin_trial,
+                                       start_board, stop_grace_s)
 from e2e_dist.sweep.spec import SweepSpec, flatten_params, load_sweep
 from e2e_dist.sweep.table import SweepBook, SweepCallback, register_book, trial_index
 
@@ -36,6 +44,7 @@ TUNE_DIR = "_tune"
 SPEC_FILE = "sweep.json"
 WORKER_START_TIMEOUT_S = "900"
 """Train worker groups of a sweep wait for CPUs that other trials still hold (Ray's default is 60 s)."""
+log = logging.getLogger("e2e_dist.sweep")
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -57,38 +66,54 @@ def trial_run_config(spec: SweepSpec, params: dict[str, Any], trial_id: str) -> 
     return cfg
 
 
-def trial_driver(config: dict[str, Any], spec: SweepSpec) -> None:
-    """One Tune trial: build and fit this trial's TorchTrainer (runs in the trial's actor)."""
+def trial_driver(config: dict[str, Any], spec: SweepSpec, board: Any = None) -> None:
+    """One Tune trial: build and fit this trial's TorchTrainer (runs in the trial's actor).
+
+    With a `board` (run_sweep always passes one), a trial the scheduler stops ends gracefully at
+    its next report (see "Early stopping" in the module docstring); fit() then raises Ray's abort,
+    and the trial returns normally."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from e2e_dist.data.registry import build_data
     from e2e_dist.train.launcher import build_trainer
 
-    cfg = trial_run_config(spec, config, tune.get_context().get_trial_id())
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_run_config(spec, config, trial_id)
     _pin_cluster_address()
-    storage.write_text(storage.join(cfg.run_uri, "config.yaml"), dump_yaml(cfg), cfg.storage)
-    bundle = build_data(cfg.data, cfg.model, cfg.storage)
-    bundle.val = bundle.val.materialize()  # read at every evaluation: once into the object store
-    trainer = build_trainer(cfg, datasets={"train": bundle.train, "val": bundle.val}, collate=bundle.collate,
-                            callbacks=[TuneReportCallback()], data_stats=bundle.stats)
+    stop = None
+    if board is not None:
+        stop = begin_trial(board, trial_id)
     try:
-        trainer.fit()
-    except Exception as e:  # Ray wraps worker errors: the trial's error file ends with the root cause
-        raise RuntimeError(f"trial {cfg.name} failed: {_root_cause(e)}") from e
+        storage.write_text(storage.join(cfg.run_uri, "config.yaml"), dump_yaml(cfg), cfg.storage)
+        bundle = build_data(cfg.data, cfg.model, cfg.storage)
+        bundle.val = bundle.val.materialize()  # read at every evaluation: once into the object store
+        callbacks = [TuneReportCallback()] if stop is None else [ReportUnlessStopped(stop), StopAtNextReport(stop)]
+        trainer = build_trainer(cfg, datasets={"train": bundle.train, "val": bundle.val}, collate=bundle.collate,
+                                callbacks=callbacks, data_stats=bundle.stats)
+        try:
+            trainer.fit()
+        except Exception as e:  # Ray wraps worker errors: the trial's error file ends with the root cause
+            if stop is not None and stop.requested() is not None:
+                log.info("trial %s: stopped by the scheduler; its Train run was aborted (%s)", cfg.name,
+                         _root_cause(e))
+                return
+            raise RuntimeError(f"trial {cfg.name} failed: {_root_cause(e)}") from e
+    finally:
+        if stop is not None:
+            stop.finished()
 
 
 def _pin_cluster_address() -> None:
     """Let this trial's Train controller and its placement-group cleaner find *this* Ray cluster.
 
-    When the scheduler stops a trial, Tune ends the trial's actor and with it the Train controller
-    it owns, ungracefully; the worker placement group (scoped to the job, not the controller) is then
-    freed only by Train's detached PlacementGroupCleaner, which asks the state API whether the
-    controller is alive. Without RAY_ADDRESS that API auto-detects the cluster and fails when the
-    machine runs several Ray instances ("Found multiple active Ray instances", seen with ray 2.60):
-    the group leaks its CPUs and the sweep deadlocks once leaks fill the machine. Train V2 copies the
-    variables in its ENV_VARS_TO_PROPAGATE from here to the controller, whose children (the
-    cleaner) inherit its runtime env.
+    When Tune ends a trial's actor without a graceful stop (Ctrl+C; a stopped trial that reached no
+    report in time), the Train controller it owns dies with it; the worker placement group (scoped
+    to the job, not the controller) is then freed only by Train's detached PlacementGroupCleaner,
+    which asks the state API whether the controller is alive. Without RAY_ADDRESS that API
+    auto-detects the cluster and fails when the machine runs several Ray instances ("Found multiple
+    active Ray instances", seen with ray 2.60): the group leaks its CPUs and the sweep deadlocks
+    once leaks fill the machine. Train V2 copies the variables in its ENV_VARS_TO_PROPAGATE from
+    here to the controller, whose children (the cleaner) inherit its runtime env.
     """
     import ray
     from ray.train.v2._internal import constants as train_constants
@@ -130,15 +155,24 @@ def _trial_namer(spec: SweepSpec):
     return name
 
 
-def _trainable(spec: SweepSpec):
+def _trainable(spec: SweepSpec, board: Any = None):
+    """The trial driver as a Tune trainable: Tune's own wrapper of the function, whose `cleanup`
+    (Tune's hook for a stopping trainable) first lets a scheduler-stopped trial end gracefully.
+    Same trainable name as the bare function ("trial_driver"), so `Tuner.restore` accepts either."""
     from ray import tune
+    from ray.tune.trainable.function_trainable import wrap_function
 
-    return tune.with_resources(tune.with_parameters(trial_driver, spec=spec),
-                               {"cpu": spec.resources_per_trial.driver_cpus})
+    class SweepTrial(wrap_function(tune.with_parameters(trial_driver, spec=spec, board=board))):
+        def cleanup(self) -> None:
+            await_graceful_stop()
+            super().cleanup()
+
+    return tune.with_resources(SweepTrial, {"cpu": spec.resources_per_trial.driver_cpus})
 
 
-def build_tuner(spec: SweepSpec, *, resume: bool, callback_key: str):
-    """A new Tuner for the sweep, or the interrupted one restored from `<sweep>/_tune`."""
+def build_tuner(spec: SweepSpec, *, resume: bool, callback_key: str, board: Any = None):
+    """A new Tuner for the sweep, or the interrupted one restored from `<sweep>/_tune`. `board`:
+    a `StopBoard` actor, for graceful early stops (without one a stopped trial is just ended)."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -146,7 +180,7 @@ def build_tuner(spec: SweepSpec, *, resume: bool, callback_key: str):
     if resume:
         # Finished trials stay finished; interrupted and errored ones run again, and their loop
         # continues from the newest committed checkpoint of their run dir.
-        return tune.Tuner.restore(path, _trainable(spec), resume_unfinished=True, resume_errored=True,
+        return tune.Tuner.restore(path, _trainable(spec, board), resume_unfinished=True, resume_errored=True,
                                   restart_errored=False, param_space=spec.tune_param_space(),
                                   storage_filesystem=fs)
     namer = _trial_namer(spec)
@@ -159,7 +193,7 @@ def build_tuner(spec: SweepSpec, *, resume: bool, callback_key: str):
         name=TUNE_DIR, storage_path=path.rsplit("/", 1)[0], storage_filesystem=fs,
         callbacks=[SweepCallback(callback_key)], verbose=0,  # our table replaces Tune's console output
         failure_config=tune.FailureConfig(max_failures=0))
-    return tune.Tuner(_trainable(spec), param_space=spec.tune_param_space(), tune_config=tune_config,
+    return tune.Tuner(_trainable(spec, board), param_space=spec.tune_param_space(), tune_config=tune_config,
                       run_config=run_config)
 
 
@@ -217,13 +251,16 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
     prepare_sweep_dir(spec, resume=resume)
     init_ray(address)  # keeps the dashboard on: Train V2 frees finished trials' placement groups through it
 
+    import ray
+
     out = out or sys.stdout
-    book = SweepBook(spec, live=live, out=out)
+    board = start_board()
+    book = SweepBook(spec, live=live, out=out, board=board, stop_grace_s=stop_grace_s())
     key = spec.sweep_uri
     register_book(key, book)
     try:
         with _sweep_env():
-            tuner = build_tuner(spec, resume=resume, callback_key=key)
+            tuner = build_tuner(spec, resume=resume, callback_key=key, board=board)
             print(f"sweep {spec.name}: {spec.num_trials()} trial(s), results in {redact(spec.sweep_uri)}"
                   + (" (resumed)" if resume else ""), file=out, flush=True)
             tuner.fit()
@@ -233,6 +270,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
     finally:
         book.stop_live()
         register_book(key, None)
+        ray.kill(board)
     _print_final(book, out)
     unfinished = [r.name for r in book.unfinished_rows()]
     if unfinished:

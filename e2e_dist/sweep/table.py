@@ -7,7 +7,9 @@ copies, not new ones: so the callback holds only a key and looks the live book u
 
 A trial's status in results.jsonl (schema: e2e_dist/sweep/scaling.py):
 - `completed`: Tune terminated it after its last report at `trainer.max_steps`;
-- `stopped`: terminated earlier, by the scheduler (ASHA);
+- `stopped`: terminated earlier, by the scheduler (ASHA). Its metrics are the result the scheduler
+  judged; the trial itself trains on to its next report and ends there, its W&B run finished with
+  `stopped_early: 1` (runner.py, "Early stopping");
 - `error`: it failed (its error's last line is in `error`).
 Trials an interrupt (Ctrl+C) cut short are not finished: they get no row and `--resume` runs them.
 Tune marks such trials TERMINATED while it shuts down (ray 2.60 `_cleanup_trials`) but calls
@@ -82,8 +84,12 @@ class TrialRow:
 class SweepBook:
     """Everything the driver process knows about the sweep's trials; renders and writes them."""
 
-    def __init__(self, spec: SweepSpec, *, live: bool | None = None, out=None) -> None:
+    def __init__(self, spec: SweepSpec, *, live: bool | None = None, out=None, board=None,
+                 stop_grace_s: float = 300.0) -> None:
         self.spec = spec
+        self.board = board
+        """The sweep's `StopBoard` actor (early_stop.py): told which trials the scheduler stopped."""
+        self.stop_grace_s = stop_grace_s
         self.rows: dict[str, TrialRow] = {}
         self.ended_here: set[str] = set()
         self.ended_before: set[str] | None = None
@@ -157,8 +163,47 @@ class SweepBook:
             row.state, row.error = "error", _error_line(trial)
         else:
             row.state = self._finish_state(row)
+            if row.state == "stopped":
+                self._request_graceful_stop(trial, row)
         self._say(trial, row.state + (f": {row.error}" if row.error else ""))
         self.write_results(trials)
+
+    def _request_graceful_stop(self, trial, row: TrialRow) -> None:
+        """Tell the trial (through the board) that the scheduler stopped it: it ends at its next
+        report, W&B run finished. Tune calls this (on_trial_complete) before it asks the trial's
+        actor to stop, and the actor's cleanup reads the board, so the request is there in time."""
+        if self.board is None:
+            return
+        import ray
+
+        try:
+            ray.get(self.board.request.remote(trial.trial_id, row.metrics.get("step"), self.spec.scheduler.type),
+                    timeout=30)
+        except Exception as e:  # noqa: BLE001 - the trial then ends as before (its W&B run unfinished)
+            print(f"[{self.spec.name}] {row.name}: could not request a graceful stop ({e})", file=self.out)
+
+    def await_stopping_trials(self, trials) -> None:
+        """At the sweep's end, wait (at most `stop_grace_s`) for scheduler-stopped trials still ending.
+
+        Tune gives a stopping trial's actor 10 s once the experiment ends (ray 2.60
+        `TuneController._cleanup_stopping_actors(force_all=True)`, `_actor_force_cleanup_timeout`)
+        and kills it after: a trial stopped last would lose its graceful end. So when every trial
+        is finished, the last Tune step (on_step_end) waits here first."""
+        if self.board is None or len(trials) < self.spec.num_trials():
+            return
+        if any(t.status not in (TERMINATED, ERROR) for t in trials):
+            return
+        import ray
+
+        deadline = time.monotonic() + self.stop_grace_s
+        while True:
+            try:
+                stopping = ray.get(self.board.stopping.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - never hang the sweep's end on the board
+                return
+            if not stopping or time.monotonic() > deadline:
+                return
+            time.sleep(0.5)
 
     def on_experiment_end(self, trials) -> None:
         self.on_session_start(trials)  # a resumed sweep with nothing left to run never steps
@@ -269,7 +314,10 @@ class SweepCallback(Callback):
             book.on_end(trial, trials, error=True)
 
     def on_step_end(self, iteration, trials, **info):
-        if (book := self._book()) is not None and book.live:
+        if (book := self._book()) is None:
+            return
+        book.await_stopping_trials(trials)
+        if book.live:
             for t in trials:
                 book.sync(t)
             book.refresh()

@@ -17,10 +17,11 @@ says exactly what happens in each mode.
 from e2e_dist.tracking.offline_history import last_step_in_files
 from e2e_dist.tracking.run_location import Mode, resolve_mode, wandb_dir, wandb_root, wandb_run_dir, wandb_run_id
 from e2e_dist.tracking.state import STATE_PREFIX
-from e2e_dist.tracking.tracker import Tracker
+from e2e_dist.tracking.tracker import Tracker, finish_open_runs_stopped
 from e2e_dist.tracking.wandb_session import TrackingError, plan_resume
 
 __all__ = [
-    "STATE_PREFIX", "Mode", "Tracker", "TrackingError", "last_step_in_files", "plan_resume", "resolve_mode",
+    "STATE_PREFIX", "Mode", "Tracker", "TrackingError", "finish_open_runs_stopped", "last_step_in_files",
+    "plan_resume", "resolve_mode",
     "wandb_dir", "wandb_root", "wandb_run_dir", "wandb_run_id",
 ]

@@ -14,6 +14,10 @@ from e2e_dist.tracking.wandb_session import no_inherited_service, open_run, tear
 
 log = logging.getLogger(__name__)
 
+_OPEN: list["Tracker"] = []
+"""Trackers of this process whose W&B run is open (rank 0 of a run): what `finish_open_runs_stopped`
+reaches from code that does not hold the loop's tracker (a Ray Train callback in the worker)."""
+
 
 class Tracker:
     """One W&B run seen from one process. Rank != 0 and disabled tracking give a no-op tracker."""
@@ -27,6 +31,7 @@ class Tracker:
         self._redo_floor = redo_floor  # W&B history already holds every step <= this
         self._redo_rows: list[list[Any]] = []
         self._last_step: int | None = None  # highest step this session handed to W&B
+        self._seen_step: int | None = None  # highest step the loop logged (history or redo table)
         self._warned_backwards = False
         self._finished = run is None
 
@@ -66,6 +71,7 @@ class Tracker:
         state = {**state, "run_id": run_id, "sessions": sessions + 1, "last_step": redo_floor,
                  "restarts": restarts}
         tracker = cls(run, mode=mode, state_path=state_path, state=state, redo_floor=redo_floor)
+        _OPEN.append(tracker)
         tracker._save_state()
         if is_restart:
             tracker._summarize_restarts()
@@ -101,9 +107,10 @@ class Tracker:
         closes the row at once (the training loop does: it logs once per step). A step history
         already holds from an earlier session goes to the `restarts/redo` table; one below this
         session's last is dropped."""
-        if self._run is None:
+        if self._finished:
             return
         step = int(step)
+        self._seen_step = step if self._seen_step is None else max(self._seen_step, step)
         if self._redo_floor is not None and step <= self._redo_floor:
             n = len(self._state.get("restarts", []))
             self._redo_rows.extend([n, step, k, _jsonable(v)] for k, v in metrics.items())
@@ -135,12 +142,12 @@ class Tracker:
         return True
 
     def log_summary(self, d: dict[str, Any]) -> None:
-        if self._run is not None:
+        if not self._finished:
             self._run.summary.update(dict(d))
 
     def log_image(self, key: str, png_path: str | Path, step: int | None = None) -> None:
         """An image (a plot) in history at `step`, or in the summary when `step` is None."""
-        if self._run is None:
+        if self._finished:
             return
         path = Path(png_path)
         if not path.is_file():
@@ -154,14 +161,28 @@ class Tracker:
             self.log({key: image}, step=step)
 
     def finish(self, exit_code: int = 0) -> None:
-        """Publish re-done steps, save state, close the run. Idempotent."""
+        """Publish re-done steps, save state, close the run. Idempotent; logging after it is a no-op."""
         if self._finished or self._run is None:
             return
         self._finished = True
+        if self in _OPEN:
+            _OPEN.remove(self)
         self._flush_redo()
         self._save_state()
         self._run.finish(exit_code=exit_code)
         teardown_service()
+
+    def finish_stopped(self, **info: Any) -> int | None:
+        """Close the run as stopped early on purpose (a sweep scheduler cut the trial), not crashed:
+        summary `stopped_early: 1`, `stopped_at_step` (the last step the loop logged) and `info`
+        (say, the step the decision was based on), then a normal finish (exit code 0). Returns the
+        step (None when nothing was logged, or the run is not open here)."""
+        if self._finished:
+            return None
+        step = self._seen_step
+        self._run.summary.update({"stopped_early": 1, "stopped_at_step": step, **info})
+        self.finish(exit_code=0)
+        return step
 
     def __enter__(self) -> "Tracker":
         return self
@@ -194,6 +215,15 @@ class Tracker:
         rows = self._state.get("redo_rows", []) + self._redo_rows
         self._run.summary["restarts/redo"] = wandb.Table(columns=["restart", "step", "metric", "value"], data=rows)
         self._state["redo_rows"], self._redo_rows = rows, []
+
+
+def finish_open_runs_stopped(**info: Any) -> int | None:
+    """`Tracker.finish_stopped` on every run this process has open; returns the (last) stopped step,
+    None when none was open (not rank 0, or tracking disabled)."""
+    step = None
+    for tracker in list(_OPEN):
+        step = tracker.finish_stopped(**info)
+    return step
 
 
 def _jsonable(v: Any) -> Any:

@@ -4,8 +4,10 @@ two at once on 2 CPUs), W&B offline, read back from the run files.
 - a 4-trial data-ablation sweep (the shipped tune_configs/data_ablation.yaml made tiny) finishes,
   writes results.jsonl, gives every trial its own W&B run, and its data sizes really differ; the
   scaling fit runs on it; `--resume` of the finished sweep redoes nothing;
-- ASHA stops a trial with a useless learning rate early, a broken trial is an `error` row (on S3
-  storage, so Tune state and results live in a bucket), and every placement group is freed after;
+- ASHA stops a trial with a useless learning rate early and that trial ends cleanly at its next
+  report (W&B run finished with `stopped_early`, its checkpoints committed and intact), a broken
+  trial is an `error` row (on S3 storage, so Tune state and results live in a bucket), and every
+  placement group is freed after;
 - `e2e-dist sweep` interrupted with Ctrl+C (SIGINT) after two finished trials resumes with
   `--resume` without touching the finished ones.
 """
@@ -29,7 +31,8 @@ from e2e_dist.data.text import plan_splits, stdlib_files
 from e2e_dist.errors import ConfigError, UserError
 from e2e_dist.sweep.scaling import load_results
 from e2e_dist.sweep.spec import load_sweep
-from tests.helpers.wandb_records import find_run_files, read_config, read_history, read_run, read_summary
+from tests.helpers.wandb_records import (find_run_files, read_config, read_history, read_records, read_run,
+                                        read_summary)
 
 pytestmark = pytest.mark.slow
 
@@ -165,13 +168,16 @@ def test_refusals_before_anything_runs(ablation, tmp_path) -> None:
 # ------------------------------------------------------------------------------------------ ASHA
 def test_asha_stops_useless_trials_early(ray_local, s3_bucket, s3_server, tmp_path) -> None:
     """Two good learning rates run first (two at once); the useless one (1e-7) reaches ASHA's first
-    rung after both good ones recorded far lower losses there, so it must stop. A fourth trial has
-    too little data and fails: an `error` row. Storage is S3: Tune's state and results live there."""
+    rung after both good ones recorded far lower losses there, so it must stop, and end cleanly at
+    its next report: W&B run finished (exit code 0, `stopped_early` in its summary), checkpoints all
+    committed. A fourth trial has too little data and fails: an `error` row. Storage is S3: Tune's
+    state and results live there."""
     import ray
 
+    from e2e_dist.checkpoint import find_latest_committed, list_checkpoints
     from e2e_dist.sweep.runner import run_sweep
 
-    max_steps = 24
+    max_steps, ckpt_every = 24, 8
     sweep = tmp_path / "asha.yaml"
     sweep.write_text(f"""
 name: asha-test
@@ -185,7 +191,7 @@ points:
 scheduler: {{type: asha, max_t: {max_steps // 4}, grace_period: 1, reduction_factor: 2}}
 """)
     spec = load_sweep(sweep, [*TINY, f"trainer.max_steps={max_steps}", "trainer.eval_every=4",
-                              f"trainer.ckpt_every={max_steps}", "trainer.warmup_steps=0",
+                              f"trainer.ckpt_every={ckpt_every}", "trainer.warmup_steps=0",
                               f"storage.path={s3_bucket}/sweeps", f"storage.endpoint_url={s3_server.url}",
                               f"tracking.dir={tmp_path}/wb"])
     rows = {r["params"]["trainer.lr"]: r for r in run_sweep(spec, live=False, out=io.StringIO())}
@@ -194,20 +200,37 @@ scheduler: {{type: asha, max_t: {max_steps // 4}, grace_period: 1, reduction_fac
     assert rows[1e-7]["status"] == "stopped" and rows[1e-7]["metrics"]["step"] < max_steps
     assert any(r["status"] == "completed" and r["metrics"]["step"] == max_steps for r in rows.values())
     assert rows[1e-8]["status"] == "error" and "fewer than one window" in rows[1e-8]["error"]
-    # W&B: one run per trial that trained, in the shared W&B dir; completed runs reach max_steps,
-    # stopped ones end early (their process is killed: W&B keeps what it flushed, maybe no row).
+    # W&B: one run per trial that trained, in the shared W&B dir, each one finished (exit code 0).
+    # A stopped trial trains on to its next report (every 4 steps here) and finishes its run there,
+    # saying so; its row keeps the result ASHA judged.
     wandb_dir = tmp_path / "wb" / "wandb"
     runs = {read_run(f).name: f for f in find_run_files(wandb_dir)}
     trained = {lr: r for lr, r in rows.items() if r["status"] != "error"}
     assert sorted(runs) == sorted(r["trial"] for r in trained.values()) and len(find_run_files(wandb_dir)) == 3
+    configs = {cfg.name: cfg for _, cfg in spec.trial_configs()}
     for lr, r in trained.items():
         f = runs[r["trial"]]
         assert read_run(f).group == spec.name and read_config(f)["trainer"]["lr"] == lr
-        last = max((h["_step"] for h in read_history(f)), default=0)
-        assert (last == max_steps) if r["status"] == "completed" else (last < max_steps), (r["trial"], last)
+        exits = [rec.exit.exit_code for rec in read_records(f) if rec.WhichOneof("record_type") == "exit"]
+        assert exits == [0], (r["trial"], exits)  # finished, not crashed
+        last = max(h["_step"] for h in read_history(f))
+        summary = read_summary(f)
+        if r["status"] == "completed":
+            assert last == max_steps and "stopped_early" not in summary
+        else:
+            decided = r["metrics"]["step"]
+            assert summary["stopped_early"] == 1 and summary["stopped_by"] == "asha", summary
+            assert summary["stop_decision_step"] == decided
+            assert summary["stopped_at_step"] == last and decided < last <= max_steps and last % 4 == 0
+        # Checkpoints: every directory committed (nothing cut mid-upload), the newest one verifies.
+        cfg = configs[r["trial"]]
+        infos = list_checkpoints(cfg.run_uri, cfg.storage)
+        assert all(i.committed for i in infos), [(i.step, i.reason) for i in infos]
+        newest, skipped = find_latest_committed(cfg.run_uri, cfg.storage, verify_checksums=True)
+        assert not skipped and newest is not None and newest.step == last - last % ckpt_every, (r["trial"], last)
 
-    # A stopped trial's controller dies with its actor: its workers' placement group must still
-    # be freed (a leak would starve, then deadlock, the next trials on a small machine).
+    # A stopped trial's Train run is aborted by its controller: its workers' placement group must be
+    # freed (a leak would starve, then deadlock, the next trials on a small machine).
     deadline = time.time() + 90
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
         time.sleep(1)
