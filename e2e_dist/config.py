@@ -7,6 +7,7 @@ Loaded from a YAML file (with `include:` of other YAML files) or a built-in pres
 
 from __future__ import annotations
 
+import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -201,8 +202,9 @@ class DeepSpeedConfig(Section):
 
 
 class StorageConfig(Section):
-    path: str = "./runs"
-    """Where runs live: a local directory or `s3://bucket/prefix`. A run is `<path>/<name>`."""
+    path: str = Field("./runs", validate_default=True)
+    """Where runs live: a local directory (made absolute at load) or `s3://bucket/prefix`. A run is
+    `<path>/<name>`."""
     endpoint_url: str | None = None
     """S3-compatible endpoint (MinIO, Ceph, R2); falls back to AWS_ENDPOINT_URL. Credentials come
     only from the standard AWS chain, never from this file."""
@@ -216,7 +218,11 @@ class StorageConfig(Section):
             raise ValueError(f"unsupported scheme in {v!r} (use a local path or s3://)")
         if v.startswith("s3://") and len(v[5:].split("/")[0]) < 3:
             raise ValueError(f"bad bucket name in {v!r}")
-        return v
+        if v.startswith("s3://"):
+            return v
+        # Absolute from where the config is loaded: Ray Train runs workers in a directory of its
+        # own, where `./runs` would be another place (checkpoints there, resume looking here).
+        return os.path.abspath(os.path.expanduser(v.removeprefix("file://")))
 
 
 class TrackingConfig(Section):
@@ -248,7 +254,8 @@ class RunConfig(Section):
     """Steps, batch, optimizer, schedule, workers, failures."""
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     """ZeRO sharding and offload."""
-    storage: StorageConfig = StorageConfig()
+    # Built at load, not at import: a relative storage.path resolves from the cwd of that moment.
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     """Run and checkpoint storage."""
     tracking: TrackingConfig = TrackingConfig()
     """Metrics tracking."""

@@ -93,3 +93,11 @@ def test_cli_help_lists_every_verb():
     assert proc.returncode == 0
     for verb in ("train", "sweep", "scaling", "export", "generate", "predict", "checkpoints", "cluster", "submit", "jobs"):
         assert f"  {verb}" in proc.stdout
+
+
+def test_local_storage_path_is_absolute_from_where_the_config_is_loaded(tmp_path, monkeypatch):
+    # Ray Train runs workers in a directory of its own: a relative path there is another place.
+    monkeypatch.chdir(tmp_path)
+    assert RunConfig.model_validate({}).storage.path == str(tmp_path / "runs")
+    assert RunConfig.model_validate({"storage": {"path": "file://out/x"}}).storage.path == str(tmp_path / "out" / "x")
+    assert RunConfig.model_validate({"storage": {"path": "s3://bucket/p"}}).storage.path == "s3://bucket/p"

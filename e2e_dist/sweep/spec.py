@@ -163,7 +163,9 @@ class SweepSpec(Section):
     @property
     def sweep_uri(self) -> str:
         """`<storage.path>/<sweep name>`: trial runs and results.jsonl live here."""
-        return self._base_data.get("storage", {}).get("path", "./runs").rstrip("/") + "/" + self.name
+        # Resolved as a run's storage.path is (a relative path: from where the sweep was loaded).
+        path = StorageConfig.model_validate(self._base_data.get("storage") or {}).path
+        return path.rstrip("/") + "/" + self.name
 
     @property
     def results_uri(self) -> str:

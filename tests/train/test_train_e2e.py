@@ -69,16 +69,22 @@ def test_zero3_trains_checkpoints_and_logs(reference_z3):
 
 
 @pytest.mark.parametrize("zero", [1, 2])
-def test_other_zero_stages_learn(ray_local, tmp_path, zero):
+def test_other_zero_stages_learn(ray_local, tmp_path, zero, monkeypatch):
     from e2e_dist.train.launcher import run_training
 
-    cfg = tiny_cfg(tmp_path, f"z{zero}", zero, "trainer.max_steps=12", "trainer.eval_every=12",
+    # A relative storage path, as in the demo: it means the directory the run was started from,
+    # not the workers' own working directory.
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_cfg(".", f"z{zero}", zero, "trainer.max_steps=12", "trainer.eval_every=12",
                    "trainer.ckpt_every=12")
+    assert cfg.storage.path == str(tmp_path / "runs")
     summary = run_training(cfg, quiet=True)
     hist = history(cfg)
     assert sorted(hist) == [4, 8, 12]
     assert hist[12]["loss"] < hist[4]["loss"] - 0.3
     assert summary.metrics["zero_stage"] == zero and summary.checkpoint_uri.endswith("step_00000012")
+    assert (tmp_path / "runs" / f"z{zero}" / "step_00000012" / "manifest.json").is_file()
+    assert summary.wandb_dir and summary.wandb_dir.startswith(str(tmp_path / "runs"))
 
 
 def test_crash_then_resume_matches_reference(reference_z3, tmp_path, monkeypatch):
