@@ -38,9 +38,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# Ray's workers import this checkout too, also where the package is not installed (a GPU machine
-# that got the working tree and a bundle of wheels).
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cpu_overhead import ray_session, run_ours_recorded  # noqa: E402

@@ -41,9 +41,6 @@ import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# Ray's workers import this checkout too, also where the package is not installed (a GPU machine
-# that got the working tree and a bundle of wheels).
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 from e2e_dist.config import RunConfig, load_run_config  # noqa: E402
 from e2e_dist.models.registry import build_model  # noqa: E402
@@ -132,6 +129,10 @@ def ray_session(num_cpus: int | None = None) -> Iterator[None]:
         yield
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray's workers import this checkout too, also where the package is not installed (a GPU
+    # machine that got the working tree and a bundle of wheels): they inherit this from the raylet.
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *(p for p in paths if p != str(ROOT))])
     temp_dir = tempfile.mkdtemp(prefix="e2eb-", dir="/tmp")  # short: Ray's socket paths live under it
     init_ray(None, LocalRayOptions(num_cpus=num_cpus, temp_dir=temp_dir))
     try:

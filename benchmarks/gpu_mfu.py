@@ -42,9 +42,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# Ray's workers import this checkout too, also where the package is not installed (a GPU machine
-# that got the working tree and a bundle of wheels).
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 from e2e_dist.config import RunConfig, load_run_config  # noqa: E402
 from e2e_dist.models.registry import build_model  # noqa: E402

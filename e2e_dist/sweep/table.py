@@ -9,7 +9,7 @@ A trial's status in results.jsonl (schema: e2e_dist/sweep/scaling.py):
 - `completed`: Tune terminated it after its last report at `trainer.max_steps`;
 - `stopped`: terminated earlier, by the scheduler (ASHA). Its metrics are the result the scheduler
   judged; the trial itself trains on to its next report and ends there, its W&B run finished with
-  `stopped_early: 1` (runner.py, "Early stopping");
+  `stopped_early: 1` (early_stop.py);
 - `error`: it failed (its error's last line is in `error`).
 Trials an interrupt (Ctrl+C) cut short are not finished: they get no row and `--resume` runs them.
 Tune marks such trials TERMINATED while it shuts down (ray 2.60 `_cleanup_trials`) but calls
@@ -30,6 +30,7 @@ from typing import Any
 from ray.tune import Callback
 
 from e2e_dist import storage
+from e2e_dist.sweep.early_stop import DEFAULT_STOP_GRACE_S
 from e2e_dist.sweep.spec import SweepSpec, flatten_params
 
 TERMINATED, ERROR = "TERMINATED", "ERROR"
@@ -85,7 +86,7 @@ class SweepBook:
     """Everything the driver process knows about the sweep's trials; renders and writes them."""
 
     def __init__(self, spec: SweepSpec, *, live: bool | None = None, out=None, board=None,
-                 stop_grace_s: float = 300.0) -> None:
+                 stop_grace_s: float = DEFAULT_STOP_GRACE_S) -> None:
         self.spec = spec
         self.board = board
         """The sweep's `StopBoard` actor (early_stop.py): told which trials the scheduler stopped."""

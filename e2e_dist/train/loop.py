@@ -128,7 +128,8 @@ def evaluate(engine, model, val_iter, batches: int, batch_size: int, collate, de
         if i >= batches * world:
             break
         total += 1
-        filler = np_batch if filler is None else filler
+        if i == 0:
+            filler = np_batch  # what a short rank runs (and discards)
         if i % world == rank:
             mine.append(np_batch)
     rounds = -(-total // world)  # the same on every rank: they all read the same stream

@@ -141,6 +141,9 @@ class _DropProgressBarNotice(logging.Filter):
         return "Progress bars disabled" not in record.getMessage()
 
 
+_PROGRESS_BAR_NOTICE = _DropProgressBarNotice()  # one instance: adding it to a handler again is a no-op
+
+
 def quiet_library_logs() -> None:
     """Keep libraries' INFO chatter (Ray Data plans, Ray Train's echo of every report with all its
     metrics) off the console, where it drowns our progress lines; Ray Data's log file keeps all.
@@ -164,4 +167,4 @@ def quiet_library_logs() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, SessionFileHandler):
             handler.setLevel(logging.WARNING)
-            handler.addFilter(_DropProgressBarNotice())
+            handler.addFilter(_PROGRESS_BAR_NOTICE)

@@ -35,8 +35,12 @@ class ResumeState:
     """Tokens / samples seen by all ranks so far."""
     logged: dict[str, float] = field(default_factory=dict)
     """The metrics row logged at `step` (W&B backfill after a hard kill)."""
-    resumed_from: int | None = None
-    """The checkpoint's step, or None when nothing was restored."""
+
+    @property
+    def resumed_from(self) -> int | None:
+        """The checkpoint's step, or None for a fresh start (checkpoints are taken after a step,
+        so none has step 0)."""
+        return self.step or None
 
 
 def downloads_here(*, rank: int, local_rank: int, node_rank: int, rank0_node: int) -> bool:
@@ -80,4 +84,4 @@ def restore(engine: Any, cfg: RunConfig, *, rank: int, world: int, local_rank: i
     if fetcher:
         shutil.rmtree(shared, ignore_errors=True)
     return ResumeState(step=state["step"], data=state["data"], units_seen=state.get("units_seen", 0),
-                       logged=state.get("logged") or {}, resumed_from=state["step"])
+                       logged=state.get("logged") or {})
