@@ -5,14 +5,17 @@
 #       cluster launcher (`ray up` / `ray submit` / `ray down`) with the `local` provider over SSH to
 #       127.0.0.1; the launcher copies file_mounts with rsync.
 #   util-linux: `unshare` (a private PID namespace, so `ray stop` inside `ray down` only sees the
-#       processes that test started) -- present on most images, listed to be explicit.
+#       processes that test started; and each separate host's PID namespace) -- present on most
+#       images, listed to be explicit.
+#   iproute2: `ip netns` / veth / bridge for `e2e-dist cluster local --separate-hosts`, whose
+#       nodes are network namespaces (tests/cluster/test_separate_hosts.py, test_autoscale.py).
 #   procps: `ps`/`pkill`-free process inspection used when debugging CI logs.
 #
 # Idempotent: installs only what is missing, and skips apt entirely when nothing is.
 # Needs root (or passwordless sudo); the Makefile/CI call it once before `make test`.
 set -euo pipefail
 
-PKGS=(openssh-server openssh-client rsync util-linux procps)
+PKGS=(openssh-server openssh-client rsync util-linux procps iproute2)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -44,7 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from e2e_dist.config import RunConfig, load_run_config  # noqa: E402
 from e2e_dist.models.registry import build_model  # noqa: E402
-from e2e_dist.train.ray_env import LOOPBACK, free_port  # noqa: E402
+from e2e_dist.train.ray_env import free_port  # noqa: E402
+from e2e_dist.train.rendezvous import init_loopback_process_group  # noqa: E402
 
 RAY_WORKER_NICENESS = 15  # Ray's default `worker_niceness`: every Ray worker process runs at it
 
@@ -197,7 +198,7 @@ def side_worker(kind: str, rank: int, world: int, port: int, cfg_dict: dict, ste
     os.nice(nice)
     torch.set_num_threads(1)
     cfg = RunConfig.model_validate(cfg_dict)
-    dist.init_process_group("gloo", init_method=f"tcp://{LOOPBACK}:{port}", rank=rank, world_size=world)
+    init_loopback_process_group("gloo", rank=rank, world_size=world, port=port)
     step = SIDES[kind](cfg, rank)
     times = []
     for i in range(warmup + steps):

@@ -47,6 +47,7 @@ from e2e_dist.config import RunConfig, load_run_config  # noqa: E402
 from e2e_dist.models.registry import build_model  # noqa: E402
 from e2e_dist.train.flops import mfu, peak_flops, train_flops_per_batch  # noqa: E402
 from e2e_dist.train.ray_env import LOOPBACK, free_port  # noqa: E402
+from e2e_dist.train.rendezvous import init_loopback_process_group  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_overhead import ray_session, run_ours_recorded  # noqa: E402  (shared by the benchmarks)
@@ -173,8 +174,7 @@ def one_rank_group(device: torch.device) -> Iterator[None]:
                 raise RuntimeError("gpu_mfu needs a one-rank process group; this process has a bigger one")
             yield
             return
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                init_method=f"tcp://{LOOPBACK}:{port}", rank=0, world_size=1)
+        init_loopback_process_group("nccl" if device.type == "cuda" else "gloo", port=port)
         try:
             yield
         finally:

@@ -238,7 +238,8 @@ class TrackingConfig(Section):
     """W&B group (sweeps set it to the sweep name)."""
     dir: str | None = None
     """Local directory for W&B files; default `<storage.path>/<name>/wandb` for local storage,
-    `./wandb` otherwise."""
+    else `$WANDB_DIR` or `~/.cache/e2e-dist/wandb/<run id>`, copied to `<run>/wandb/` in storage
+    at every checkpoint and at the end."""
     tags: list[str] = []
     """W&B tags."""
 

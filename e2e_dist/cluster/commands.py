@@ -40,34 +40,43 @@ def _register_cluster(subparsers: Any) -> None:
     v.add_argument("files", nargs="+", metavar="FILE", help="ray-cluster.yaml, cluster/*.yaml, KubeRay manifests")
     v.set_defaults(func=cmd_cluster_validate)
 
-    loc = verbs.add_parser("local", help="start a local multi-node Ray cluster on 127.0.0.1 (Ctrl-C stops it)")
+    loc = verbs.add_parser("local", help="start a local multi-node Ray cluster on this machine (Ctrl-C stops it)")
     mode = loc.add_mutually_exclusive_group()
     mode.add_argument("--nodes", type=int, default=1, help="worker nodes besides the head (default 1)")
     mode.add_argument("--autoscale", action="store_true",
-                      help="the fake autoscaling cluster of cluster/local-autoscale.yaml instead")
+                      help="an autoscaling cluster with the node types of cluster/local-autoscale.yaml instead")
+    loc.add_argument("--separate-hosts", action="store_true",
+                     help="each node in its own network namespace with its own address, as on separate machines "
+                          "(needs root); default: every node on this machine's loopback")
+    loc.add_argument("--expose", type=int, action="append", default=[], metavar="PORT",
+                     help="--separate-hosts: make 127.0.0.1:PORT here (an S3/MinIO server, say) reachable from the "
+                          "nodes at the gateway address (repeatable)")
     loc.add_argument("--num-cpus", type=int, default=1, help="CPUs per worker node (default 1)")
     loc.add_argument("--head-cpus", type=int, default=None, help="CPUs of the head (default: --num-cpus)")
     loc.add_argument("--config", default=None, help="autoscaling yaml for --autoscale (default cluster/local-autoscale.yaml)")
     loc.add_argument("--idle-timeout-minutes", type=float, default=None, help="--autoscale: override idle timeout")
     loc.add_argument("--auth", choices=("token", "disabled"), default="token",
                      help="Ray token auth (default token; clients then need RAY_AUTH_MODE=token)")
-    loc.add_argument("--home", default=None, help="HOME of the Ray processes (auth token, caches); default yours")
+    loc.add_argument("--home", default=None,
+                     help="where the auth token is kept for clients here (default: your HOME); each node has its own HOME")
     loc.add_argument("--object-store-mb", type=int, default=256, help="object store per node in MiB (default 256)")
     loc.set_defaults(func=cmd_cluster_local)
 
 
 def cmd_cluster_validate(args: argparse.Namespace) -> int:
-    from e2e_dist.cluster.validate import validate_cluster_file
+    """One line per finding, `e2e-dist: error:` / `e2e-dist: warning:` like every verb; exit 2 on errors."""
+    from e2e_dist.cluster.validate import lint_cluster_file
 
     bad = 0
     for path in args.files:
-        problems = validate_cluster_file(path)  # unreadable files raise a one-line UserError
-        if problems:
-            bad += 1
-            for p in problems:
-                print(f"{path}: {p}", file=sys.stderr)
-        else:
-            print(f"{path}: ok")
+        found = lint_cluster_file(path)  # unreadable files raise a one-line UserError
+        for w in found.warnings:
+            print(f"e2e-dist: warning: {path}: {w}", file=sys.stderr)
+        for p in found.errors:
+            print(f"e2e-dist: error: {path}: {p}", file=sys.stderr)
+        bad += bool(found.errors)
+        if not found.errors:
+            print(f"{path}: ok" + (f" ({len(found.warnings)} warning(s))" if found.warnings else ""))
     return 2 if bad else 0
 
 
@@ -84,21 +93,25 @@ def cmd_cluster_local(args: argparse.Namespace) -> int:
         nodes=args.nodes, num_cpus_per_node=args.num_cpus, head_num_cpus=args.head_cpus,
         autoscale=args.autoscale, autoscaling_config=args.config,
         idle_timeout_minutes=args.idle_timeout_minutes, auth_mode=args.auth, home=args.home,
-        object_store_memory=args.object_store_mb * 2**20,
+        object_store_memory=args.object_store_mb * 2**20, separate_hosts=args.separate_hosts,
     )
+    if args.expose and not args.separate_hosts:
+        raise UserError("--expose: only with --separate-hosts (loopback nodes reach 127.0.0.1 already)")
     # SIGTERM (e.g. from a CI runner) stops the cluster like Ctrl-C does; SIGINT explicitly too,
     # since a shell's background job starts with SIGINT ignored.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     try:
         cluster.start()
+        for port in args.expose:
+            cluster.expose(port)
         print(cluster.describe())
         if args.auth == "token":
             print("  clients           : export RAY_AUTH_MODE=token (the token is in ~/.ray/auth_token)")
         print("Ctrl-C stops every process this command started (and nothing else).", flush=True)
         while True:
             time.sleep(1)
-            dead = [n.name for n in cluster.nodes if n.popen.poll() is not None]
+            dead = [n.name for n in cluster.nodes if not n.alive()]
             if dead:
                 print(f"ray node(s) {', '.join(dead)} exited; stopping the cluster (logs in {cluster.base_dir})",
                       file=sys.stderr)

@@ -1,24 +1,25 @@
-"""Local multi-node Ray clusters on one machine: head + N worker nodes, or the fake autoscaler.
+"""Local multi-node Ray clusters on one machine: head + N worker nodes, or an autoscaling cluster.
 
-Every node is a `ray start --block` subprocess in its own session (process group), with its own
-`--temp-dir`, explicit ports and `--node-ip-address 127.0.0.1`. Why each of those:
+Every node is a `ray start --block` subprocess in its own session (process group) with its own
+directory: Ray temp dir, HOME and TMPDIR, as a machine of its own would have. Two modes:
 
-- own temp dir: nodes sharing one break the first `working_dir` job (the driver's cwd is
-  deleted under it), and the temp dir names the processes we own when stopping;
-- explicit ports: two nodes on one address must not race for Ray's defaults (client server
-  10001, dashboard agent 52365, ...), and the client-server port must lie outside the worker
-  port range (10002-19999 by default); each node gets its own worker port range;
-- 127.0.0.1: Ray otherwise advertises the machine's primary address;
-- `--block` in a new session: the `ray start` process is a process-group leader, cleans up its
-  children on SIGTERM, and Ray's reaper kills the group if it dies. `stop()` therefore touches
-  exactly the processes this object started (never `ray stop`, which kills every Ray on the host).
+- loopback (default, any user): every node on 127.0.0.1 (autoscaled nodes on 127.0.0.N), explicit
+  ports so nodes sharing an address never race for Ray's defaults;
+- separate hosts (`separate_hosts=True`, root): each node in its own network namespace with its
+  own address on a private bridge (cluster/netns.py). Nothing is shared but the network. The
+  head's dashboard / Jobs API is forwarded to 127.0.0.1 here (as `ray dashboard` tunnels it for a
+  real cluster) and `expose(port)` makes a service on this machine's loopback (an S3 server, say)
+  reachable from the nodes at the gateway address (cluster/forward.py).
 
-The fake autoscaling cluster (`autoscale=True`, config in cluster/local_autoscale.py): its worker
-nodes are started by the autoscaler (monitor) process in the head's process group and temp dir.
+Why each node gets its own temp dir: nodes sharing one share Ray's runtime-env cache, and one
+node's cleanup deleted the working dir a job's driver on another still ran in. Why explicit
+addresses: Ray otherwise advertises the machine's primary address. Why `--block` in a new
+session: the `ray start` process is a process-group leader, cleans up its children on SIGTERM,
+and `stop()` touches exactly the processes this object started (never `ray stop`, which kills
+every Ray on the host).
 
-Split by concern: one node's process (cluster/local_node.py), worker port blocks
-(cluster/local_ports.py), the autoscaler config (cluster/local_autoscale.py); all importable from
-here as before.
+With `autoscale=True` no worker nodes are started here: the autoscaler adds and removes them from
+`autoscaling_config` through our node provider (cluster/local_provider.py), made the same way.
 """
 
 from __future__ import annotations
@@ -29,32 +30,27 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable
 
+from e2e_dist.cluster.forward import Endpoint, Forwarder
 from e2e_dist.cluster.local_autoscale import DEFAULT_AUTOSCALE_CONFIG, REPO_ROOT, render_autoscale_config
-from e2e_dist.cluster.local_node import (
-    LocalClusterError,
-    LocalNode,
-    node_pids,
-    ray_start_command,
-    stop_node,
-    wait_ready,
-)
-from e2e_dist.cluster.local_ports import pick_worker_port_range
+from e2e_dist.cluster.local_node import LocalClusterError, LocalNode, launch, node_pids, stop_node
+from e2e_dist.cluster.local_ports import node_port_args, pick_worker_port_range
+from e2e_dist.cluster.local_provider import read_node_records
+from e2e_dist.cluster.netns import GATEWAY_IP, Host, Network, netns_unavailable_reason
 from e2e_dist.train.ray_env import LOOPBACK, free_port
 
 __all__ = [
     "DEFAULT_AUTOSCALE_CONFIG", "REPO_ROOT", "LocalCluster", "LocalClusterError", "LocalNode",
-    "pick_worker_port_range", "ray_start_command", "render_autoscale_config",
+    "pick_worker_port_range", "render_autoscale_config",
 ]
 
 
 class LocalCluster:
-    """A Ray cluster of `ray start` processes on 127.0.0.1, started and stopped as one:
+    """A Ray cluster of `ray start` processes on this machine, started and stopped as one:
     `with LocalCluster(nodes=1, num_cpus_per_node=1) as c: JobSubmissionClient(c.dashboard_url)`.
 
-    `nodes` counts worker nodes (the head comes on top); with `autoscale=True` no worker nodes
-    are started by us: the fake autoscaler adds and removes them from `autoscaling_config`.
+    `nodes` counts worker nodes (the head comes on top). `home` is where the auth token lives for
+    clients on this machine (default: $HOME); each node gets a copy in its own HOME.
     """
 
     def __init__(
@@ -73,6 +69,7 @@ class LocalCluster:
         env: dict[str, str] | None = None,
         start_timeout_s: float = 120.0,
         start_attempts: int = 2,
+        separate_hosts: bool = False,
     ) -> None:
         if nodes < 0 or num_cpus_per_node < 0:
             raise LocalClusterError(f"nodes={nodes} and num_cpus_per_node={num_cpus_per_node} must be >= 0")
@@ -85,30 +82,46 @@ class LocalCluster:
         self.autoscaling_config = Path(autoscaling_config or DEFAULT_AUTOSCALE_CONFIG)
         self.idle_timeout_minutes = idle_timeout_minutes
         self.auth_mode = auth_mode
-        self.home = Path(home) if home else None
+        self.home = Path(home) if home else Path.home()
         self.object_store_memory = object_store_memory
         self.extra_env = dict(env or {})
         self.start_timeout_s = start_timeout_s
         self.start_attempts = max(1, start_attempts)
+        self.separate_hosts = separate_hosts
         # Short path: Ray's unix sockets live under the temp dirs (108-byte limit).
         self._own_base = base_dir is None
         self.base_dir = Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="e2elc-", dir="/tmp"))
         self.nodes: list[LocalNode] = []
+        self.network: Network | None = None
+        self.head_ip = LOOPBACK
+        self._forwarders: list[Forwarder] = []
         self._taken_ranges: list[range] = []
+        self._token: str | None = None
         self.gcs_port = 0
         self.dashboard_port = 0
+        self._dashboard_forward: Forwarder | None = None
         self._stopped = False
 
     # ------------------------------------------------------------------ addresses
     @property
     def address(self) -> str:
-        """GCS address (`ray.init(address=...)`, `ray start --address`)."""
-        return f"{LOOPBACK}:{self.gcs_port}"
+        """GCS address (`ray start --address`, RAY_ADDRESS) as the nodes reach it."""
+        return f"{self.head_ip}:{self.gcs_port}"
 
     @property
     def dashboard_url(self) -> str:
-        """Dashboard, state API and Ray Jobs API (`JobSubmissionClient`, `ray job submit`)."""
-        return f"http://{LOOPBACK}:{self.dashboard_port}"
+        """Dashboard, state API and Ray Jobs API on this machine's loopback (`e2e-dist submit`)."""
+        port = self._dashboard_forward.port if self._dashboard_forward else self.dashboard_port
+        return f"http://{LOOPBACK}:{port}"
+
+    def expose(self, port: int) -> str:
+        """Make 127.0.0.1:`port` of this machine reachable from the nodes; returns the address they
+        use (the gateway in separate-host mode, the same loopback address otherwise)."""
+        if self.network is None:
+            return f"{LOOPBACK}:{port}"
+        fwd = Forwarder(Endpoint(GATEWAY_IP, port, self.network.switch), Endpoint(LOOPBACK, port))
+        self._forwarders.append(fwd)
+        return f"{GATEWAY_IP}:{port}"
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "LocalCluster":
@@ -118,16 +131,13 @@ class LocalCluster:
         self.stop()
 
     def node_env(self) -> dict[str, str]:
-        """Environment of every node process: explicit auth mode, optional private HOME."""
+        """Base environment of every node process (each node then gets its own HOME and TMPDIR)."""
         env = dict(os.environ)
         env.update(self.extra_env)
         env["RAY_AUTH_MODE"] = self.auth_mode
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         # A local cluster serves no traffic: skip the 30 s drain Ray 2.60 does on SIGTERM.
         env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
-        if self.home:
-            self.home.mkdir(parents=True, exist_ok=True)
-            env["HOME"] = str(self.home)
         env.pop("RAY_ADDRESS", None)  # never let a node join some other cluster
         # Jobs run `e2e-dist ...` / `python ...`: resolve them in this environment (the venv).
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -136,130 +146,120 @@ class LocalCluster:
     def start(self) -> "LocalCluster":
         """Start the head, then the worker nodes; return once every node reports ready."""
         env = self.node_env()
-        if self.auth_mode == "token":
-            self._ensure_token(env)
         try:
+            if self.separate_hosts:
+                reason = netns_unavailable_reason()
+                if reason:
+                    raise LocalClusterError(f"separate hosts: {reason}")
+                self.network = Network.create(self.base_dir)
+            if self.auth_mode == "token":
+                self._token = self._ensure_token(env)
             self._start_head(env)
             for i in range(self.num_workers):
-                self._start_worker(env, i + 1)
+                self._start_worker(env, f"worker{i + 1}")
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _ensure_token(self, env: dict[str, str]) -> None:
-        # `ray start --head` with RAY_AUTH_MODE=token refuses to start without a token.
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"], env=env,
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+    def _ensure_token(self, env: dict[str, str]) -> str:
+        """The token clients here use (`home`/.ray/auth_token), generated if missing."""
+        path = self.home / ".ray" / "auth_token"
+        if not path.exists():
+            # `ray start --head` with RAY_AUTH_MODE=token refuses to start without a token.
+            subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"],
+                           env={**env, "HOME": str(self.home)}, check=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=60)
+        return path.read_text().strip()
 
-    def _common_args(self, name: str, num_cpus: int) -> tuple[list[str], dict[str, int]]:
-        workers = pick_worker_port_range(self._taken_ranges)
-        self._taken_ranges.append(workers)  # (a retried node's old block stays reserved: harmless)
-        ports = {
-            "node_manager": free_port(), "object_manager": free_port(), "metrics_export": free_port(),
-            "dashboard_agent_listen": free_port(), "dashboard_agent_grpc": free_port(),
-            "runtime_env_agent": free_port(), "min_worker": workers.start, "max_worker": workers.stop - 1,
-        }
-        temp_dir = self.base_dir / name
-        temp_dir.mkdir(parents=True, exist_ok=True)
-        args = [
-            "--block", "--node-ip-address", LOOPBACK, "--temp-dir", str(temp_dir),
-            "--num-cpus", str(num_cpus), "--disable-usage-stats",
-            "--node-manager-port", str(ports["node_manager"]),
-            "--object-manager-port", str(ports["object_manager"]),
-            "--metrics-export-port", str(ports["metrics_export"]),
-            "--dashboard-agent-listen-port", str(ports["dashboard_agent_listen"]),
-            "--dashboard-agent-grpc-port", str(ports["dashboard_agent_grpc"]),
-            "--runtime-env-agent-port", str(ports["runtime_env_agent"]),
-            "--min-worker-port", str(ports["min_worker"]), "--max-worker-port", str(ports["max_worker"]),
-        ]
-        if self.object_store_memory:
-            args += ["--object-store-memory", str(self.object_store_memory)]
-        return args, ports
-
-    def _head_args(self, env: dict[str, str]) -> tuple[list[str], dict[str, str], dict[str, int]]:
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
-        args, ports = self._common_args("head", self.head_num_cpus)
-        client_port = free_port()  # ephemeral range: outside every worker port range
-        args += [
-            "--head", "--port", str(self.gcs_port), "--include-dashboard", "true",
-            "--dashboard-host", LOOPBACK, "--dashboard-port", str(self.dashboard_port),
-            "--ray-client-server-port", str(client_port),
-        ]
-        ports.update(gcs=self.gcs_port, dashboard=self.dashboard_port, ray_client=client_port)
-        head_env = dict(env)
-        if self.autoscale:
-            config = render_autoscale_config(
-                self.autoscaling_config, self.gcs_port, self.base_dir / "autoscaling.yaml",
-                idle_timeout_minutes=self.idle_timeout_minutes)
-            args += ["--autoscaling-config", str(config)]
-            # The fake provider (in the autoscaler process) starts worker nodes at Ray's
-            # get_node_ip_address(): the loopback address, see ray_start_command().
-            head_env["RAY_FAKE_CLUSTER"] = "1"
-        # The autoscaler's metrics server defaults to one fixed port (44217) for every cluster.
-        head_env["AUTOSCALER_METRIC_PORT"] = str(free_port())
-        return args, head_env, ports
+    def _host(self, name: str) -> Host | None:
+        return self.network.add_host(name) if self.network else None
 
     def _start_head(self, env: dict[str, str]) -> None:
-        self.nodes.append(self._launch("head", lambda: self._head_args(env)))
+        host = self._host("head")
+        self.head_ip = host.ip if host else LOOPBACK
+        head_env = dict(env)
+        # The autoscaler's metrics server defaults to one fixed port (44217) for every cluster.
+        head_env["AUTOSCALER_METRIC_PORT"] = str(free_port())
 
-    def _start_worker(self, env: dict[str, str], index: int) -> None:
-        name = f"worker{index}"
+        def build() -> tuple[list[str], dict[str, int]]:
+            self.gcs_port, self.dashboard_port = free_port(), free_port()
+            args, ports = node_port_args(self._taken_ranges)
+            client_port = free_port()  # ephemeral range: outside every worker port range
+            args += ["--head", "--num-cpus", str(self.head_num_cpus), "--port", str(self.gcs_port),
+                     "--include-dashboard", "true", "--dashboard-host", self.head_ip,
+                     "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(client_port)]
+            if self.object_store_memory:
+                args += ["--object-store-memory", str(self.object_store_memory)]
+            if self.autoscale:
+                config = render_autoscale_config(
+                    self.autoscaling_config, self.base_dir / "autoscaling.yaml", gcs_address=self.address,
+                    head_ip=self.head_ip, cluster_dir=self.base_dir,
+                    netns_prefix=self.network.prefix if self.network else None,
+                    idle_timeout_minutes=self.idle_timeout_minutes)
+                args += ["--autoscaling-config", str(config)]
+            return args, {**ports, "gcs": self.gcs_port, "dashboard": self.dashboard_port, "ray_client": client_port}
 
-        def build() -> tuple[list[str], dict[str, str], dict[str, int]]:
-            args, ports = self._common_args(name, self.num_cpus_per_node)
-            return [*args, "--address", self.address], env, ports
+        self.nodes.append(self._launch("head", build, head_env, host))
+        if host is not None:  # the Jobs API on this machine's loopback, like `ray dashboard`'s tunnel
+            self._dashboard_forward = Forwarder(Endpoint(LOOPBACK, 0), Endpoint(host.ip, self.dashboard_port,
+                                                                               host.netns))
 
-        self.nodes.append(self._launch(name, build))
+    def _start_worker(self, env: dict[str, str], name: str) -> None:
+        host = self._host(name)
 
-    def _launch(self, name: str, build: Callable[[], tuple[list[str], dict[str, str], dict[str, int]]]) -> LocalNode:
-        """Start one node; a second try (fresh ports, empty temp dir) if the first fails to come up.
+        def build() -> tuple[list[str], dict[str, int]]:
+            args, ports = node_port_args(self._taken_ranges)
+            args += ["--address", self.address, "--num-cpus", str(self.num_cpus_per_node)]
+            if self.object_store_memory:
+                args += ["--object-store-memory", str(self.object_store_memory)]
+            return args, ports
 
-        Why retry: Ray gives a new raylet a fixed 30 s to register with the GCS, which a loaded
-        2-core machine can miss; the node then exits with "timed out during startup".
-        """
-        temp_dir, log_path = self.base_dir / name, self.base_dir / f"{name}.log"
-        for attempt in range(1, self.start_attempts + 1):
-            shutil.rmtree(temp_dir, ignore_errors=True)
-            args, env, ports = build()
-            with open(log_path, "wb") as log:
-                popen = subprocess.Popen(ray_start_command(args), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-            node = LocalNode(name=name, temp_dir=temp_dir, log_path=log_path, popen=popen, ports=ports)
-            try:
-                wait_ready(node, self.start_timeout_s)
-                return node
-            except LocalClusterError:
-                if attempt == self.start_attempts:
-                    raise
-                shutil.copy(log_path, self.base_dir / f"{name}.attempt{attempt}.log")
-        raise AssertionError("unreachable")
+        self.nodes.append(self._launch(name, build, env, host))
+
+    def _launch(self, name: str, build, env: dict[str, str], host: Host | None) -> LocalNode:
+        return launch(name, self.base_dir, build, env, ip=host.ip if host else LOOPBACK, host=host,
+                      token=self._token, timeout_s=self.start_timeout_s, attempts=self.start_attempts)
 
     # ------------------------------------------------------------------ processes and stop
+    def autoscaled_nodes(self) -> list[LocalNode]:
+        """Nodes the autoscaler started (and has not terminated yet)."""
+        return [LocalNode.from_record(r["node"]) for r in read_node_records(self.base_dir).values()]
+
     def pids(self) -> set[int]:
         """PIDs of every live process this cluster owns (all nodes)."""
-        return set().union(*(node_pids(n) for n in self.nodes)) if self.nodes else set()
+        return set().union(set(), *(node_pids(n) for n in [*self.nodes, *self.autoscaled_nodes()]))
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        """Stop exactly what this cluster started: worker nodes first, then the head."""
+        """Stop exactly what this cluster started: worker nodes, the head (and with it the
+        autoscaler), then any node the autoscaler left; then the network and the directories."""
         if self._stopped:
             return
         self._stopped = True
         for node in reversed(self.nodes):
             stop_node(node, timeout_s)
+        for node in self.autoscaled_nodes():
+            stop_node(node, timeout_s)
+        for fwd in [*self._forwarders, *([self._dashboard_forward] if self._dashboard_forward else [])]:
+            fwd.stop()
+        if self.network is not None:
+            self.network.destroy()
         if self._own_base and not os.environ.get("E2E_DIST_KEEP_CLUSTER_DIRS"):
             shutil.rmtree(self.base_dir, ignore_errors=True)
 
     def describe(self) -> str:
         """Human-readable addresses (printed by `e2e-dist cluster local`)."""
-        kind = "fake autoscaling cluster" if self.autoscale else f"head + {self.num_workers} worker node(s)"
+        kind = "autoscaling cluster" if self.autoscale else f"head + {self.num_workers} worker node(s)"
+        where = f"separate hosts on {self.head_ip.rsplit('.', 1)[0]}.0/24" if self.network else LOOPBACK
         lines = [
-            f"local Ray cluster: {kind} on {LOOPBACK} (auth: {self.auth_mode})",
-            f"  GCS address      : {self.address}   (ray.init(address=...), RAY_ADDRESS)",
+            f"local Ray cluster: {kind}, {where} (auth: {self.auth_mode})",
+            f"  GCS address      : {self.address}   (inside the cluster: RAY_ADDRESS of its jobs)",
             f"  dashboard / jobs : {self.dashboard_url}   (e2e-dist submit --address ..., ray job submit)",
         ]
         for n in self.nodes:
-            lines.append(f"  node {n.name:<8}: pid {n.popen.pid}, temp dir {n.temp_dir}, log {n.log_path}")
+            lines.append(f"  node {n.name:<8}: {n.ip:<11} pid {n.pid}, dir {n.temp_dir.parent}, log {n.log_path}")
+        for port in (f.listen.port for f in self._forwarders):
+            lines.append(f"  exposed          : 127.0.0.1:{port} here = {GATEWAY_IP}:{port} on the nodes")
         auth = "RAY_AUTH_MODE=token " if self.auth_mode == "token" else ""
         lines.append(f"  watch nodes      : {auth}ray list nodes --address {self.dashboard_url}")
         return "\n".join(lines)

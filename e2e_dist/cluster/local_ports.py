@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 
 from e2e_dist.cluster.local_node import LocalClusterError
-from e2e_dist.train.ray_env import LOOPBACK
+from e2e_dist.train.ray_env import LOOPBACK, free_port
 
 # Worker port ranges live below Linux's ephemeral range (32768+, where free_port() and Ray's
 # random ports come from) and above Ray's default range (10002-19999) other instances use.
@@ -41,3 +41,18 @@ def pick_worker_port_range(taken: list[range], size: int = _WORKER_PORTS_PER_NOD
         if not any(block.start < t.stop and t.start < block.stop for t in taken) and _ports_free(block):
             return block
     raise LocalClusterError(f"no free block of {size} worker ports in {_WORKER_PORT_LO}-{hi}")
+
+
+def node_port_args(taken: list[range]) -> tuple[list[str], dict[str, int]]:
+    """`ray start` port flags for one node: every port explicit (two nodes on one address must not
+    race for Ray's fixed defaults such as the dashboard agent's 52365) and a private worker port
+    block. Appends the block to `taken`."""
+    workers = pick_worker_port_range(taken)
+    taken.append(workers)  # (a retried node's old block stays reserved: harmless)
+    ports = {
+        "node_manager": free_port(), "object_manager": free_port(), "metrics_export": free_port(),
+        "dashboard_agent_listen": free_port(), "dashboard_agent_grpc": free_port(),
+        "runtime_env_agent": free_port(), "min_worker": workers.start, "max_worker": workers.stop - 1,
+    }
+    # Each key is its flag's name: node_manager -> --node-manager-port.
+    return [a for name, port in ports.items() for a in (f"--{name.replace('_', '-')}-port", str(port))], ports

@@ -1,19 +1,20 @@
 """Offline validation of cluster yamls: Ray's own schema plus the mistakes Ray lets through.
 
-Ray cluster-launcher files (`ray up` / fake_multinode / local providers) go through Ray's
-`prepare_config` (defaults) and `validate_config` (JSON schema), exactly as `ray up` would, but
-without touching a cloud API. Then our checks, each seen accepted by Ray 2.60:
+Ray cluster-launcher files go through Ray's `prepare_config` (defaults) and `validate_config`
+(JSON schema), exactly as `ray up` would, but without touching a cloud API. Then our checks, each
+seen accepted by Ray 2.60:
 
 - a missing `cluster_name` (Ray silently uses "default", so two such clusters collide);
 - per node type `min_workers` > `max_workers`;
-- a GPU count that does not match the AWS instance type;
-- security-group ingress open to the world (0.0.0.0/0, ::/0) on anything but SSH (22);
+- AWS (validate_aws.py): unknown `provider` keys, the region and zones, every `node_config`
+  against EC2's RunInstances shape, GPU counts, world-open ingress; warnings for node types
+  without an instance profile;
 - secrets written into the file (AWS keys, W&B key, Ray token) instead of passed at submit time.
 
-KubeRay `RayCluster` / `RayJob` manifests get the structural checks that matter here (autoscaler
-on for groups that scale from 0, replica bounds, GPU limits, literal secrets).
+KubeRay `RayCluster` / `RayJob` manifests: validate_kuberay.py (KubeRay's CRD schema + checks).
 
-Every problem is one line that starts with the field it is about.
+Every finding is one line that starts with the path of the key it is about. Errors fail
+validation; warnings (`Findings.warnings`) are printed and do not.
 """
 
 from __future__ import annotations
@@ -23,46 +24,19 @@ import copy
 import io
 import logging
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
 
+from e2e_dist.cluster.validate_aws import AWS_GPU_COUNT, aws_errors, aws_warnings, gpu_count_of, node_types
+from e2e_dist.cluster.validate_kuberay import kuberay_errors
 from e2e_dist.errors import UserError
 
 
 class ClusterConfigError(UserError):
     """A cluster yaml is unreadable or has problems (all listed, `; `-separated)."""
-
-
-# NVIDIA GPUs per AWS instance type (what Ray auto-detects on the node). Types of a family listed
-# here but a size that is not are left unchecked, as are unknown g*/p* families.
-AWS_GPU_COUNT: dict[str, int] = {
-    **{f"g4dn.{s}": 1 for s in ("xlarge", "2xlarge", "4xlarge", "8xlarge", "16xlarge")}, "g4dn.12xlarge": 4,
-    "g4dn.metal": 8,
-    **{f"g5.{s}": 1 for s in ("xlarge", "2xlarge", "4xlarge", "8xlarge", "16xlarge")},
-    "g5.12xlarge": 4, "g5.24xlarge": 4, "g5.48xlarge": 8,
-    **{f"g6.{s}": 1 for s in ("xlarge", "2xlarge", "4xlarge", "8xlarge", "16xlarge")},
-    "g6.12xlarge": 4, "g6.24xlarge": 4, "g6.48xlarge": 8,
-    **{f"g6e.{s}": 1 for s in ("xlarge", "2xlarge", "4xlarge", "8xlarge", "16xlarge")},
-    "g6e.12xlarge": 4, "g6e.24xlarge": 4, "g6e.48xlarge": 8,
-    "p3.2xlarge": 1, "p3.8xlarge": 4, "p3.16xlarge": 8, "p3dn.24xlarge": 8,
-    "p4d.24xlarge": 8, "p4de.24xlarge": 8,
-    "p5.4xlarge": 1, "p5.48xlarge": 8, "p5e.48xlarge": 8, "p5en.48xlarge": 8, "p6-b200.48xlarge": 8,
-}
-# Families whose instances carry GPUs (or accelerators Ray does not count as GPU): never "0".
-_ACCEL_FAMILY = re.compile(r"^(g\d|p\d|gr\d|inf\d|trn\d|dl\d|vt\d|f\d)")
-
-
-def gpu_count_of(instance_type: str) -> int | None:
-    """GPUs of an AWS instance type: the table, 0 for CPU-only families, None when unknown."""
-    itype = instance_type.strip().lower()
-    if itype in AWS_GPU_COUNT:
-        return AWS_GPU_COUNT[itype]
-    family = itype.split(".", 1)[0]
-    if "." not in itype or _ACCEL_FAMILY.match(family):
-        return None
-    return 0
 
 
 SECRET_NAMES = (
@@ -73,7 +47,6 @@ SECRET_NAMES = (
 _SECRET_ASSIGN = re.compile(
     r"\b(" + "|".join(SECRET_NAMES) + r")\s*[=:]\s*(?![\s'\"]*(?:\$|$|['\"]\s))['\"]?[^\s'\"$]")
 _AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
-_WORLD = ("0.0.0.0/0", "::/0")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -92,9 +65,33 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+@dataclass
+class Findings:
+    """What validation found: errors fail it, warnings are said and do not."""
+
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def lint_cluster_config(config: dict[str, Any]) -> Findings:
+    if str(config.get("apiVersion", "")).startswith("ray.io/"):
+        return Findings(_dedupe(kuberay_errors(config) + _secret_problems(config)))
+    return _lint_launcher(config)
+
+
+def lint_cluster_file(path: str | Path) -> Findings:
+    """Errors and warnings of a cluster yaml. Unreadable files raise."""
+    return lint_cluster_config(load_yaml(path))
+
+
+def validate_cluster_config(config: dict[str, Any]) -> list[str]:
+    """The errors of a cluster config (empty list: valid)."""
+    return lint_cluster_config(config).errors
+
+
 def validate_cluster_file(path: str | Path) -> list[str]:
-    """All problems of a cluster yaml (empty list: valid). Unreadable files raise."""
-    return validate_cluster_config(load_yaml(path))
+    """The errors of a cluster yaml (empty list: valid). Unreadable files raise."""
+    return lint_cluster_file(path).errors
 
 
 def check_cluster_file(path: str | Path) -> None:
@@ -104,30 +101,24 @@ def check_cluster_file(path: str | Path) -> None:
         raise ClusterConfigError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems))
 
 
-def validate_cluster_config(config: dict[str, Any]) -> list[str]:
-    if str(config.get("apiVersion", "")).startswith("ray.io/"):
-        return _validate_kuberay(config)
-    return _validate_launcher(config)
-
-
 # ----------------------------------------------------------------------- cluster launcher
-def _validate_launcher(raw: dict[str, Any]) -> list[str]:
+def _lint_launcher(raw: dict[str, Any]) -> Findings:
     problems: list[str] = []
     if not raw.get("cluster_name"):
         problems.append("cluster_name: missing (Ray would use 'default', and two such clusters collide)")
     provider = raw.get("provider")
     if not isinstance(provider, dict) or not provider.get("type"):
-        problems.append("provider.type: missing (aws, gcp, azure, local, fake_multinode, ...)")
-        return problems + _secret_problems(raw)
+        problems.append("provider.type: missing (aws, gcp, azure, local, external, ...)")
+        return Findings(problems + _secret_problems(raw))
     prepared, ray_problems = _ray_schema(raw)
-    problems += ray_problems
     config = prepared if prepared is not None else raw
     problems += _worker_bounds(config)
+    warnings: list[str] = []
     if provider["type"] == "aws":
-        problems += _gpu_counts(config)
-        problems += _ingress(config)
-    problems += _secret_problems(raw)
-    return _dedupe(problems)
+        problems += aws_errors(raw, config)
+        warnings += aws_warnings(raw)
+    # ours first: where Ray's schema sees the same field, our line says more
+    return Findings(_dedupe(problems + ray_problems + _secret_problems(raw)), warnings)
 
 
 def _ray_schema(raw: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
@@ -139,7 +130,7 @@ def _ray_schema(raw: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
     sink = io.StringIO()
     ray_log = logging.getLogger("ray.autoscaler")
     level = ray_log.level
-    ray_log.setLevel(logging.WARNING)  # "setting max workers for ..." is noise here
+    ray_log.setLevel(logging.ERROR)  # "setting max workers for ...", "dropping legacy field ...": noise here
     try:
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             try:
@@ -203,65 +194,15 @@ def _ray_error_problem(e: Exception) -> str:
     return f"{field}: {msg[:300]}"
 
 
-def _node_types(config: dict[str, Any]) -> dict[str, Any]:
-    types = config.get("available_node_types")
-    return types if isinstance(types, dict) else {}
-
-
 def _worker_bounds(config: dict[str, Any]) -> list[str]:
     out = []
-    for name, spec in _node_types(config).items():
-        if not isinstance(spec, dict):
-            continue
+    for name, spec in node_types(config).items():
         lo, hi = spec.get("min_workers", 0), spec.get("max_workers")
         if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
             out.append(f"available_node_types.{name}.min_workers: {lo} > max_workers {hi}; "
                        f"the autoscaler could never satisfy it")
         if isinstance(lo, int) and lo < 0:
             out.append(f"available_node_types.{name}.min_workers: {lo} is negative")
-    return out
-
-
-def _gpu_counts(config: dict[str, Any]) -> list[str]:
-    out = []
-    for name, spec in _node_types(config).items():
-        if not isinstance(spec, dict):
-            continue
-        itype = (spec.get("node_config") or {}).get("InstanceType")
-        resources = spec.get("resources") or {}
-        if not itype or "GPU" not in resources:
-            continue  # Ray detects the GPUs from the instance type itself
-        expected = gpu_count_of(str(itype))
-        declared = resources["GPU"]
-        if expected is None or declared == expected or declared == 0:
-            continue  # unknown type; or GPU: 0 hides the GPUs on purpose
-        has = f"has {expected} GPU{'s' if expected != 1 else ''}" if expected else "has no GPU"
-        out.append(f"available_node_types.{name}.resources.GPU: {declared} but {itype} {has}")
-    return out
-
-
-def _ports(rule: dict[str, Any]) -> str | None:
-    """The world-open port range of an IpPermissions rule other than SSH, as text; else None."""
-    world = [r.get("CidrIp") for r in rule.get("IpRanges") or []] + \
-            [r.get("CidrIpv6") for r in rule.get("Ipv6Ranges") or []]
-    if not any(cidr in _WORLD for cidr in world):
-        return None
-    proto = str(rule.get("IpProtocol", "tcp"))
-    lo, hi = rule.get("FromPort", -1), rule.get("ToPort", rule.get("FromPort", -1))
-    if proto == "-1" or lo in (-1, None) or hi in (-1, None):
-        return "all ports"
-    if proto == "tcp" and lo == 22 and hi == 22:
-        return None
-    return f"{proto} port {lo}" if lo == hi else f"{proto} ports {lo}-{hi}"
-
-
-def _ingress(config: dict[str, Any]) -> list[str]:
-    rules = ((config.get("provider") or {}).get("security_group") or {}).get("IpPermissions") or []
-    out = []
-    for i, rule in enumerate(rules):
-        if isinstance(rule, dict) and (ports := _ports(rule)):
-            out.append(f"provider.security_group.IpPermissions[{i}]: {ports} open to the internet; only SSH (22) "
-                       f"may be: reach the dashboard / Jobs API with `ray dashboard` (an SSH tunnel)")
     return out
 
 
@@ -291,80 +232,21 @@ def _walk(node: Any, path: str = "") -> Iterator[tuple[str, Any, Any]]:
 def _secret_problems(config: dict[str, Any]) -> list[str]:
     """Literal secrets anywhere in the file. The values themselves are never echoed."""
     out = []
-    for field, key, value in _walk(config):
+    for where, key, value in _walk(config):
         if value is None or value == "":
             continue
         text = str(value)
         if key in SECRET_NAMES and not text.startswith("$"):
-            out.append(f"{field}: literal {key} value in the file; pass it from your environment at submit "
+            out.append(f"{where}: literal {key} value in the file; pass it from your environment at submit "
                        f"time (e2e-dist submit forwards it) or use instance profiles / k8s secrets")
             continue
         m = _SECRET_ASSIGN.search(text)
         if m:
-            out.append(f"{field}: literal {m.group(1)} value in the file; pass it from your environment at "
+            out.append(f"{where}: literal {m.group(1)} value in the file; pass it from your environment at "
                        f"submit time (e2e-dist submit forwards it) or use an instance profile")
         elif _AWS_KEY_ID.search(text):
-            out.append(f"{field}: looks like an AWS access key id; use the nodes' instance profile instead")
+            out.append(f"{where}: looks like an AWS access key id; use the nodes' instance profile instead")
     return out
-
-
-# ----------------------------------------------------------------------------- KubeRay
-def _validate_kuberay(doc: dict[str, Any]) -> list[str]:
-    kind = doc.get("kind")
-    spec = doc.get("spec")
-    if not isinstance(spec, dict):
-        return ["spec: missing"]
-    problems: list[str] = []
-    if not (doc.get("metadata") or {}).get("name"):
-        problems.append("metadata.name: missing")
-    if kind == "RayCluster":
-        problems += _raycluster_spec(spec, "spec")
-    elif kind == "RayJob":
-        if not spec.get("entrypoint"):
-            problems.append("spec.entrypoint: missing (the command the job runs)")
-        if "rayClusterSpec" in spec:
-            problems += _raycluster_spec(spec["rayClusterSpec"] or {}, "spec.rayClusterSpec")
-        elif not spec.get("clusterSelector"):
-            problems.append("spec: needs rayClusterSpec (a cluster for the job) or clusterSelector (an existing one)")
-    else:
-        problems.append(f"kind: {kind!r} is not RayCluster or RayJob")
-    return problems + _secret_problems(doc)
-
-
-def _raycluster_spec(spec: dict[str, Any], at: str) -> list[str]:
-    out = []
-    if not isinstance(spec.get("headGroupSpec"), dict):
-        out.append(f"{at}.headGroupSpec: missing")
-    autoscaling = bool(spec.get("enableInTreeAutoscaling"))
-    from_zero = []
-    for i, group in enumerate(spec.get("workerGroupSpecs") or []):
-        where = f"{at}.workerGroupSpecs[{i}]"
-        lo, hi = group.get("minReplicas", 0), group.get("maxReplicas")
-        replicas = group.get("replicas", lo)
-        if isinstance(hi, int) and isinstance(lo, int) and lo > hi:
-            out.append(f"{where}.minReplicas: {lo} > maxReplicas {hi}")
-        elif isinstance(hi, int) and isinstance(replicas, int) and not lo <= replicas <= hi:
-            out.append(f"{where}.replicas: {replicas} outside [minReplicas {lo}, maxReplicas {hi}]")
-        if lo == 0 and not autoscaling:
-            from_zero.append(str(group.get("groupName", i)))
-        out += _pod_gpu_problems(group, where)
-    if from_zero:
-        out.append(f"{at}.enableInTreeAutoscaling: must be true: worker group(s) {', '.join(from_zero)} start at "
-                   f"0 replicas and only the autoscaler adds pods")
-    return out
-
-
-def _pod_gpu_problems(group: dict[str, Any], where: str) -> list[str]:
-    """`num-gpus` in rayStartParams must match the container's nvidia.com/gpu limit."""
-    containers = ((group.get("template") or {}).get("spec") or {}).get("containers") or []
-    if not containers:
-        return [f"{where}.template.spec.containers: missing"]
-    limits = (containers[0].get("resources") or {}).get("limits") or {}
-    gpus = limits.get("nvidia.com/gpu")
-    declared = (group.get("rayStartParams") or {}).get("num-gpus")
-    if gpus is not None and declared is not None and str(declared) != str(gpus):
-        return [f"{where}.rayStartParams.num-gpus: {declared} but the container's nvidia.com/gpu limit is {gpus}"]
-    return []
 
 
 def _dedupe(items: list[str]) -> list[str]:
@@ -373,5 +255,5 @@ def _dedupe(items: list[str]) -> list[str]:
     return [x for x in items if not ((f := x.split(": ", 1)[0]) in seen or seen.add(f))]
 
 
-__all__ = ["AWS_GPU_COUNT", "ClusterConfigError", "check_cluster_file", "load_yaml", "validate_cluster_config",
-           "validate_cluster_file"]
+__all__ = ["AWS_GPU_COUNT", "ClusterConfigError", "Findings", "check_cluster_file", "gpu_count_of",
+           "lint_cluster_config", "lint_cluster_file", "load_yaml", "validate_cluster_config", "validate_cluster_file"]

@@ -45,11 +45,23 @@ def _local_run_dir(cfg: RunConfig) -> Path | None:
 
 def wandb_root(cfg: RunConfig) -> Path:
     """What `wandb.init(dir=...)` gets; W&B writes to `<root>/wandb/`. `tracking.dir` if set, else
-    the local run directory, else (s3:// storage) `$WANDB_DIR` or the working directory."""
+    the local run directory, else (s3:// storage) `$WANDB_DIR`, else a stable folder of this run in
+    the user's cache (`~/.cache/e2e-dist/wandb/<run id>`, never a Ray session's temp dir)."""
     if cfg.tracking.dir:
         return Path(os.path.abspath(os.path.expanduser(cfg.tracking.dir)))
     local = _local_run_dir(cfg)
-    return local if local is not None else Path(os.path.abspath(os.environ.get("WANDB_DIR") or "."))
+    if local is not None:
+        return local
+    if os.environ.get("WANDB_DIR"):
+        return Path(os.path.abspath(os.environ["WANDB_DIR"]))
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "e2e-dist" / "wandb" / wandb_run_id(cfg)
+
+
+def stored_in_run_dir(cfg: RunConfig) -> bool:
+    """Whether W&B writes into the run's own directory in storage (local storage, default dir)."""
+    local = _local_run_dir(cfg)
+    return local is not None and wandb_root(cfg) == local
 
 
 def wandb_dir(cfg: RunConfig) -> Path:
@@ -66,6 +78,30 @@ def wandb_run_dir(cfg: RunConfig) -> str | None:
     files = sorted(wandb_dir(cfg).glob(f"*run-*-{run_id}*/run-{run_id}.wandb"),
                    key=lambda p: (_stamp(p.parent.name), p.stat().st_mtime))
     return str(files[-1].parent) if files else None
+
+
+def wandb_stored_dir(cfg: RunConfig) -> str | None:
+    """The newest W&B folder of this run in its copy next to the run (`<run>/wandb/<folder>`,
+    written for runs whose W&B files do not live in the run dir); None if there is none."""
+    if resolve_mode(cfg) == "disabled" or stored_in_run_dir(cfg):
+        return None
+    from e2e_dist import storage
+
+    stored, run_id = storage.join(cfg.run_uri, "wandb"), wandb_run_id(cfg)
+    try:
+        names = storage.list_files(stored, cfg.storage)
+    except storage.StorageError:
+        return None
+    folders = sorted({n.split("/")[0] for n in names if n.endswith(f"/run-{run_id}.wandb")}, key=_stamp)
+    return storage.join(stored, folders[-1]) if folders else None
+
+
+def sync_command(run_dir: str) -> str:
+    """How to upload an offline W&B folder (local, or its copy in S3) to W&B."""
+    if not run_dir.startswith("s3://"):
+        return f"wandb sync {run_dir}"
+    folder = run_dir.rstrip("/").rsplit("/", 1)[-1]
+    return f"aws s3 sync {run_dir} ./{folder} && wandb sync ./{folder}"
 
 
 def _stamp(folder: str) -> str:

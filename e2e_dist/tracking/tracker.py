@@ -8,8 +8,9 @@ from typing import Any
 
 from e2e_dist.config import RunConfig
 from e2e_dist.tracking.offline_history import last_step_in_files
-from e2e_dist.tracking.run_location import Mode, resolve_mode, wandb_root, wandb_run_id
+from e2e_dist.tracking.run_location import Mode, resolve_mode, sync_command, wandb_root, wandb_run_id
 from e2e_dist.tracking.state import STATE_PREFIX, read_state, write_state
+from e2e_dist.tracking.storage_copy import WandbCopy
 from e2e_dist.tracking.wandb_session import no_inherited_service, open_run, teardown_service
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,8 @@ class Tracker:
     """One W&B run seen from one process. Rank != 0 and disabled tracking give a no-op tracker."""
 
     def __init__(self, run: Any = None, *, mode: Mode = "disabled", state_path: Path | None = None,
-                 state: dict[str, Any] | None = None, redo_floor: int | None = None) -> None:
+                 state: dict[str, Any] | None = None, redo_floor: int | None = None,
+                 copy: WandbCopy | None = None) -> None:
         self._run = run  # wandb.sdk.wandb_run.Run; wandb is imported lazily (ranks != 0 never load it)
         self.mode: Mode = mode
         self._state_path = state_path
@@ -34,6 +36,7 @@ class Tracker:
         self._seen_step: int | None = None  # highest step the loop logged (history or redo table)
         self._warned_backwards = False
         self._finished = run is None
+        self._copy = copy  # the run's W&B files next to the run in storage (s3:// runs)
 
     @classmethod
     def start(cls, cfg: RunConfig, *, rank: int, resume_step: int | None,
@@ -48,6 +51,11 @@ class Tracker:
         no_inherited_service()
         run_id, root = wandb_run_id(cfg), wandb_root(cfg)
         (root / "wandb").mkdir(parents=True, exist_ok=True)  # W&B falls back to /tmp if it is missing
+        copy = WandbCopy(cfg, root / "wandb", run_id)
+        try:  # a restart on another node: continue from the files the last session stored
+            copy.pull_if_missing()
+        except Exception as e:  # unreadable storage: the run goes on, its history may repeat steps
+            log.warning("W&B files of this run not fetched from %s: %s", copy.uri, str(e).splitlines()[0])
         state_path = root / "wandb" / f"{STATE_PREFIX}{run_id}.json"
         state = read_state(state_path)
         handed: int | None = state.get("last_step")  # what earlier sessions handed to W&B
@@ -70,7 +78,7 @@ class Tracker:
                              "steps_redone": max(0, before - (resume_step or 0)) if before is not None else 0})
         state = {**state, "run_id": run_id, "sessions": sessions + 1, "last_step": redo_floor,
                  "restarts": restarts}
-        tracker = cls(run, mode=mode, state_path=state_path, state=state, redo_floor=redo_floor)
+        tracker = cls(run, mode=mode, state_path=state_path, state=state, redo_floor=redo_floor, copy=copy)
         _OPEN.append(tracker)
         tracker._save_state()
         if is_restart:
@@ -99,7 +107,7 @@ class Tracker:
         """Where the run is, in one line: its URL online; its folder and the sync command offline."""
         if self._run is None:
             return "W&B disabled"
-        return self.url or f"{self.run_dir} (offline; upload with `wandb sync {self.run_dir}`)"
+        return self.url or f"{self.run_dir} (offline; upload with `{sync_command(str(self.run_dir))}`)"
 
     # -------------------------------------------------------------------------------- logging
     def log(self, metrics: dict[str, Any], step: int, *, commit: bool | None = None) -> None:
@@ -160,8 +168,14 @@ class Tracker:
         else:
             self.log({key: image}, step=step)
 
+    def copy_to_storage(self) -> int:
+        """Upload this run's changed W&B files to `<run>/wandb/` (s3:// runs; the loop calls it at
+        every checkpoint). Returns how many files went; never raises."""
+        return self._copy.push() if self._copy is not None else 0
+
     def finish(self, exit_code: int = 0) -> None:
-        """Publish re-done steps, save state, close the run. Idempotent; logging after it is a no-op."""
+        """Publish re-done steps, save state, close the run, copy its files to storage.
+        Idempotent; logging after it is a no-op."""
         if self._finished or self._run is None:
             return
         self._finished = True
@@ -171,6 +185,7 @@ class Tracker:
         self._save_state()
         self._run.finish(exit_code=exit_code)
         teardown_service()
+        self.copy_to_storage()
 
     def finish_stopped(self, **info: Any) -> int | None:
         """Close the run as stopped early on purpose (a sweep scheduler cut the trial), not crashed:

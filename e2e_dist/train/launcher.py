@@ -23,6 +23,9 @@ class RunSummary:
     checkpoint_uri: str | None = None
     """The newest committed checkpoint after the run."""
     wandb_dir: str | None = None
+    """This run's W&B folder on this machine (None when rank 0 wrote it on another node)."""
+    wandb_copy: str | None = None
+    """Its copy next to the run in storage (`<run>/wandb/<folder>`; s3:// runs)."""
     data_stats: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
 
@@ -53,13 +56,14 @@ def build_trainer(cfg: RunConfig, *, datasets: dict[str, Any], collate, progress
     """The TorchTrainer for one run; also used by each sweep trial's driver."""
     import ray
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from e2e_dist import storage
     from e2e_dist.data.common import ingest_data_config
     from e2e_dist.train.faults import fault_marker_dir
     from e2e_dist.train.loop import train_loop_per_worker
     from e2e_dist.train.ray_env import local_runtime_env_vars
+    from e2e_dist.train.rendezvous import BoundStoreTorchConfig
 
     t = cfg.trainer
     use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
@@ -80,7 +84,8 @@ def build_trainer(cfg: RunConfig, *, datasets: dict[str, Any], collate, progress
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend=backend),
+        # rank 0's rendezvous store listens on its node's address only (train/rendezvous.py)
+        torch_config=BoundStoreTorchConfig(backend=backend),
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=run_config,
@@ -116,10 +121,11 @@ def run_training(cfg: RunConfig, *, resume: bool = False, address: str | None = 
         except Exception as e:  # Ray wraps worker errors; surface the root cause's one line
             raise UserError(f"run {cfg.name!r} failed: {_root_cause(e)}") from e
     found, _ = ckpt.find_latest_committed(cfg.run_uri, cfg.storage)
-    from e2e_dist.tracking import wandb_run_dir
+    from e2e_dist.tracking.run_location import wandb_run_dir, wandb_stored_dir
 
     return RunSummary(name=cfg.name, run_uri=cfg.run_uri, metrics=dict(result.metrics or {}),
                       checkpoint_uri=found.uri if found else None, wandb_dir=wandb_run_dir(cfg),
+                      wandb_copy=wandb_stored_dir(cfg),
                       data_stats=dict(bundle.stats), wall_s=time.time() - t0)
 
 

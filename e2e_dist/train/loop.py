@@ -289,6 +289,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                  f"a restart resumes from it")
         if step % t.ckpt_every == 0 and not is_last:
             stall_s = save_and_report(step, {**base_metrics, **last}, final=False)
+            tracker.copy_to_storage()  # s3:// runs: W&B files next to the run, should this node go
         elif do_eval and not is_last:
             ray.train.report({**base_metrics, **last})  # feeds Tune schedulers between checkpoints
 

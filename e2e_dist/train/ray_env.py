@@ -106,6 +106,7 @@ def init_ray(address: str | None = None, opts: LocalRayOptions | None = None) ->
         # The job's own runtime_env (working dir, env vars) applies; ours adds only the SIGTERM
         # hook, and only where Ray merges it without conflict and runs it (see below).
         ray.init(address=address, log_to_driver=True, runtime_env=_cluster_runtime_env(address))
+        pin_shared_actors_here()
         return
     # Actors that use the state API (Train V2's placement-group cleaner) find "the" cluster by
     # RAY_ADDRESS; with several clusters on one machine, auto-detection fails.
@@ -134,6 +135,26 @@ def init_ray(address: str | None = None, opts: LocalRayOptions | None = None) ->
         configure_logging=True,
         logging_level="WARNING",
     )
+
+
+def pin_shared_actors_here() -> None:
+    """Create Ray's cluster-wide autoscaling coordinator on this (the driver's) node if it does not
+    exist yet.
+
+    Why: Ray Data and Train V2 create it on first use as a *detached* actor with hard affinity to
+    the node of whoever used it first. In a sweep that is a trial on an autoscaled worker node,
+    and a node hosting an actor is never idle: seen here, the node stayed up for good after the
+    sweep ended (on AWS, a GPU node billed until someone notices). Jobs run their driver on the
+    head, which never scales down anyway.
+    """
+    try:
+        from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
+    except ImportError:  # another Ray version: it may not have the actor, or have moved it
+        logging.getLogger("e2e_dist.launcher").warning(
+            "could not pre-create Ray's AutoscalingCoordinator on the head (Ray moved it?): idle worker "
+            "nodes may not scale down after a sweep")
+        return
+    get_or_create_autoscaling_coordinator()
 
 
 class _DropProgressBarNotice(logging.Filter):

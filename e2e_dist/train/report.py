@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from e2e_dist.tracking.run_location import sync_command
 from e2e_dist.train.launcher import RunSummary
 
 
@@ -27,6 +28,11 @@ def print_run_summary(s: RunSummary) -> None:
     lines.append(f"{unit} seen     {_num(m.get(f'{unit}_seen'), ',')}   params {_num(m.get('n_params'), ',')}")
     lines.append(f"checkpoint     {s.checkpoint_uri or '-'}")
     lines.append(f"W&B run        {s.wandb_dir or '-'}")
+    if s.wandb_copy:
+        lines.append(f"W&B files      {s.wandb_copy}")
+    offline = next((d for d in (s.wandb_dir, s.wandb_copy) if d and "offline-run-" in d), None)
+    if offline:
+        lines.append(f"               upload it: {sync_command(offline)}")
     print("\n".join(lines))
     if m.get("sample"):
         print("sample:\n" + "-" * 60 + f"\n{m['sample']}\n" + "-" * 60)

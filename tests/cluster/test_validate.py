@@ -13,6 +13,7 @@ from e2e_dist.cluster.validate import (
     ClusterConfigError,
     check_cluster_file,
     gpu_count_of,
+    lint_cluster_config,
     validate_cluster_config,
     validate_cluster_file,
 )
@@ -49,9 +50,10 @@ def test_shipped_aws_config_keeps_its_security_properties() -> None:
 
 
 def test_local_autoscale_has_the_same_node_types() -> None:
-    aws, fake = _load("ray-cluster.yaml"), _load("cluster/local-autoscale.yaml")
-    assert set(aws["available_node_types"]) == set(fake["available_node_types"])
-    assert fake["provider"]["type"] == "fake_multinode"
+    aws, local = _load("ray-cluster.yaml"), _load("cluster/local-autoscale.yaml")
+    assert set(aws["available_node_types"]) == set(local["available_node_types"])
+    assert local["provider"] == {"type": "external", "module": "e2e_dist.cluster.local_provider.LocalNodeProvider",
+                                 "disable_node_updaters": True, "disable_launch_config_check": True}
 
 
 Mutation = Callable[[dict[str, Any]], None]
@@ -112,10 +114,10 @@ BROKEN = [
     ("ray-schema-unknown-field", "ray-cluster.yaml", _set("idle_timeout", 5), "idle_timeout: unknown field"),
     ("ray-schema-required", "ray-cluster.yaml", _pop("provider"), "provider.type: missing"),
     ("ray-head-type", "ray-cluster.yaml", _set("head_node_type", "gpu_16x"), "head_node_type: `head_node_type` must be one of"),
-    ("fake-min-gt-max", "cluster/local-autoscale.yaml", _set("available_node_types.gpu_1x.min_workers", 3),
+    ("local-min-gt-max", "cluster/local-autoscale.yaml", _set("available_node_types.gpu_1x.min_workers", 3),
      "available_node_types.gpu_1x.min_workers: 3 > max_workers 2"),
-    ("fake-missing-field", "cluster/local-autoscale.yaml", _pop("cluster_synced_files"), "cluster_synced_files: missing"),
-    ("fake-no-name", "cluster/local-autoscale.yaml", _pop("cluster_name"), "cluster_name: missing"),
+    ("local-missing-field", "cluster/local-autoscale.yaml", _pop("cluster_synced_files"), "cluster_synced_files: missing"),
+    ("local-no-name", "cluster/local-autoscale.yaml", _pop("cluster_name"), "cluster_name: missing"),
     ("kuberay-autoscaling-off", "cluster/kuberay/raycluster.yaml", _set("spec.enableInTreeAutoscaling", False),
      "spec.enableInTreeAutoscaling: must be true"),
     ("kuberay-gpu-mismatch", "cluster/kuberay/raycluster.yaml",
@@ -129,6 +131,41 @@ BROKEN = [
      "spec.rayClusterSpec.headGroupSpec.template.spec.containers[0].env[3].value: literal WANDB_API_KEY value"),
     ("rayjob-no-entrypoint", "cluster/kuberay/rayjob-sweep.yaml", lambda c: c["spec"].pop("entrypoint"),
      "spec.entrypoint: missing"),
+    # provider fields Ray's schema leaves free-form
+    ("aws-provider-typo", "ray-cluster.yaml", _set("provider.regoin", "us-west-2"),
+     "provider.regoin: unknown field for the aws provider"),
+    ("aws-no-region", "ray-cluster.yaml", lambda c: c["provider"].pop("region"), "provider.region: missing"),
+    ("aws-unknown-region", "ray-cluster.yaml", _set("provider.region", "us-west-9"),
+     "provider.region: 'us-west-9' is not an AWS region botocore knows"),
+    ("aws-zone-elsewhere", "ray-cluster.yaml", _set("provider.availability_zone", "us-west-2a,us-east-1b"),
+     "provider.availability_zone: 'us-east-1b' is not a zone of region us-west-2"),
+    # node_config against EC2's RunInstances input shape (botocore's service model)
+    ("node-config-typo", "ray-cluster.yaml", _set("available_node_types.gpu_1x.node_config.InstanceTyp", "g5.xlarge"),
+     "available_node_types.gpu_1x.node_config.InstanceTyp: unknown field of EC2 RunInstancesRequest "
+     "(did you mean InstanceType?)"),
+    ("node-config-deep-typo", "ray-cluster.yaml",
+     lambda c: c["available_node_types"]["gpu_8x"]["node_config"]["BlockDeviceMappings"][0]["Ebs"].update(VolumeSise=9),
+     "available_node_types.gpu_8x.node_config.BlockDeviceMappings[0].Ebs.VolumeSise: unknown field of EC2 "
+     "EbsBlockDevice (did you mean VolumeSize?)"),
+    ("node-config-type", "ray-cluster.yaml",
+     lambda c: c["available_node_types"]["cpu_worker"]["node_config"]["BlockDeviceMappings"][0]["Ebs"].update(
+         VolumeSize="200GB"),
+     "available_node_types.cpu_worker.node_config.BlockDeviceMappings[0].Ebs.VolumeSize: expected integer"),
+    ("node-config-enum", "ray-cluster.yaml",
+     _set("available_node_types.gpu_1x_spot.node_config.InstanceMarketOptions.MarketType", "spotty"),
+     "available_node_types.gpu_1x_spot.node_config.InstanceMarketOptions.MarketType: 'spotty' is not one of"),
+    # KubeRay manifests against KubeRay's CRD schema
+    ("kuberay-unknown-deep", "cluster/kuberay/raycluster.yaml",
+     lambda c: c["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0].update(resource={}),
+     "spec.workerGroupSpecs[0].template.spec.containers[0].resource: unknown field (not in the KubeRay v1.7.0 CRD)"),
+    ("kuberay-unknown-top", "cluster/kuberay/rayjob-sweep.yaml", _set("spec.shutdownAfterJobFinish", True),
+     "spec.shutdownAfterJobFinish: unknown field"),
+    ("kuberay-type", "cluster/kuberay/raycluster.yaml",
+     lambda c: c["spec"]["workerGroupSpecs"][0].update(maxReplicas="two"),
+     "spec.workerGroupSpecs[0].maxReplicas: expected integer"),
+    ("kuberay-required", "cluster/kuberay/raycluster.yaml",
+     lambda c: c["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].pop("name"),
+     "spec.headGroupSpec.template.spec.containers[0].name: missing (required by the KubeRay CRD)"),
 ]
 
 
@@ -202,14 +239,36 @@ def test_cli_validate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     from e2e_dist.cli import main
 
     assert main(["cluster", "validate", str(ROOT / "ray-cluster.yaml"), str(ROOT / "cluster/local-autoscale.yaml")]) == 0
-    assert capsys.readouterr().out.count(": ok") == 2
+    out = capsys.readouterr()
+    assert out.out.count(": ok") == 2 and out.err == ""  # the shipped files: no error, no warning
     cfg = _load("ray-cluster.yaml")
     cfg["available_node_types"]["gpu_1x"]["min_workers"] = 9
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(cfg))
     assert main(["cluster", "validate", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"{bad}: available_node_types.gpu_1x.min_workers: 9 > max_workers 8; "
+    assert err == [f"e2e-dist: error: {bad}: available_node_types.gpu_1x.min_workers: 9 > max_workers 8; "
                    "the autoscaler could never satisfy it"]
     assert main(["cluster", "validate", str(tmp_path / "missing.yaml")]) == 2
-    assert "missing.yaml: no such file" in capsys.readouterr().err
+    assert "e2e-dist: error:" in (e := capsys.readouterr().err) and "missing.yaml: no such file" in e
+
+
+def test_workers_without_an_instance_profile_are_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ray gives its default role to the head only: GPU workers writing to s3:// would fail."""
+    from e2e_dist.cli import main
+
+    cfg = _load("ray-cluster.yaml")
+    del cfg["available_node_types"]["gpu_8x"]["node_config"]["IamInstanceProfile"]
+    del cfg["available_node_types"]["ray.head.default"]["node_config"]["IamInstanceProfile"]
+    found = lint_cluster_config(cfg)
+    assert found.errors == []
+    assert [w.split(": ", 1)[0] for w in found.warnings] == [
+        "available_node_types.ray.head.default.node_config.IamInstanceProfile",
+        "available_node_types.gpu_8x.node_config.IamInstanceProfile"]
+    assert "no AWS credentials" in found.warnings[1] and "ray-autoscaler-v1" in found.warnings[0]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["cluster", "validate", str(path)]) == 0  # warnings do not fail validation
+    out = capsys.readouterr()
+    assert out.out.strip() == f"{path}: ok (2 warning(s))"
+    assert [ln.split(": ")[1] for ln in out.err.splitlines()] == ["warning", "warning"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import socket
 
 import torch
 
@@ -14,10 +13,9 @@ def ensure_gloo_world_of_one() -> None:
 
     if dist.is_initialized():
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    from e2e_dist.train.rendezvous import init_loopback_process_group
+
+    init_loopback_process_group("gloo")
     atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
 
 

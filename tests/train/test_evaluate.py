@@ -61,7 +61,9 @@ def rank_main(rank: int, port: int, out: str) -> None:
     from e2e_dist.train.deepspeed_config import build_deepspeed_config
     from e2e_dist.train.loop import _skip_cpu_shm_comm, evaluate
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    from e2e_dist.train.rendezvous import init_loopback_process_group
+
+    init_loopback_process_group("gloo", rank=rank, world_size=2, port=port)
     _skip_cpu_shm_comm()
     c = cfg()
     torch.manual_seed(0)

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from e2e_dist.config import RunConfig, load_run_config
+from e2e_dist.tracking import wandb_dir, wandb_run_id
 from tests.conftest import ROOT
 from tests.fixtures.s3 import _free_port, empty_and_delete_bucket, make_bucket
 from tests.helpers.wandb_records import find_run_files, read_history, read_summary
@@ -36,10 +37,11 @@ STEPS, CKPT_EVERY, MICRO, SEQ, WORLD = 12, 4, 8, 64, 2
 TOKENS_PER_STEP = WORLD * MICRO * SEQ
 
 
-def s3_cfg(run_root: str, wandb_dir: Path, name: str, *extra: str) -> RunConfig:
-    """A tiny byte-level GPT on ZeRO-3 whose run lives in S3 (W&B files stay local: tracking.dir)."""
+def s3_cfg(run_root: str, name: str, *extra: str) -> RunConfig:
+    """A tiny byte-level GPT on ZeRO-3 whose run lives in S3 (W&B files in the default place: a
+    stable local folder of the run, copied to `<run>/wandb/` in the bucket)."""
     return load_run_config("tiny-text", [
-        f"name={name}", f"storage.path={run_root}", f"tracking.dir={wandb_dir}", "deepspeed.zero_stage=3",
+        f"name={name}", f"storage.path={run_root}", "deepspeed.zero_stage=3",
         "model.n_layer=2", "model.d_model=64", "model.n_head=2", f"model.max_seq_len={SEQ}", f"data.seq_len={SEQ}",
         "data.max_files=60", "data.max_bytes=400000", f"trainer.micro_batch_size={MICRO}",
         f"trainer.max_steps={STEPS}", "trainer.log_every=4", "trainer.eval_every=12", "trainer.eval_batches=2",
@@ -77,7 +79,7 @@ def committed_steps(cfg: RunConfig) -> list[int]:
 
 def wandb_history(cfg: RunConfig) -> dict[int, dict]:
     rows: dict[int, dict] = {}
-    for f in find_run_files(cfg.tracking.dir):
+    for f in find_run_files(wandb_dir(cfg)):
         for row in read_history(f):
             assert row["_step"] not in rows, f"W&B step {row['_step']} logged twice"
             rows[row["_step"]] = row
@@ -85,7 +87,7 @@ def wandb_history(cfg: RunConfig) -> dict[int, dict]:
 
 
 def last_wandb_summary(cfg: RunConfig) -> dict:
-    return read_summary(find_run_files(cfg.tracking.dir)[-1])
+    return read_summary(find_run_files(wandb_dir(cfg))[-1])
 
 
 @dataclass
@@ -101,7 +103,7 @@ def s3_run(ray_local, s3_server, tmp_path_factory) -> Iterator[S3Run]:
     from e2e_dist.train.launcher import run_training
 
     bucket = make_bucket(s3_server.url, prefix="e2e-s3run")
-    cfg = s3_cfg(f"{bucket}/runs", tmp_path_factory.mktemp("wandb-s3"), "s3-z3")
+    cfg = s3_cfg(f"{bucket}/runs", "s3-z3")
     summary = run_training(cfg, quiet=True)
     yield S3Run(cfg, summary, s3_server.url, bucket)
     if s3_server.running:
@@ -146,6 +148,26 @@ def test_bucket_holds_every_ranks_shards_parts_and_manifest(s3_run):
     assert secret not in get_object(endpoint, f"{cfg.run_uri}/config.yaml")
     assert secret not in get_object(endpoint, f"{summary.checkpoint_uri}/manifest.json")
     assert sorted(wandb_history(cfg)) == [4, 8, 12]
+
+
+def test_wandb_files_are_local_and_next_to_the_run_in_s3(s3_run, tmp_path):
+    """Not in Ray's session temp dir: a stable folder of the run (printed), and a copy in the bucket
+    that `wandb sync` can use from anywhere, holding the same history."""
+    cfg, summary, endpoint = s3_run.cfg, s3_run.summary, s3_run.endpoint
+    local = Path(summary.wandb_dir)
+    assert local.parent == wandb_dir(cfg) and "/.cache/ray" not in str(local) and "session_" not in str(local)
+    assert summary.wandb_copy == f"{cfg.run_uri}/wandb/{local.name}"  # what the summary prints
+    assert local.is_relative_to(Path.home() / ".cache" / "e2e-dist" / "wandb")
+    run_id = wandb_run_id(cfg)
+    stored = {k: v for k, v in list_keys(endpoint, cfg.run_uri).items() if k.startswith("wandb/")}
+    wandb_file = f"wandb/{local.name}/run-{run_id}.wandb"
+    assert wandb_file in stored and f"wandb/e2e-dist-tracking-{run_id}.json" in stored, sorted(stored)
+    assert not any("/logs/" in k or "/tmp/" in k for k in stored)  # only what `wandb sync` needs
+    copy = tmp_path / local.name / f"run-{run_id}.wandb"
+    copy.parent.mkdir()
+    copy.write_bytes(get_object(endpoint, f"{cfg.run_uri}/{wandb_file}"))
+    assert [r["_step"] for r in read_history(copy)] == [4, 8, 12]
+    assert copy.read_bytes() == (local / f"run-{run_id}.wandb").read_bytes()  # the final copy, complete
 
 
 # ------------------------------------------------------------------------------ export + generate
@@ -198,13 +220,17 @@ def test_export_of_zero3_checkpoint_from_s3_equals_trained_weights(s3_run, tmp_p
 
 
 # ------------------------------------------------------------------------------ resume from S3
-def test_resume_from_s3_continues_step_count_and_tokens(s3_run):
+def test_resume_from_s3_continues_step_count_and_tokens(s3_run, tmp_path):
     """--resume of a run whose oldest checkpoint keep-N already deleted: continues at the newest
-    committed step, with the token count and W&B run carried over."""
+    committed step, with the token count and W&B run carried over -- also on a machine that never
+    saw the run's W&B files (they come back from `<run>/wandb/` in the bucket)."""
+    import shutil
+
     from e2e_dist.train.launcher import run_training
 
     base = s3_run.cfg
     start = committed_steps(base)[-1]
+    shutil.move(wandb_dir(base), tmp_path / "wandb-of-the-first-node")  # as if rank 0 ran elsewhere before
     cfg = base.model_copy(update={"trainer": base.trainer.model_copy(update={"max_steps": start + CKPT_EVERY})})
     resumed = run_training(cfg, resume=True, quiet=True)
     m = resumed.metrics

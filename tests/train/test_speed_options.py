@@ -11,7 +11,6 @@ visibly learns (a small fixed set of batches, so the loss must fall). One short 
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
@@ -29,10 +28,9 @@ def gloo_world_of_one():
 
     created = not dist.is_initialized()
     if created:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        from e2e_dist.train.rendezvous import init_loopback_process_group
+
+        init_loopback_process_group("gloo")
     yield
     if created and dist.is_initialized():
         import deepspeed.comm

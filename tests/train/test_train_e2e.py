@@ -13,6 +13,7 @@ import pytest
 
 from e2e_dist.config import load_run_config
 from e2e_dist.errors import UserError
+from tests.helpers.listeners import ListenerSampler
 from tests.helpers.wandb_records import find_run_files, read_history
 
 pytestmark = pytest.mark.slow
@@ -45,11 +46,27 @@ def reference_z3(ray_local, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("ref")
     cfg = tiny_cfg(tmp, "ref-z3", 3)
-    return cfg, run_training(cfg, quiet=True)
+    sampler = ListenerSampler()  # what every process of the run listens on, while it runs
+    sampler.start()
+    try:
+        summary = run_training(cfg, quiet=True)
+    finally:
+        sampler.stop()
+    return cfg, summary, sampler
+
+
+def test_a_local_run_listens_on_loopback_only(reference_z3):
+    """Ray, the Train workers, gloo and torch's rendezvous store: nothing on another address
+    (torch's TCPStore alone listened on `*:<port>` before it was given a bound socket)."""
+    sampler = reference_z3[2]
+    assert sampler.samples > 10
+    # the Train workers' own listeners were seen (rank 0's store, gloo), not only Ray's
+    assert any("RayTrainWorker" in name for *_, name in sampler.seen), sampler.seen
+    assert sampler.outside_loopback() == [], sorted(sampler.seen)
 
 
 def test_zero3_trains_checkpoints_and_logs(reference_z3):
-    cfg, summary = reference_z3
+    cfg, summary, _ = reference_z3
     m = summary.metrics
     assert m["step"] == STEPS and m["world_size"] == 2 and m["zero_stage"] == 3
     hist = history(cfg)
@@ -90,7 +107,7 @@ def test_other_zero_stages_learn(ray_local, tmp_path, zero, monkeypatch):
 def test_crash_then_resume_matches_reference(reference_z3, tmp_path, monkeypatch):
     from e2e_dist.train.launcher import run_training
 
-    ref_cfg, ref = reference_z3
+    ref_cfg, ref, _ = reference_z3
     cfg = tiny_cfg(tmp_path, "resume-z3", 3)
     monkeypatch.setenv("E2E_DIST_FAULT", "crash@15:1")
     monkeypatch.setenv("E2E_DIST_FAULT_DIR", str(tmp_path))
@@ -120,7 +137,7 @@ def test_three_worker_deaths_recover_to_the_same_result(reference_z3, tmp_path, 
     from e2e_dist.train.launcher import run_training
     from tests.helpers.wandb_records import read_summary
 
-    _, ref = reference_z3
+    _, ref, _ = reference_z3
     cfg = tiny_cfg(tmp_path, "crashy-z3", 3, "trainer.ckpt_every=4", "trainer.async_checkpoint=true",
                    "trainer.max_failures=3")
     monkeypatch.setenv("E2E_DIST_FAULT", "crash@6:1,crash@11:0,crash@14:1")
@@ -144,7 +161,7 @@ def test_sigterm_takes_a_just_in_time_checkpoint(reference_z3, tmp_path, monkeyp
     from e2e_dist.train.launcher import run_training
     from tests.helpers.wandb_records import read_summary
 
-    _, ref = reference_z3
+    _, ref, _ = reference_z3
     cfg = tiny_cfg(tmp_path, "preempt-z3", 3, "trainer.max_failures=1", "trainer.keep_last=3")
     monkeypatch.setenv("E2E_DIST_FAULT", "sigterm@10:1")
     monkeypatch.setenv("E2E_DIST_FAULT_DIR", str(tmp_path))

@@ -1,0 +1,294 @@
+"""A cluster of separate hosts on one machine (cluster/netns.py): head + 1 worker node, each in its
+own network and PID namespace with its own address, temp dir and HOME; the S3 server (moto, on
+this machine's loopback) is reached by the nodes over their network at the gateway address.
+
+Through it: a 2-worker DeepSpeed ZeRO-2 run with one rank on each node, submitted as a Ray job,
+checkpoints to s3:// with both ranks' shards and its W&B files next to the run; `--resume` on the
+same cluster continues it. Jobs stop / logs / secret forwarding and the SIGTERM hook of submitted
+jobs; stopping the cluster ends exactly what it started and removes its namespaces.
+
+Needs root (network namespaces); skipped with the reason otherwise. CI runs it as root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import ipaddress
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from e2e_dist.cli import main
+from e2e_dist.cluster import jobs
+from e2e_dist.cluster.local import LocalCluster
+from e2e_dist.cluster.netns import netns_unavailable_reason
+from e2e_dist.train.ray_env import SIGTERM_SETUP_HOOK
+from tests.fixtures.s3 import empty_and_delete_bucket, make_bucket
+from tests.helpers.wandb_records import read_history
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+SUBNET = ipaddress.ip_network("10.77.0.0/24")
+
+
+@pytest.fixture(scope="module")
+def hosts(s3_server, tmp_path_factory):
+    reason = netns_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with LocalCluster(nodes=1, num_cpus_per_node=1, object_store_memory=200 * 2**20, auth_mode="disabled",
+                      separate_hosts=True) as cluster:
+        cluster.s3_endpoint = "http://" + cluster.expose(s3_server.port)  # moto, as the nodes reach it
+        yield cluster
+
+
+def _alive_nodes(url: str) -> list:
+    from ray.util.state import list_nodes
+
+    return [n for n in list_nodes(address=url, limit=100, raise_on_missing_output=False) if n.state == "ALIVE"]
+
+
+def _ns(pid: int, kind: str) -> int:
+    return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
+
+
+def test_nodes_are_separate_hosts(hosts: LocalCluster) -> None:
+    import psutil
+
+    nodes = _alive_nodes(hosts.dashboard_url)
+    ips = sorted(n.node_ip for n in nodes)
+    assert len(ips) == 2 and len(set(ips)) == 2 and all(ipaddress.ip_address(ip) in SUBNET for ip in ips), ips
+    # own network and PID namespace per node, neither of them ours
+    for kind in ("net", "pid"):
+        spaces = {_ns(n.pid, kind) for n in hosts.nodes} if kind == "net" else \
+            {_ns(next(iter(psutil.Process(n.pid).children())).pid, kind) for n in hosts.nodes}
+        assert len(spaces) == 2 and _ns(os.getpid(), kind) not in spaces, kind
+    # own temp dir and HOME per node
+    assert len({n.temp_dir for n in hosts.nodes}) == 2 and len({n.home for n in hosts.nodes}) == 2
+    assert all((n.temp_dir / "session_latest").exists() for n in hosts.nodes)
+    # nothing of the cluster listens in this machine's own network namespace
+    mine = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in hosts.pids()]
+    assert mine == []
+
+
+def _submit(hosts: LocalCluster, job_id: str, *args: str, env: tuple[str, ...] = ()) -> str:
+    """`e2e-dist submit --follow` of `e2e-dist train ...` from the repository (its default working
+    dir); returns the job's logs."""
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        rc = main(["submit", "--address", hosts.dashboard_url, "--follow", "--timeout", "420",
+                   "--submission-id", job_id, *[a for e in env for a in ("--env", e)], "--",
+                   "e2e-dist", "train", "tiny-text", "--quiet", *args])
+    finally:
+        os.chdir(cwd)
+    log = jobs.logs(job_id, hosts.dashboard_url)
+    assert rc == 0 and jobs.status(job_id, hosts.dashboard_url).status == "SUCCEEDED", log[-4000:]
+    return log
+
+
+def test_two_node_zero2_run_on_s3_then_resume(hosts: LocalCluster, s3_server, tmp_path: Path) -> None:
+    from ray.util.state import list_actors
+
+    from e2e_dist import checkpoint as ckpt
+    from e2e_dist.config import load_run_config
+    from e2e_dist.tracking import wandb_run_id
+
+    bucket = make_bucket(s3_server.url, prefix="hosts")
+    try:
+        run = ["--set", "name=hosts-z2", "--set", f"storage.path={bucket}/runs",
+               "--set", f"storage.endpoint_url={hosts.s3_endpoint}", "--set", "deepspeed.zero_stage=2",
+               "--set", "trainer.num_workers=2", "--set", "trainer.cpus_per_worker=1",
+               "--set", "trainer.log_every=2", "--set", "trainer.eval_every=4", "--set", "trainer.eval_batches=1",
+               "--set", "trainer.ckpt_every=4", "--set", "data.max_bytes=100000", "--set", "data.max_files=10"]
+        env = ("WANDB_MODE=offline", f"E2E_DIST_CACHE={os.environ['E2E_DIST_CACHE']}")
+        log = _submit(hosts, "hosts-train", *run, "--set", "trainer.max_steps=4", env=env)
+        # one Train worker per node (1 CPU each)
+        workers = list_actors(address=hosts.dashboard_url, filters=[("class_name", "=", "RayTrainWorker")],
+                              limit=100, raise_on_missing_output=False)
+        assert {w.node_id for w in workers} == {n.node_id for n in _alive_nodes(hosts.dashboard_url)}
+
+        cfg = load_run_config("tiny-text", ["name=hosts-z2", f"storage.path={bucket}/runs",
+                                            f"storage.endpoint_url={s3_server.url}"])
+        found, _ = ckpt.find_latest_committed(cfg.run_uri, cfg.storage, verify_checksums=True)
+        assert found is not None and found.step == 4
+        manifest = json.loads(ckpt_manifest(cfg, found.uri))
+        assert (manifest["world_size"], manifest["zero_stage"]) == (2, 2)
+        for rank in (0, 1):
+            assert any(f"zero_pp_rank_{rank}_" in f["path"] and "optim_states" in f["path"] for f in manifest["files"])
+        # W&B: written on rank 0's node (a stable folder there), copied next to the run in the bucket
+        assert f"W&B files      {cfg.run_uri}/wandb/offline-run-" in log and "wandb sync" in log
+
+        log = _submit(hosts, "hosts-resume", *run, "--set", "trainer.max_steps=6", "--resume", env=env)
+        assert "resumed from the committed checkpoint of step 4" in log
+        found, _ = ckpt.find_latest_committed(cfg.run_uri, cfg.storage, verify_checksums=True)
+        assert found.step == 6
+        # one W&B run over both jobs, no step twice, read back from the copies in the bucket
+        steps = []
+        for i, key in enumerate(_keys(s3_server.url, cfg.run_uri + "/wandb/")):
+            if key.endswith(f"/run-{wandb_run_id(cfg)}.wandb"):
+                (copy := tmp_path / f"{i}.wandb").write_bytes(_get(s3_server.url, key))
+                steps += [r["_step"] for r in read_history(copy)]
+        assert sorted(steps) == [2, 4, 6]
+    finally:
+        empty_and_delete_bucket(s3_server.url, bucket)
+
+
+def ckpt_manifest(cfg, uri: str) -> str:
+    from e2e_dist import storage
+
+    return storage.read_text(f"{uri}/manifest.json", cfg.storage)
+
+
+def _keys(endpoint: str, uri: str) -> list[str]:
+    import boto3
+
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    pages = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").get_paginator("list_objects_v2")
+    return [f"s3://{bucket}/{o['Key']}" for p in pages.paginate(Bucket=bucket, Prefix=prefix) for o in p.get("Contents", [])]
+
+
+def _get(endpoint: str, uri: str) -> bytes:
+    import boto3
+
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def _wait_status(job_id: str, url: str, wanted: set[str], timeout_s: float = 120) -> str:
+    deadline = time.monotonic() + timeout_s
+    state = ""
+    while time.monotonic() < deadline:
+        state = jobs.status(job_id, url).status
+        if state in wanted:
+            return state
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} still {state} after {timeout_s}s (wanted {wanted})")
+
+
+def test_jobs_stop_list_logs_and_secret_forwarding(hosts: LocalCluster, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    url = hosts.dashboard_url
+    secret = "wandb-test-secret-0123456789"
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    script = ("import hashlib, os, time; "
+              "print('key-hash', hashlib.sha256(os.environ['WANDB_API_KEY'].encode()).hexdigest()[:16], flush=True); "
+              "time.sleep(600)")
+    assert main(["submit", "--address", url, "--no-working-dir", "--submission-id", "cl-sleep",
+                 "--", sys.executable, "-c", script]) == 0
+    out = capsys.readouterr().out
+    assert secret not in out and "WANDB_API_KEY" in out  # the name is listed, never the value
+    _wait_status("cl-sleep", url, {"RUNNING"})
+    # The job got the key: its log shows the key's hash (and not the key).
+    want = hashlib.sha256(secret.encode()).hexdigest()[:16]
+    deadline = time.monotonic() + 60
+    while want not in jobs.logs("cl-sleep", url) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert main(["jobs", "logs", "cl-sleep", "--address", url]) == 0
+    assert want in capsys.readouterr().out
+
+    assert main(["jobs", "status", "cl-sleep", "--address", url]) == 0
+    assert "RUNNING" in capsys.readouterr().out
+    assert main(["jobs", "stop", "cl-sleep", "--address", url, "--wait", "60"]) == 0
+    assert "job cl-sleep: STOPPED" in capsys.readouterr().out
+    assert jobs.status("cl-sleep", url).status == "STOPPED"
+    assert main(["jobs", "list", "--address", url]) == 0
+    listing = capsys.readouterr().out
+    assert "cl-sleep" in listing and "STOPPED" in listing and secret not in listing
+
+
+# A job's driver: starts an actor that reports its SIGTERM handler, then sends itself SIGTERM (with
+# Ray's handler the actor would exit at once; with ours it only records the request).
+PROBE = """
+import json, os, signal, sys, time
+import ray
+if sys.argv[1] == "init_ray":
+    from e2e_dist.train.ray_env import init_ray
+    init_ray()  # the job's cluster (RAY_ADDRESS), as `e2e-dist train --address auto` does
+else:
+    ray.init()  # a driver that knows nothing of the hook
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def report(self):
+        h = signal.getsignal(signal.SIGTERM)
+        return {"handler": getattr(h, "__module__", "?") + "." + getattr(h, "__qualname__", repr(h)),
+                "env": os.environ.get("E2E_DIST_PROBE")}
+
+    def sigterm_self(self):
+        from e2e_dist.train import preemption
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while not preemption.requested() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return preemption.requested()
+
+p = Probe.remote()
+result = ray.get(p.report.remote(), timeout=90)
+result["survived_sigterm"] = ray.get(p.sigterm_self.remote(), timeout=60)
+print("PROBE " + json.dumps(result), flush=True)
+"""
+
+
+def test_submitted_jobs_get_the_sigterm_hook(hosts: LocalCluster) -> None:
+    """`e2e-dist submit` puts the hook into the job's runtime_env (a plain ray.init() driver gets it),
+    and a driver of a job submitted without it (`ray job submit`) adds it itself in init_ray."""
+    url = hosts.dashboard_url
+    env = {"E2E_DIST_PROBE": "kept"}
+    started = {
+        # our submit path, a driver that never mentions the hook
+        "submit-plain": jobs.submit([sys.executable, "-c", PROBE, "plain"], address=url, working_dir=None,
+                                    env_vars=env, submission_id="cl-hook-submit-plain", out=io.StringIO()),
+        # our submit path and our driver: the job's hook and init_ray's must not conflict
+        "submit-init_ray": jobs.submit([sys.executable, "-c", PROBE, "init_ray"], address=url, working_dir=None,
+                                       env_vars=env, submission_id="cl-hook-submit-init", out=io.StringIO()),
+        # what `ray job submit --runtime-env-json '{"env_vars": ...}'` sends: no hook; init_ray adds it
+        "raw-init_ray": jobs.client(url).submit_job(
+            entrypoint=shlex.join([sys.executable, "-c", PROBE, "init_ray"]), submission_id="cl-hook-raw-init",
+            runtime_env={"env_vars": env}),
+    }
+    assert jobs.client(url).get_job_info(started["submit-plain"]).runtime_env["worker_process_setup_hook"] == \
+        SIGTERM_SETUP_HOOK
+    for case, job_id in started.items():
+        state = jobs.wait(job_id, url, timeout_s=180, poll_s=0.5)
+        log = jobs.logs(job_id, url)
+        reports = [ln[len("PROBE "):] for ln in log.splitlines() if ln.startswith("PROBE {")]
+        assert state == "SUCCEEDED" and reports, f"{case}: {state}\n{log[-3000:]}"
+        result = json.loads(reports[-1])
+        assert result == {"handler": "e2e_dist.train.preemption._on_sigterm", "env": "kept",
+                          "survived_sigterm": True}, f"{case}: {result}"
+
+
+def test_stop_ends_exactly_what_it_started(hosts: LocalCluster) -> None:
+    """Runs last in this module: stops the shared cluster (processes, namespaces, directories)."""
+    bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)  # like a colleague's Ray
+    namespaces = [n.netns for n in hosts.nodes] + [hosts.network.switch]
+    try:
+        started = hosts.pids()
+        assert len(started) >= 6  # per node: unshare, init, ray start, raylet, agents ...; head: gcs, dashboard
+        hosts.stop()
+        assert not [p for p in started if _alive(p)], "processes of the cluster survived stop()"
+        assert bystander.poll() is None, "stop() killed a process it did not start"
+        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert not [ns for ns in namespaces if ns in left], left
+        assert not hosts.base_dir.exists()
+    finally:
+        bystander.send_signal(signal.SIGKILL)
+        bystander.wait()
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
