@@ -32,8 +32,18 @@ import tempfile
 from pathlib import Path
 
 from e2e_dist.cluster.forward import Endpoint, Forwarder
-from e2e_dist.cluster.local_autoscale import DEFAULT_AUTOSCALE_CONFIG, REPO_ROOT, render_autoscale_config
-from e2e_dist.cluster.local_node import LocalClusterError, LocalNode, launch, node_pids, stop_node
+from e2e_dist.cluster.local_autoscale import (
+    DEFAULT_AUTOSCALE_CONFIG,
+    REPO_ROOT,
+    render_autoscale_config,
+)
+from e2e_dist.cluster.local_node import (
+    LocalClusterError,
+    LocalNode,
+    launch,
+    node_pids,
+    stop_node,
+)
 from e2e_dist.cluster.local_ports import node_port_args, pick_worker_port_range
 from e2e_dist.cluster.local_provider import read_node_records
 from e2e_dist.cluster.netns import GATEWAY_IP, Host, Network, netns_unavailable_reason
@@ -181,6 +191,9 @@ class LocalCluster:
         head_env = dict(env)
         # The autoscaler's metrics server defaults to one fixed port (44217) for every cluster.
         head_env["AUTOSCALER_METRIC_PORT"] = str(free_port())
+        # Local nodes start in seconds: decide every second, not every 5 s (what Ray's own
+        # single-machine autoscaling clusters use too).
+        head_env.setdefault("AUTOSCALER_UPDATE_INTERVAL_S", "1")
 
         def build() -> tuple[list[str], dict[str, int]]:
             self.gcs_port, self.dashboard_port = free_port(), free_port()

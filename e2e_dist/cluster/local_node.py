@@ -37,7 +37,8 @@ class LocalNode:
     """Ray's --temp-dir of this node (its session dir, logs, sockets); never shared."""
     log_path: Path
     pid: int
-    """The `ray start --block` process: leader of its own session, so its pid is the group id."""
+    """The node's first process (`ray start --block`; on a separate host the `unshare` above it):
+    leader of its own session, so its pid is the group id."""
     ip: str
     ports: dict[str, int] = field(default_factory=dict)
     home: Path | None = None
@@ -111,8 +112,12 @@ def node_env(base: dict[str, str], node_dir: Path, host: Host | None, token: str
         path = home / ".ray" / "auth_token"
         path.write_text(token)
         path.chmod(0o600)
-    # Separate host: Ray must find the node's own address (not 127.0.0.1) in every process.
+    # Separate host: Ray must find the node's own address (not 127.0.0.1) in every process; and
+    # interface names of this machine mean nothing there (the host has `lo` and `eth0`).
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1" if host is not None else "0"
+    if host is not None:
+        for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            env.pop(var, None)
     return env
 
 
@@ -151,15 +156,11 @@ def launch(name: str, base_dir: Path, build: Callable[[], tuple[list[str], dict[
     raise AssertionError("unreachable")
 
 
-def is_ready(node: LocalNode) -> bool:
-    return node.log_path.exists() and _READY_MARK in node.log_path.read_text(errors="replace")
-
-
 def wait_ready(node: LocalNode, timeout_s: float) -> None:
     """Return once the node reports ready; else stop what it started and raise LocalClusterError."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if is_ready(node):
+        if node.log_path.exists() and _READY_MARK in node.log_path.read_text(errors="replace"):
             return
         if not node.alive():
             break

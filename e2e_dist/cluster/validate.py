@@ -30,7 +30,13 @@ from typing import Any, Iterator
 
 import yaml
 
-from e2e_dist.cluster.validate_aws import AWS_GPU_COUNT, aws_errors, aws_warnings, gpu_count_of, node_types
+from e2e_dist.cluster.validate_aws import (
+    AWS_GPU_COUNT,
+    aws_errors,
+    aws_warnings,
+    gpu_count_of,
+    node_types,
+)
 from e2e_dist.cluster.validate_kuberay import kuberay_errors
 from e2e_dist.errors import UserError
 

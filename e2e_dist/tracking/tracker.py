@@ -8,10 +8,20 @@ from typing import Any
 
 from e2e_dist.config import RunConfig
 from e2e_dist.tracking.offline_history import last_step_in_files
-from e2e_dist.tracking.run_location import Mode, resolve_mode, sync_command, wandb_root, wandb_run_id
+from e2e_dist.tracking.run_location import (
+    Mode,
+    resolve_mode,
+    sync_command,
+    wandb_root,
+    wandb_run_id,
+)
 from e2e_dist.tracking.state import STATE_PREFIX, read_state, write_state
 from e2e_dist.tracking.storage_copy import WandbCopy
-from e2e_dist.tracking.wandb_session import no_inherited_service, open_run, teardown_service
+from e2e_dist.tracking.wandb_session import (
+    no_inherited_service,
+    open_run,
+    teardown_service,
+)
 
 log = logging.getLogger(__name__)
 

@@ -92,13 +92,14 @@ def listen_for_rendezvous() -> tuple[str, int]:
     return addr, _LISTENER.getsockname()[1]
 
 
-def bind_collectives_to(address: str) -> None:
-    """Let gloo and NCCL listen on the interface of `address`, unless the user chose one."""
+IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+def collectives_env(address: str) -> dict[str, str]:
+    """GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME naming the interface of `address`, for those the
+    user did not set (gloo and NCCL read them when a process group is created)."""
     iface = interface_of(address)
-    if iface is None:
-        return
-    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
-        os.environ.setdefault(var, iface)
+    return {} if iface is None else {var: iface for var in IFNAME_VARS if var not in os.environ}
 
 
 def init_process_group(*, backend: str, world_rank: int, world_size: int, master_addr: str, master_port: int,
@@ -114,7 +115,8 @@ def init_process_group(*, backend: str, world_rank: int, world_size: int, master
     os.environ.update(LOCAL_RANK=str(ctx.get_local_rank()), LOCAL_WORLD_SIZE=str(ctx.get_local_world_size()),
                       NODE_RANK=str(ctx.get_node_rank()), RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-    bind_collectives_to(node_address())
+    # A Train worker is a process of its own: the setting stays for the group it creates here.
+    os.environ.update(collectives_env(node_address()))
     if backend == "nccl":
         # Fail a timed-out collective instead of hanging (what Ray's own torch backend sets).
         if "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in os.environ and "TORCH_NCCL_BLOCKING_WAIT" not in os.environ:
@@ -157,10 +159,17 @@ def init_loopback_process_group(backend: str = "gloo", rank: int = 0, world_size
     a free one when 0 and world_size is 1), gloo/NCCL on the loopback interface."""
     import torch.distributed as dist
 
-    bind_collectives_to("127.0.0.1")
-    store = bound_store("127.0.0.1", port, rank, world_size, timeout_s)
-    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
+    # Only while the group is created: this process (a test session, a benchmark) may later start
+    # cluster nodes that inherit its environment, where `lo` would be the wrong interface.
+    env = collectives_env("127.0.0.1")
+    os.environ.update(env)
+    try:
+        store = bound_store("127.0.0.1", port, rank, world_size, timeout_s)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s))
+    finally:
+        for var in env:
+            os.environ.pop(var, None)
 
 
 def destroy_process_group() -> None:

@@ -7,8 +7,6 @@ nodes are tested on separate hosts (test_separate_hosts.py); the fast checks nee
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from e2e_dist.cli import main
 from e2e_dist.cluster import jobs
 from e2e_dist.cluster.local import LocalCluster
 from e2e_dist.train.ray_env import SIGTERM_SETUP_HOOK, _cluster_runtime_env
+from tests.helpers.processes import alive, bystander
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,27 +73,15 @@ def test_a_job_runs_on_both_nodes_each_in_its_own_home(cluster: LocalCluster) ->
 @pytest.mark.timeout(300)
 def test_stop_ends_exactly_what_it_started(cluster: LocalCluster) -> None:
     """Runs last in this module: stops the shared cluster."""
-    # A bystander in its own session, like a colleague's Ray: it must survive our stop().
-    bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)
-    try:
+    with bystander() as other:
         started = cluster.pids()
         assert len(started) >= 6  # per node: ray start, raylet, agents ...; head: gcs, dashboard
         cluster.stop()
-        assert not [p for p in started if _alive(p)], "processes of the cluster survived stop()"
-        assert bystander.poll() is None, "stop() killed a process it did not start"
+        assert not [p for p in started if alive(p)], "processes of the cluster survived stop()"
+        assert other.poll() is None, "stop() killed a process it did not start"
         assert not cluster.base_dir.exists()
-    finally:
-        bystander.send_signal(signal.SIGKILL)
-        bystander.wait()
 
 
-def _alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 # ------------------------------------------------------------------ fast checks (no cluster)

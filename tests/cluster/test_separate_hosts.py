@@ -18,7 +18,6 @@ import ipaddress
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from e2e_dist.cluster.local import LocalCluster
 from e2e_dist.cluster.netns import netns_unavailable_reason
 from e2e_dist.train.ray_env import SIGTERM_SETUP_HOOK
 from tests.fixtures.s3 import empty_and_delete_bucket, make_bucket
+from tests.helpers.processes import alive, bystander
 from tests.helpers.wandb_records import read_history
 
 pytestmark = pytest.mark.slow
@@ -269,26 +269,13 @@ def test_submitted_jobs_get_the_sigterm_hook(hosts: LocalCluster) -> None:
 
 def test_stop_ends_exactly_what_it_started(hosts: LocalCluster) -> None:
     """Runs last in this module: stops the shared cluster (processes, namespaces, directories)."""
-    bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)  # like a colleague's Ray
     namespaces = [n.netns for n in hosts.nodes] + [hosts.network.switch]
-    try:
+    with bystander() as other:
         started = hosts.pids()
         assert len(started) >= 6  # per node: unshare, init, ray start, raylet, agents ...; head: gcs, dashboard
         hosts.stop()
-        assert not [p for p in started if _alive(p)], "processes of the cluster survived stop()"
-        assert bystander.poll() is None, "stop() killed a process it did not start"
+        assert not [p for p in started if alive(p)], "processes of the cluster survived stop()"
+        assert other.poll() is None, "stop() killed a process it did not start"
         left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert not [ns for ns in namespaces if ns in left], left
         assert not hosts.base_dir.exists()
-    finally:
-        bystander.send_signal(signal.SIGKILL)
-        bystander.wait()
-
-
-def _alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
