@@ -89,18 +89,17 @@ def cmd_cluster_local(args: argparse.Namespace) -> int:
 
     if args.nodes < 0 or args.num_cpus < 0:
         raise UserError(f"--nodes {args.nodes} / --num-cpus {args.num_cpus}: must be >= 0")
+    if args.expose and not args.separate_hosts:
+        raise UserError("--expose: only with --separate-hosts (loopback nodes reach 127.0.0.1 already)")
     cluster = LocalCluster(
         nodes=args.nodes, num_cpus_per_node=args.num_cpus, head_num_cpus=args.head_cpus,
         autoscale=args.autoscale, autoscaling_config=args.config,
         idle_timeout_minutes=args.idle_timeout_minutes, auth_mode=args.auth, home=args.home,
         object_store_memory=args.object_store_mb * 2**20, separate_hosts=args.separate_hosts,
     )
-    if args.expose and not args.separate_hosts:
-        raise UserError("--expose: only with --separate-hosts (loopback nodes reach 127.0.0.1 already)")
     # SIGTERM (e.g. from a CI runner) stops the cluster like Ctrl-C does; SIGINT explicitly too,
     # since a shell's background job starts with SIGINT ignored.
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         cluster.start()
         for port in args.expose:
@@ -121,6 +120,8 @@ def cmd_cluster_local(args: argparse.Namespace) -> int:
         return 0
     finally:
         cluster.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------------- submit

@@ -133,3 +133,13 @@ def test_driver_adds_the_hook_only_where_ray_merges_and_runs_it(monkeypatch: pyt
     assert _cluster_runtime_env("auto") is None  # `e2e-dist submit` put it there already
     job({"worker_process_setup_hook": "theirs.setup"})
     assert _cluster_runtime_env("auto") is None  # the user's own hook is kept (a warning says so)
+
+
+def test_separate_hosts_without_root_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    assert main(["cluster", "local", "--separate-hosts", "--auth", "disabled"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("e2e-dist: error: separate hosts: network namespaces need root") and "\n" not in err
+    assert main(["cluster", "local", "--expose", "9000"]) == 2
+    assert "--expose: only with --separate-hosts" in capsys.readouterr().err
