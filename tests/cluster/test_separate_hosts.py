@@ -35,7 +35,6 @@ from tests.helpers.processes import alive, bystander
 from tests.helpers.wandb_records import read_history
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 SUBNET = ipaddress.ip_network("10.77.0.0/24")
 
 
@@ -80,16 +79,12 @@ def test_nodes_are_separate_hosts(hosts: LocalCluster) -> None:
 
 
 def _submit(hosts: LocalCluster, job_id: str, *args: str, env: tuple[str, ...] = ()) -> str:
-    """`e2e-dist submit --follow` of `e2e-dist train ...` from the repository (its default working
-    dir); returns the job's logs."""
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        rc = main(["submit", "--address", hosts.dashboard_url, "--follow", "--timeout", "420",
-                   "--submission-id", job_id, *[a for e in env for a in ("--env", e)], "--",
-                   "e2e-dist", "train", "tiny-text", "--quiet", *args])
-    finally:
-        os.chdir(cwd)
+    """`e2e-dist submit --follow` of `e2e-dist train ...`; returns the job's logs. The nodes run the
+    installed package, as the nodes of ray-cluster.yaml do (a job with the repository as its
+    working dir: test_autoscale.py)."""
+    rc = main(["submit", "--address", hosts.dashboard_url, "--follow", "--timeout", "420", "--no-working-dir",
+               "--submission-id", job_id, *[a for e in env for a in ("--env", e)], "--",
+               "e2e-dist", "train", "tiny-text", "--quiet", *args])
     log = jobs.logs(job_id, hosts.dashboard_url)
     assert rc == 0 and jobs.status(job_id, hosts.dashboard_url).status == "SUCCEEDED", log[-4000:]
     return log

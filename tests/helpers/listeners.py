@@ -40,7 +40,7 @@ def is_loopback(address: str) -> bool:
 class ListenerSampler(threading.Thread):
     """Every listener of this process tree seen while running (start(), then stop())."""
 
-    def __init__(self, interval_s: float = 0.2) -> None:
+    def __init__(self, interval_s: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.interval_s, self.seen, self._stop_event = interval_s, set(), threading.Event()
         self.samples = 0

@@ -59,7 +59,7 @@ def test_a_local_run_listens_on_loopback_only(reference_z3):
     """Ray, the Train workers, gloo and torch's rendezvous store: nothing on another address
     (torch's TCPStore alone listened on `*:<port>` before it was given a bound socket)."""
     sampler = reference_z3[2]
-    assert sampler.samples > 10
+    assert sampler.samples > 5
     # the Train workers' own listeners were seen (rank 0's store, gloo), not only Ray's
     assert any("RayTrainWorker" in name for *_, name in sampler.seen), sampler.seen
     assert sampler.outside_loopback() == [], sorted(sampler.seen)
