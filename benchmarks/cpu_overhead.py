@@ -168,7 +168,7 @@ def _deepspeed_step_fn(cfg: RunConfig, rank: int):
     import deepspeed
 
     from e2e_dist.train.deepspeed_config import build_deepspeed_config, lr_lambda
-    from e2e_dist.train.loop import _param_groups, _skip_cpu_shm_comm
+    from e2e_dist.train.build import param_groups as _param_groups, skip_cpu_shm_comm as _skip_cpu_shm_comm
 
     os.environ["LOCAL_RANK"] = str(rank)
     _skip_cpu_shm_comm()

@@ -199,7 +199,7 @@ def deepspeed_row(cfg: RunConfig, device: torch.device, batch, steps: int, warmu
     import deepspeed
 
     from e2e_dist.train.deepspeed_config import build_deepspeed_config
-    from e2e_dist.train.loop import _skip_cpu_shm_comm
+    from e2e_dist.train.build import skip_cpu_shm_comm as _skip_cpu_shm_comm
 
     if device.type != "cuda":
         _skip_cpu_shm_comm()  # what our loop does on CPU: plain gloo collectives, no JIT build

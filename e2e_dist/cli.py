@@ -75,16 +75,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
+    from e2e_dist.export import generate_from_export
 
-    from e2e_dist.export import load_exported
-
-    model, _ = load_exported(args.exported)
-    if not hasattr(model, "generate"):
-        raise UserError(f"{args.exported}: a {model.input_kind} model cannot generate text (use `predict`)")
-    g = torch.Generator().manual_seed(args.seed)
-    out = model.generate(args.prompt.encode(), max_new_bytes=args.max_bytes, temperature=args.temperature, generator=g)
-    print(args.prompt + out.decode("utf-8", errors="replace"))
+    text = generate_from_export(args.exported, args.prompt, max_new_bytes=args.max_bytes,
+                                temperature=args.temperature, seed=args.seed)
+    print(args.prompt + text)
     return 0
 
 
@@ -116,12 +111,8 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     return scaling_cli(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="e2e-dist", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
-    sub = parser.add_subparsers(dest="verb", metavar="VERB")
-
+def _add_run_verbs(sub: argparse._SubParsersAction) -> None:
+    """train, sweep, scaling: the verbs that run on (or read results of) a Ray cluster."""
     p = sub.add_parser("train", help="train one run", description="Train one run on Ray Train + DeepSpeed.")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue the latest committed checkpoint of this run name")
@@ -143,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint-url", help="S3-compatible endpoint")
     p.set_defaults(func=cmd_scaling)
 
+
+def _add_model_verbs(sub: argparse._SubParsersAction) -> None:
+    """export, generate, predict, checkpoints: the verbs that read checkpoints and exported models."""
     p = sub.add_parser("export", help="consolidate a checkpoint into one safetensors file")
     p.add_argument("checkpoint", help="a checkpoint dir or a run dir (latest committed), local or s3://")
     p.add_argument("out", help="output .safetensors path, local or s3://")
@@ -167,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint-url", help="S3-compatible endpoint")
     p.set_defaults(func=cmd_checkpoints)
 
+
+def _add_builtin_verbs(sub: argparse._SubParsersAction) -> None:
+    """data, presets: what ships with the package."""
     p = sub.add_parser("data", help="built-in data sets")
     dsub = p.add_subparsers(dest="data_verb", metavar="make-speech", required=True)
     q = dsub.add_parser("make-speech", help="synthesize the spoken-digits corpus with eSpeak NG (offline)")
@@ -178,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list built-in configs")
     p.set_defaults(func=cmd_presets)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="e2e-dist", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    _add_run_verbs(sub)
+    _add_model_verbs(sub)
+    _add_builtin_verbs(sub)
     try:
         commands = importlib.import_module("e2e_dist.cluster.commands")
         commands.register(sub)

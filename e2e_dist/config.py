@@ -2,20 +2,24 @@
 
 Loaded from a YAML file (with `include:` of other YAML files) or a built-in preset name, then
 `--set key.sub=value` overrides, then validated. Every validation failure becomes a one-line
-`ConfigError` naming the field. This module must not import Ray, DeepSpeed or torch.
+`ConfigError` naming the field (reading the files: config_files.py). This module must not import
+Ray, DeepSpeed or torch.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from importlib import resources
-from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from e2e_dist.config_files import (  # noqa: F401 - preset_names: re-exported, its users import it from here
+    deep_merge,
+    preset_names,
+    read_yaml_with_includes,
+)
 from e2e_dist.errors import ConfigError
 
 SECRET_KEYS = re.compile(r"(secret|password|token|api_key|access_key|session_key)", re.I)
@@ -25,6 +29,15 @@ class Section(BaseModel):
     """Base of every config section: unknown fields are errors; docstrings under fields are docs."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+def absolute_path(path: str) -> str:
+    """A local path (`~`, relative, or `file://`) -> absolute, from the working directory of this
+    moment; a URI of another scheme (`s3://...`) unchanged. The one rule for making paths absolute:
+    Ray runs workers and trials in directories of their own, where a relative path is another place."""
+    if "://" in path and not path.startswith("file://"):
+        return path
+    return os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -218,11 +231,9 @@ class StorageConfig(Section):
             raise ValueError(f"unsupported scheme in {v!r} (use a local path or s3://)")
         if v.startswith("s3://") and len(v[5:].split("/")[0]) < 3:
             raise ValueError(f"bad bucket name in {v!r}")
-        if v.startswith("s3://"):
-            return v
         # Absolute from where the config is loaded: Ray Train runs workers in a directory of its
         # own, where `./runs` would be another place (checkpoints there, resume looking here).
-        return os.path.abspath(os.path.expanduser(v.removeprefix("file://")))
+        return absolute_path(v)
 
 
 class TrackingConfig(Section):
@@ -305,70 +316,44 @@ def redact(obj: Any) -> Any:
 
 
 # -------------------------------------------------------------------------------------- loading
-def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("e2e_dist.presets").iterdir() if p.name.endswith(".yaml"))
-
-
-def read_yaml_with_includes(source: str, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a preset name or YAML path; `include: [a.yaml, ...]` files are merged first, this file over them."""
-    if source in preset_names():
-        text, path = (resources.files("e2e_dist.presets") / f"{source}.yaml").read_text(), None
-    else:
-        path = Path(source).expanduser().resolve()
-        if not path.is_file():
-            hint = f" (presets: {', '.join(preset_names())})" if "/" not in source and not source.endswith((".yaml", ".yml")) else ""
-            raise ConfigError(f"config file not found: {source}{hint}")
-        if path in _seen:
-            raise ConfigError(f"include cycle through {path}")
-        text = path.read_text()
+def override_value(raw: str) -> Any:
+    """A `--set` value (run or sweep): YAML, so 3, 1e-3, true, [1, 2] are typed; else the raw string."""
     try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        line = f" line {where.line + 1}" if where else ""
-        raise ConfigError(f"{source}:{line} is not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: top level must be a mapping, got {type(data).__name__}")
-    includes = data.pop("include", []) or []
-    if isinstance(includes, str):
-        includes = [includes]
-    merged: dict[str, Any] = {}
-    for inc in includes:
-        inc_source = inc if (path is None or inc in preset_names()) else str(path.parent / inc)
-        merged = deep_merge(merged, read_yaml_with_includes(inc_source, _seen + ((path,) if path else ())))
-    return deep_merge(merged, data)
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
 
 
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+def set_dotted(data: dict[str, Any], key: str, value: Any, *, merge: bool = False) -> dict[str, Any]:
+    """A copy of `data` with dotted `key` set to `value`. The sections on the way are copied (the
+    caller's nested dicts stay as they were) and made when missing or null. `merge`: a mapping value
+    is deep-merged into a mapping already there (sweep overrides) instead of replacing it (`--set`).
+    ValueError when a part on the way holds a plain value: a leaf has no sub-keys."""
+    head, dot, rest = key.partition(".")
+    out = dict(data)
+    if dot:
+        child = {} if out.get(head) is None else out[head]
+        if not isinstance(child, dict):
+            raise ValueError(f"{head} is not a section")
+        out[head] = set_dotted(child, rest, value, merge=merge)
+    elif merge and isinstance(value, dict) and isinstance(out.get(head), dict):
+        out[head] = deep_merge(out[head], value)
+    else:
+        out[head] = value
     return out
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` strings; values are parsed as YAML (so 3, 1e-3, true, [1,2] work)."""
-    data = dict(data)
+    """Apply `a.b.c=value` strings (values typed by `override_value`)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"--set {item!r}: expected key.sub=value")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {} if child is None else child
-                if not isinstance(child, dict):
-                    raise ConfigError(f"--set {item!r}: {part} is not a section")
-            node[part] = dict(child)
-            node = node[part]
-        node[parts[-1]] = value
-    return data
+            data = set_dotted(data, key, override_value(raw))
+        except ValueError as e:
+            raise ConfigError(f"--set {item!r}: {e}") from None
+    return dict(data)
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

@@ -238,10 +238,11 @@ def _load_local(path: Path, *, shown: str) -> tuple[torch.nn.Module, RunConfig]:
 
 def generate_from_export(path_or_uri: str, prompt: str, *, max_new_bytes: int = 200, temperature: float = 0.8,
                          top_k: int | None = 40, seed: int = 0, storage_cfg: Any = None) -> str:
-    """Load an exported text model and continue `prompt` (what `e2e-dist generate` prints)."""
-    model, cfg = load_exported(path_or_uri, storage_cfg)
+    """Load an exported text model and continue `prompt`: the continuation only (`e2e-dist generate`
+    prints the prompt, then this)."""
+    model, _ = load_exported(path_or_uri, storage_cfg)
     if not hasattr(model, "generate"):
-        raise UserError(f"{path_or_uri}: model kind {cfg.model.kind!r} does not generate text")
+        raise UserError(f"{path_or_uri}: a {model.input_kind} model cannot generate text (use `predict`)")
     gen = torch.Generator().manual_seed(seed)
     out = model.generate(prompt.encode("utf-8"), max_new_bytes=max_new_bytes, temperature=temperature,
                          top_k=top_k, generator=gen)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from e2e_dist.config import absolute_path
 from e2e_dist.data.common import is_remote, list_files, read_range
 from e2e_dist.errors import UserError
 
@@ -19,13 +20,10 @@ from e2e_dist.errors import UserError
 def class_names(cfg: Any, num_classes: int, storage_cfg: Any = None) -> list[str]:
     """Labels of the classifier's outputs, in index order.
 
-    The training data defines them (sorted class folder names). In order: a `class_names` list in
-    the model config if the config carries one; the built-in digits ("0".."9"); the class folders
-    of the run's image folder when it is still reachable; else "class <i>".
+    The training data defines them (sorted class folder names), and a run config does not record
+    them: the built-in digits ("0".."9"); the class folders of the run's image folder when it is
+    still reachable; else "class <i>".
     """
-    names = list(getattr(cfg.model, "class_names", None) or [])
-    if len(names) == num_classes:
-        return names
     if cfg.data.source == "digits":
         return [str(i) for i in range(num_classes)]
     if cfg.data.source == "image-folder" and cfg.data.paths:
@@ -50,7 +48,7 @@ def _read_input(input_path: str, storage_cfg: Any) -> bytes:
             raise UserError(f"input: {input_path} is a prefix, not a file")
         uri, size = item.uri, item.size
     else:
-        uri = os.path.abspath(os.path.expanduser(input_path.removeprefix("file://")))
+        uri = absolute_path(input_path)
         if not os.path.isfile(uri):
             raise UserError(f"input: no such file: {input_path}")
         size = os.path.getsize(uri)

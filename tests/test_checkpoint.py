@@ -20,6 +20,7 @@ from e2e_dist.checkpoint import (
     MANIFEST, checkpoint_dir_name, find_latest_committed, list_checkpoints, load_engine, make_upload_fn,
     restore_latest, save_engine, step_of,
 )
+from e2e_dist.checkpoint.layout import parse_manifest, parse_part
 from e2e_dist.config import StorageConfig
 from e2e_dist.errors import CheckpointError
 from tests.fixtures.tiny_deepspeed import fake_rank_dir, tiny_cfg, tiny_engine, train, upload
@@ -290,3 +291,34 @@ def test_upload_fn_under_ray_train_two_workers_async(ray_local, s3_server, s3_bu
 
 def steps_in_cfg(run_uri: str, cfg) -> list[int]:
     return sorted(s for s in map(step_of, storage.list_dir(run_uri, cfg)) if s is not None)
+
+
+# ------------------------------------------------------------------------------ manifest schema
+GOOD_MANIFEST = {"format_version": 1, "step": 3, "world_size": 2, "zero_stage": 2, "save_id": "a",
+                 "files": [{"path": "ds/x.pt", "size": 5, "sha256": "0" * 64}], "created_at": "t", "meta": {"k": 1}}
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"format_version": 2}, "unknown format_version 2"),
+    ({"step": 4}, "step 4 does not match directory step 3"),
+    ({"world_size": 0}, "bad world_size 0"),
+    ({"files": {}}, "'files' is not a list"),
+    ({"files": [{"path": "../x", "size": 1, "sha256": "0" * 64}]}, "bad file entry {'path': '../x'"),
+    ({"files": [{"path": "x", "size": -1, "sha256": "0" * 64}]}, "bad file entry {'path': 'x', 'size': -1"),
+    ({"meta": []}, "'meta' is not an object"),
+])
+def test_bad_manifest_is_one_line_naming_file_and_field(change, expected):
+    where = "s3://b/run/step_00000003/manifest.json"
+    with pytest.raises(CheckpointError) as e:
+        parse_manifest(json.dumps({**GOOD_MANIFEST, **change}), step=3, where=where)
+    assert str(e.value).startswith(f"{where}: {expected}") and "\n" not in str(e.value)
+    for text, problem in (("{", "not valid JSON"), ("[]", "not a JSON object")):
+        with pytest.raises(CheckpointError, match=f"^{where}: {problem}"):
+            parse_part(text, where=where)
+
+
+def test_manifest_keeps_extra_keys_and_normalises_file_entries():
+    extra_field = {**GOOD_MANIFEST, "files": [{**GOOD_MANIFEST["files"][0], "note": "dropped"}]}
+    assert parse_manifest(json.dumps(extra_field), step=3) == GOOD_MANIFEST
+    no_meta = {k: v for k, v in GOOD_MANIFEST.items() if k != "meta"}
+    assert parse_manifest(json.dumps(no_meta), step=3) == no_meta

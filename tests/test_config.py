@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
-from e2e_dist.config import RunConfig, load_run_config, preset_names, redact
+from e2e_dist.config import RunConfig, absolute_path, load_run_config, preset_names, redact, set_dotted
 from e2e_dist.errors import ConfigError
 
 
@@ -46,6 +47,7 @@ def test_include_and_override_order(tmp_path):
         (["name=has space"], "tiny-text: name: 'has space' must be letters"),
         (["data.seq_len=256"], "tiny-text: model.max_seq_len=128 < data.seq_len=256"),
         (["trainer"], "--set 'trainer': expected key.sub=value"),
+        (["trainer.max_steps.x=1"], "--set 'trainer.max_steps.x=1': max_steps is not a section"),
         (["trainer.precision=fp8"], "tiny-text: trainer.precision: Input should be"),
     ],
 )
@@ -101,3 +103,15 @@ def test_local_storage_path_is_absolute_from_where_the_config_is_loaded(tmp_path
     assert RunConfig.model_validate({}).storage.path == str(tmp_path / "runs")
     assert RunConfig.model_validate({"storage": {"path": "file://out/x"}}).storage.path == str(tmp_path / "out" / "x")
     assert RunConfig.model_validate({"storage": {"path": "s3://bucket/p"}}).storage.path == "s3://bucket/p"
+    assert absolute_path("~/x") == os.path.expanduser("~/x") and absolute_path("file://a") == str(tmp_path / "a")
+
+
+def test_set_dotted_copies_and_merges_only_when_asked():
+    data = {"model": {"n_layer": 2, "d_model": 64}, "trainer": None}
+    assert set_dotted(data, "model", {"n_layer": 4}) == {"model": {"n_layer": 4}, "trainer": None}
+    merged = set_dotted(data, "model", {"n_layer": 4}, merge=True)
+    assert merged["model"] == {"n_layer": 4, "d_model": 64}
+    assert set_dotted(data, "trainer.max_steps", 3)["trainer"] == {"max_steps": 3}  # null: a new section
+    assert data == {"model": {"n_layer": 2, "d_model": 64}, "trainer": None}  # the input is left as it was
+    with pytest.raises(ValueError, match="n_layer is not a section"):
+        set_dotted(data, "model.n_layer.x", 1)

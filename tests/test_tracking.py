@@ -23,7 +23,7 @@ from e2e_dist.tracking import (
     wandb_run_dir,
     wandb_run_id,
 )
-from tests.helpers.wandb_records import (
+from e2e_dist.tracking.offline_history import (
     WandbFileError,
     find_run_files,
     read_config,

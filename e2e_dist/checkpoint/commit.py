@@ -37,13 +37,15 @@ log = logging.getLogger(__name__)
 def make_upload_fn(*, run_uri: str, storage_cfg: Any, rank: int, world_size: int, step: int,
                    meta: dict[str, Any], keep_last: int, commit_timeout_s: float = 600.0,
                    zero_stage: int | None = None, save_id: str | None = None,
-                   ) -> "CommitUpload":
+                   prune_in_background: bool = False) -> "CommitUpload":
     """The `checkpoint_upload_fn` for `ray.train.report(..., checkpoint_dir_name=checkpoint_dir_name(step))`.
 
     save_id: the same string on every rank of one save and different across worker-group restarts,
     so rank 0 never commits a part a dead attempt left behind. Default: taken from Ray Train (its
     per-worker-group synchronization actor), None outside Ray.
     zero_stage: recorded in the manifest; default meta["zero_stage"] or meta["config"]["deepspeed"].
+    prune_in_background: rank 0 prunes in a thread of its own after committing, so the upload (and a
+    synchronous save's caller) does not wait for deletes; `wait_for_prune` joins it.
     """
     try:
         json.dumps(meta)
@@ -56,7 +58,7 @@ def make_upload_fn(*, run_uri: str, storage_cfg: Any, rank: int, world_size: int
 
     return CommitUpload(run_uri=run_uri, storage_cfg=storage_cfg, rank=rank, world_size=world_size, step=step,
                         meta=meta, keep_last=keep_last, commit_timeout_s=commit_timeout_s,
-                        zero_stage=zero_stage, save_id=save_id)
+                        zero_stage=zero_stage, save_id=save_id, prune_in_background=prune_in_background)
 
 
 class CommitUpload:
@@ -67,6 +69,7 @@ class CommitUpload:
         self.params = params
         self.done = threading.Event()
         self.error: BaseException | None = None
+        self.pruning: threading.Thread | None = None
 
     def __call__(self, checkpoint: Any, dir_name: str) -> Any:
         p = self.params
@@ -82,13 +85,33 @@ class CommitUpload:
                             world_size=p["world_size"], step=p["step"], meta=p["meta"], zero_stage=p["zero_stage"],
                             save_id=p["save_id"], commit_timeout_s=p["commit_timeout_s"])
             if p["rank"] == 0:
-                prune(p["run_uri"], p["storage_cfg"], committed_step=p["step"], keep_last=p["keep_last"])
+                self._prune()
             return _persisted_checkpoint(uri, dir_name, p["storage_cfg"])
         except BaseException as e:
             self.error = e
             raise
         finally:
             self.done.set()
+
+
+    def _prune(self) -> None:
+        p = self.params
+
+        def run() -> None:
+            with _PRUNE_LOCK:  # one prune at a time: two would race to delete the same directories
+                prune(p["run_uri"], p["storage_cfg"], committed_step=p["step"], keep_last=p["keep_last"])
+
+        if not p["prune_in_background"]:
+            return run()
+        self.pruning = threading.Thread(target=run, name=f"e2e-prune-{p['step']}", daemon=True)
+        self.pruning.start()
+
+    def wait_for_prune(self, timeout_s: float | None = None) -> None:
+        if self.pruning is not None:
+            self.pruning.join(timeout_s)
+
+
+_PRUNE_LOCK = threading.Lock()
 
 
 def commit_rank(local_dir: Path, uri: str, *, storage_cfg: Any, rank: int, world_size: int, step: int,
@@ -190,13 +213,21 @@ def prune(run_uri: str, storage_cfg: Any, *, committed_step: int, keep_last: int
 
 
 def _ray_attempt_id() -> str | None:
-    """An id shared by all ranks of the current Ray Train worker group, new on every restart."""
-    try:
-        from ray.train.v2._internal.execution.context import get_train_context
+    """An id shared by all ranks of the current Ray Train worker group, new on every restart; None
+    outside Ray Train. If Ray moved it, parts are matched by step only: said once, loudly."""
+    from e2e_dist import ray_compat
 
-        return get_train_context().execution_context.synchronization_actor._actor_id.hex()
-    except Exception:  # outside Ray Train, or Ray moved it: parts are then matched by step only
+    try:
+        return ray_compat.train_attempt_id()
+    except ray_compat.RayCompatError as e:
+        if not _FENCING_WARNED:
+            _FENCING_WARNED.append(True)
+            log.warning("checkpoint commits are NOT fenced per worker-group attempt (a restarted group "
+                        "could commit a dead attempt's part file): %s", e)
         return None
+
+
+_FENCING_WARNED: list[bool] = []
 
 
 def _persisted_checkpoint(uri: str, dir_name: str, storage_cfg: Any) -> Any:
@@ -204,10 +235,12 @@ def _persisted_checkpoint(uri: str, dir_name: str, storage_cfg: Any) -> Any:
     running under Ray Train (it checks both), else on ours."""
     import ray.train
 
+    from e2e_dist import ray_compat
+
     try:
-        ctx = ray.train.get_context().get_storage()
+        ctx = ray_compat.train_storage_context()
         return ray.train.Checkpoint(path=ctx.build_checkpoint_path_from_name(dir_name),
                                     filesystem=ctx.storage_filesystem)
-    except Exception:
+    except Exception:  # noqa: BLE001 - outside Ray Train (tests, tools): our own storage
         fs, path = storage.resolve(uri, storage_cfg)
         return ray.train.Checkpoint(path=path, filesystem=fs)

@@ -12,11 +12,12 @@ not a checkpoint: it is what a crash, a dead endpoint or a lost race left behind
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from e2e_dist.errors import CheckpointError
 
@@ -26,7 +27,6 @@ PARTS_DIR = "_parts"
 DS_TAG = "ds"
 _STEP_DIR = re.compile(r"step_(\d{8,})")
 _PART = re.compile(r"rank_(\d{5,})\.json")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -90,50 +90,108 @@ class CheckpointInfo:
     manifest: dict[str, Any] | None = field(default=None, repr=False)
 
 
-def _check_files(files: Any, where: str) -> list[dict[str, Any]]:
-    if not isinstance(files, list):
-        raise CheckpointError(f"{where}: 'files' is not a list")
-    out = []
-    for f in files:
-        ok = (isinstance(f, dict) and isinstance(f.get("path"), str) and f["path"]
-              and not f["path"].startswith("/") and ".." not in f["path"].split("/")
-              and isinstance(f.get("size"), int) and f["size"] >= 0
-              and isinstance(f.get("sha256"), str) and _SHA256.fullmatch(f["sha256"]))
-        if not ok:
-            raise CheckpointError(f"{where}: bad file entry {str(f)[:120]}")
-        out.append({"path": f["path"], "size": f["size"], "sha256": f["sha256"]})
-    return out
+class ListedFile(BaseModel):
+    """One file of a checkpoint, as a part file or the manifest lists it."""
+
+    # strict: a size of "12" or 12.0 means the writer is broken, not that it wants converting;
+    # extra keys are dropped so that every entry reads back as exactly these three.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    path: str
+    """POSIX path relative to the checkpoint directory: downloads join it under a local root."""
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("path")
+    @classmethod
+    def _stays_inside(cls, path: str) -> str:
+        # An absolute or `..` path would make a restore write outside its target directory.
+        if not path or path.startswith("/") or ".." in path.split("/"):
+            raise ValueError("not a relative path inside the checkpoint")
+        return path
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _whole_entry(cls, data: Any, handler: Any) -> ListedFile:
+        # Name the whole entry in the error: its path says which file, the rest what is wrong with it.
+        try:
+            return handler(data)
+        except ValidationError:
+            raise ValueError(f"bad file entry {str(data)[:120]}") from None
 
 
-def _load_json(text: str, where: str) -> dict[str, Any]:
+class PartFile(BaseModel):
+    """`_parts/rank_NNNNN.json`: the files one rank uploaded. Other keys (step, save_id, world_size,
+    rank) are kept for the committer, which checks them against the save it is committing."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    format_version: Literal[1]  # = FORMAT_VERSION: a newer writer's layout is refused, not misread
+    files: list[ListedFile]
+
+
+class Manifest(BaseModel):
+    """`manifest.json`. Fields are declared in the order they are checked (pydantic reports errors in
+    that order, and the message names the first); other keys (zero_stage, save_id, created_at) are kept."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    format_version: Literal[1]  # = FORMAT_VERSION
+    step: int
+    world_size: int = Field(ge=1)
+    files: list[ListedFile]
+    meta: dict[str, Any] = {}
+    """What the training loop stored with it (run config, data position, model kind)."""
+
+    @field_validator("step")
+    @classmethod
+    def _matches_directory(cls, step: int, info: ValidationInfo) -> int:
+        # A manifest copied into the wrong step directory would restore the wrong state.
+        if info.context and step != info.context["step"]:
+            raise ValueError("does not match the directory")
+        return step
+
+
+# The one-line phrase for a problem with each top-level field; `value` is what the file holds there.
+_PROBLEMS = {
+    "format_version": "unknown format_version {value!r}",
+    "step": "step {value!r} does not match directory step {step}",
+    "world_size": "bad world_size {value!r}",
+    "files": "'files' is not a list",
+    "meta": "'meta' is not an object",
+}
+
+
+def _problem(err: ValidationError, step: int | None) -> str:
+    """The first problem pydantic found, worded as one line (most files have a single one)."""
+    first = err.errors(include_url=False)[0]
+    loc, kind = first["loc"], first["type"]
+    if kind == "json_invalid":
+        return f"not valid JSON ({first['ctx']['error']})"
+    if not loc:
+        return "not a JSON object"
+    if loc[0] == "files" and len(loc) > 1:
+        return str(first["ctx"]["error"])  # ListedFile's own message (see _whole_entry)
+    value = None if kind == "missing" else first["input"]
+    return _PROBLEMS[str(loc[0])].format(value=value, step=step)
+
+
+def _validate(model: type[BaseModel], text: str, where: str, step: int | None = None) -> dict[str, Any]:
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{where}: not a JSON object")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{where}: unknown format_version {data.get('format_version')!r}")
-    return data
+        doc = model.model_validate_json(text, context={"step": step} if step is not None else None)
+    except ValidationError as e:
+        raise CheckpointError(f"{where}: {_problem(e, step)}") from None
+    # exclude_unset: a manifest without `meta` reads back without it, as it was written.
+    return doc.model_dump(exclude_unset=True)
 
 
 def parse_manifest(text: str, *, step: int, where: str = MANIFEST) -> dict[str, Any]:
     """Validate a manifest's structure (not the files it lists); CheckpointError says what is wrong."""
-    data = _load_json(text, where)
-    if data.get("step") != step:
-        raise CheckpointError(f"{where}: step {data.get('step')!r} does not match directory step {step}")
-    if not isinstance(data.get("world_size"), int) or data["world_size"] < 1:
-        raise CheckpointError(f"{where}: bad world_size {data.get('world_size')!r}")
-    data["files"] = _check_files(data.get("files"), where)
-    if not isinstance(data.get("meta", {}), dict):
-        raise CheckpointError(f"{where}: 'meta' is not an object")
-    return data
+    return _validate(Manifest, text, where, step)
 
 
 def parse_part(text: str, *, where: str) -> dict[str, Any]:
-    data = _load_json(text, where)
-    data["files"] = _check_files(data.get("files"), where)
-    return data
+    return _validate(PartFile, text, where)
 
 
 def verify_listing(manifest: dict[str, Any], listing: dict[str, int]) -> str:

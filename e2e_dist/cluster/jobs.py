@@ -77,17 +77,9 @@ def _enable_token_auth_if_available() -> None:
     """
     if "RAY_AUTH_MODE" in os.environ:
         return
-    import logging
+    from e2e_dist import ray_compat
 
-    from ray._private.authentication import authentication_token_setup as setup
-
-    log = logging.getLogger(setup.__name__)
-    level = log.level
-    log.setLevel(logging.ERROR)  # its "token auth is enabled" warning is noise for a client
-    try:
-        setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    finally:
-        log.setLevel(level)
+    ray_compat.enable_token_auth_if_available()
 
 
 def _one_line(e: BaseException) -> str:

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from e2e_dist.cluster.forward import Endpoint, Forwarder
 from e2e_dist.cluster.local_autoscale import (
@@ -230,7 +231,8 @@ class LocalCluster:
 
         self.nodes.append(self._launch(name, build, env, host))
 
-    def _launch(self, name: str, build, env: dict[str, str], host: Host | None) -> LocalNode:
+    def _launch(self, name: str, build: Callable[[], tuple[list[str], dict[str, int]]], env: dict[str, str],
+                host: Host | None) -> LocalNode:
         return launch(name, self.base_dir, build, env, ip=host.ip if host else LOOPBACK, host=host,
                       token=self._token, timeout_s=self.start_timeout_s, attempts=self.start_attempts)
 
@@ -241,7 +243,7 @@ class LocalCluster:
 
     def pids(self) -> set[int]:
         """PIDs of every live process this cluster owns (all nodes)."""
-        return set().union(set(), *(node_pids(n) for n in [*self.nodes, *self.autoscaled_nodes()]))
+        return set().union(*(node_pids(n) for n in [*self.nodes, *self.autoscaled_nodes()]))
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """Stop exactly what this cluster started: worker nodes, the head (and with it the

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from e2e_dist import ray_compat
 from e2e_dist.cluster.netns import Host
 from e2e_dist.errors import UserError
 
@@ -72,30 +73,12 @@ class LocalNode:
                    ip=rec["ip"], home=Path(rec["home"]) if rec.get("home") else None, netns=rec.get("netns"))
 
 
-# `ray start --node-ip-address 127.0.0.1` is rewritten by Ray to the machine's primary address
-# (services.resolve_ip_for_localhost), and so is `--address 127.0.0.1:PORT`. This launcher runs
-# Ray's own `ray start` CLI with that one rewrite disabled, and exports
-# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 to the node's children *after* Ray is imported here: in
-# those processes (autoscaler, job drivers, workers) Ray's get_node_ip_address() then answers the
-# loopback address too, while this process keeps multi-node `ray start` allowed.
-_LOOPBACK_RAY_START = (
-    "import os, sys\n"
-    # multi-node `ray start` must be allowed in this process even if our caller turned it off
-    "os.environ['RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'] = '1'\n"
-    "import ray._private.services as services\n"
-    "from ray.scripts.scripts import main\n"
-    "services.resolve_ip_for_localhost = lambda host: host\n"
-    "os.environ['RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'] = '0'\n"
-    "sys.argv = ['ray'] + sys.argv[1:]\n"
-    "sys.exit(main())\n"
-)
-
-
 def ray_start_command(args: list[str], host: Host | None = None) -> list[str]:
     """`ray start ARGS`: on loopback with every advertised address kept on it; in a separate
     host's namespace plain `ray start` (its address is a real one there)."""
     if host is None:
-        return [sys.executable, "-c", _LOOPBACK_RAY_START, "start", *args]
+        # Ray would rewrite 127.0.0.1 to the machine's primary address (see the compat function)
+        return [sys.executable, *ray_compat.LOOPBACK_RAY_START, "start", *args]
     return host.wrap([sys.executable, "-m", "ray.scripts.scripts", "start", *args])
 
 

@@ -59,7 +59,8 @@ def loopback_host(cluster_dir: Path, name: str) -> str:
 
 class LocalNodeProvider(NodeProvider):
     """Provider config (written by cluster/local_autoscale.py): `cluster_dir`, `gcs_address`,
-    `head_ip`, `netns_prefix` (separate hosts) or null (loopback), `object_store_memory`."""
+    `head_ip`, `netns_prefix` (separate hosts) or null (loopback). A node's CPUs, GPUs and object
+    store come from its node type's `resources`."""
 
     def __init__(self, provider_config: dict[str, Any], cluster_name: str) -> None:
         super().__init__(provider_config, cluster_name)

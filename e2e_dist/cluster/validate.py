@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import yaml
-
 from e2e_dist.cluster.validate_aws import (
     AWS_GPU_COUNT,
     aws_errors,
@@ -38,6 +36,7 @@ from e2e_dist.cluster.validate_aws import (
     node_types,
 )
 from e2e_dist.cluster.validate_kuberay import kuberay_errors
+from e2e_dist.config_files import safe_load_yaml
 from e2e_dist.errors import UserError
 
 
@@ -60,12 +59,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ClusterConfigError(f"{path}: no such file")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ClusterConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    data = safe_load_yaml(p.read_text(), lambda line, problem: ClusterConfigError(
+        f"{path}: not valid YAML{'' if line is None else f' (line {line})'}: {problem}"))
     if not isinstance(data, dict):
         raise ClusterConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
@@ -130,7 +125,9 @@ def _lint_launcher(raw: dict[str, Any]) -> Findings:
 def _ray_schema(raw: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
     """Ray's own preparation + JSON schema, quietly (Ray's CLI logger prints on abort)."""
     import jsonschema
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from e2e_dist import ray_compat
+
+    prepare_config, validate_config = ray_compat.autoscaler_config_checks()
 
     config = copy.deepcopy(raw)
     sink = io.StringIO()
@@ -163,17 +160,17 @@ def _dotted(path: Iterator[Any] | Any) -> str:
 
 
 def _schema_problem(e: Any) -> str:
-    field = _dotted(e.absolute_path)
+    where = _dotted(e.absolute_path)
     msg = " ".join(str(e.message).split())
     extra = re.search(r"\('([^']+)' (?:was|were) unexpected\)", msg)
     required = re.match(r"'([^']+)' is a required property", msg)
     if extra:
-        field = f"{field}.{extra.group(1)}" if field else extra.group(1)
+        where = f"{where}.{extra.group(1)}" if where else extra.group(1)
         msg = "unknown field (Ray's schema does not allow it)"
     elif required:
-        field = f"{field}.{required.group(1)}" if field else required.group(1)
+        where = f"{where}.{required.group(1)}" if where else required.group(1)
         msg = "missing (required by Ray's schema)"
-    return f"{field or '(top level)'}: {msg[:300]}"
+    return f"{where or '(top level)'}: {msg[:300]}"
 
 
 _RAY_ERROR_FIELDS = (
@@ -196,8 +193,8 @@ def _ray_error_problem(e: Exception) -> str:
     for needle, rewritten in _RAY_ERROR_REWRITES:
         if needle in msg:
             return rewritten
-    field = next((f for needle, f in _RAY_ERROR_FIELDS if needle in msg), "(config)")
-    return f"{field}: {msg[:300]}"
+    where = next((f for needle, f in _RAY_ERROR_FIELDS if needle in msg), "(config)")
+    return f"{where}: {msg[:300]}"
 
 
 def _worker_bounds(config: dict[str, Any]) -> list[str]:

@@ -8,8 +8,9 @@ Determinism rules (so ablations compare like with like):
   smaller subset is always contained in a larger one (`take_fraction`).
 
 Paths are local files, directories (walked recursively, hidden entries skipped), globs (`*`, `?`,
-`[..]`, `**`), or `s3://bucket/prefix` (a single object, a prefix, or a glob) read through
-`e2e_dist.storage.resolve(uri, storage_cfg) -> (pyarrow filesystem, path)`.
+`[..]`, `**`), or `s3://bucket/prefix` (a single object, a prefix, or a glob). S3 goes only through
+`e2e_dist.storage`: listed with `resolve(uri, storage_cfg) -> (pyarrow filesystem, path)`, read with
+`read_range` (re-exported here, where every data source imports it from).
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
+from e2e_dist.config import absolute_path
 from e2e_dist.errors import UserError
+from e2e_dist.storage import describe_error, resolve
+from e2e_dist.storage import is_s3 as is_remote  # the name the data sources and predict use
+from e2e_dist.storage import read_range  # noqa: F401 - re-exported: the data sources import it from here
 
 log = logging.getLogger("e2e_dist.data")
 T = TypeVar("T")
@@ -78,17 +83,6 @@ def take_fraction(ordered: Sequence[T], fraction: float) -> list[T]:
 
 
 # ------------------------------------------------------------------------------------ listing
-def is_remote(uri: str) -> bool:
-    return uri.startswith("s3://")
-
-
-def resolve_uri(uri: str, storage_cfg: Any = None):
-    """`s3://...` -> (pyarrow filesystem, path) through e2e_dist.storage (credentials: AWS chain)."""
-    from e2e_dist.storage import resolve
-
-    return resolve(uri, storage_cfg)
-
-
 def list_files(
     paths: Sequence[str], storage_cfg: Any = None, *, suffixes: Sequence[str] | None = None,
     strict: bool = False, field: str = "data.paths",
@@ -112,7 +106,7 @@ def list_files(
 
 
 def _list_local(raw: str, field: str, strict: bool) -> list[FileItem]:
-    path = os.path.abspath(os.path.expanduser(raw.removeprefix("file://")))
+    path = absolute_path(raw)
     if _MAGIC.search(path):
         root = _glob_root(path)
         files = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
@@ -194,7 +188,7 @@ def _list_remote(raw: str, storage_cfg: Any, field: str) -> list[FileItem]:
 
     scheme_len = len("s3://")
     root = _glob_root(raw) if _MAGIC.search(raw[scheme_len:]) else None
-    fs, base = resolve_uri(root if root else raw, storage_cfg)
+    fs, base = resolve(root if root else raw, storage_cfg)
     base = base.rstrip("/")
     try:
         if root is None:
@@ -207,8 +201,6 @@ def _list_remote(raw: str, storage_cfg: Any, field: str) -> list[FileItem]:
     except DataError:
         raise
     except OSError as e:
-        from e2e_dist.storage import describe_error
-
         raise DataError(f"{field}: cannot list {raw}: {describe_error(e, storage_cfg)}") from None
     rx = glob_regex(raw[len(root) + 1:]) if root else None
     out = []
@@ -224,28 +216,34 @@ def _list_remote(raw: str, storage_cfg: Any, field: str) -> list[FileItem]:
     return out
 
 
-# ------------------------------------------------------------------------------------ reading
-_FS_CACHE: dict[tuple[str, str], Any] = {}
+# ------------------------------------------------------------------------------------ bad items
+# One policy for files a decoder cannot read (images, audio): a strict run stops on the first with
+# one line naming it; otherwise the file is skipped with a warning, so one bad file costs one item.
+# The strict pre-check ("scan") decodes everything once and collects every bad file instead.
+def note_bad_item(bad: list[tuple[str, str]], what: str, uri: Any, error: Exception, *,
+                  strict: bool, scan: bool) -> None:
+    """Record `uri` (a `what`: "image", "audio") that failed with `error`, or raise when strict."""
+    reason = (str(error).splitlines() or [type(error).__name__])[0]
+    if strict and not scan:
+        raise DataError(f"data: cannot decode {what} {uri}: {reason}") from None
+    bad.append((str(uri), reason))
+    if not scan:
+        log.warning("skipping unreadable %s %s: %s", what, uri, reason)
 
 
-def _remote_fs(uri: str, storage_cfg: Any):
-    """One filesystem per (bucket, storage config) per process: workers read many ranges."""
-    bucket = uri[len("s3://"):].split("/", 1)[0]
-    cfg_key = storage_cfg.model_dump_json() if hasattr(storage_cfg, "model_dump_json") else repr(storage_cfg)
-    if (bucket, cfg_key) not in _FS_CACHE:
-        _FS_CACHE[(bucket, cfg_key)] = resolve_uri(f"s3://{bucket}", storage_cfg)[0]
-    return _FS_CACHE[(bucket, cfg_key)]
+def scan_batch(bad: list[tuple[str, str]]) -> dict:
+    """A decoder's output in scan mode: only the bad files, as {uri, reason} columns."""
+    import numpy as np
+
+    return {"uri": np.array([u for u, _ in bad], dtype=object), "reason": np.array([r for _, r in bad], dtype=object)}
 
 
-def read_range(uri: str, offset: int, length: int, storage_cfg: Any = None) -> bytes:
-    """Up to `length` bytes of `uri` from `offset` (fewer if the file shrank). Raises OSError."""
-    if is_remote(uri):
-        fs = _remote_fs(uri, storage_cfg)
-        with fs.open_input_file(uri[len("s3://"):]) as f:
-            return f.read_at(length, offset)
-    with open(uri, "rb") as f:
-        f.seek(offset)
-        return f.read(length)
+def raise_first_bad(scanned: list[dict], what: str) -> None:
+    """DataError naming the first bad file (by uri) of a finished scan, and how many more; none: return."""
+    if scanned:
+        first = min(scanned, key=lambda r: r["uri"])
+        more = f" (and {len(scanned) - 1} more bad files)" if len(scanned) > 1 else ""
+        raise DataError(f"data: cannot decode {what} {first['uri']}: {first['reason']}{more}")
 
 
 # ------------------------------------------------------------------------------------ Ray glue

@@ -25,7 +25,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from e2e_dist.data.common import (
-    DataError, FileItem, decoded_dataset, list_files, read_range, seeded_order, split_by_hash, take_fraction,
+    DataError, FileItem, decoded_dataset, list_files, note_bad_item, raise_first_bad, read_range, scan_batch,
+    seeded_order, split_by_hash, take_fraction,
 )
 from e2e_dist.data.registry import DataBundle, register_source
 from e2e_dist.errors import ConfigError
@@ -64,15 +65,9 @@ def decode_images(batch: dict, *, size: int, channels: int, storage: Any, strict
             pixels.append(decode_image(read_range(str(uri), 0, int(n), storage), size, channels))
             labels.append(int(label))
         except Exception as e:  # any decoder failure (OSError, ValueError, SyntaxError, ...) = a bad item
-            reason = (str(e).splitlines() or [type(e).__name__])[0]
-            if strict and not scan:
-                raise DataError(f"data: cannot decode image {uri}: {reason}") from None
-            bad.append((str(uri), reason))
-            if not scan:
-                log.warning("skipping unreadable image %s: %s", uri, reason)
+            note_bad_item(bad, "image", uri, e, strict=strict, scan=scan)
     if scan:
-        return {"uri": np.array([u for u, _ in bad], dtype=object),
-                "reason": np.array([r for _, r in bad], dtype=object)}
+        return scan_batch(bad)
     return {"pixels": np.stack(pixels) if pixels else np.zeros((0, channels, size, size), np.float32),
             "label": np.array(labels, dtype=np.int64)}
 
@@ -103,11 +98,7 @@ def _dataset(rows: list[dict], name: str, fn_kwargs: dict):
 
 def _strict_scan(rows: list[dict], fn_kwargs: dict) -> None:
     """Decode everything once on the driver's Ray (before training); DataError naming the first bad file."""
-    bad = _dataset(rows, "scan", {**fn_kwargs, "strict": False, "scan": True}).take_all()
-    if bad:
-        bad = sorted(bad, key=lambda r: r["uri"])
-        more = f" (and {len(bad) - 1} more bad files)" if len(bad) > 1 else ""
-        raise DataError(f"data: cannot decode image {bad[0]['uri']}: {bad[0]['reason']}{more}")
+    raise_first_bad(_dataset(rows, "scan", {**fn_kwargs, "strict": False, "scan": True}).take_all(), "image")
 
 
 def build_image_bundle(data_cfg: Any, model_cfg: Any, storage_cfg: Any, *, default_channels: int = 3) -> DataBundle:

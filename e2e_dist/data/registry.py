@@ -31,10 +31,6 @@ class DataBundle:
 register_source = SOURCES.register
 
 
-def source_names() -> list[str]:
-    return SOURCES.names()
-
-
 def build_data(data_cfg, model_cfg=None, storage_cfg=None) -> DataBundle:
     """Build the train/val datasets for `data_cfg` (config.DataConfig)."""
     return SOURCES.get(data_cfg.source)(data_cfg, model_cfg=model_cfg, storage_cfg=storage_cfg)

@@ -33,11 +33,12 @@ import numpy as np
 
 from e2e_dist.config import CTCSpeechConfig
 from e2e_dist.data.common import (
-    DataError, decoded_dataset, is_remote, list_files, read_range, resolve_uri, seeded_order, split_by_hash,
-    take_fraction,
+    DataError, decoded_dataset, is_remote, list_files, note_bad_item, raise_first_bad, read_range, scan_batch,
+    seeded_order, split_by_hash, take_fraction,
 )
 from e2e_dist.data.registry import DataBundle, register_source
 from e2e_dist.errors import ConfigError
+from e2e_dist.storage import resolve
 
 log = logging.getLogger("e2e_dist.data")
 ROWS_PER_BLOCK = 32
@@ -122,12 +123,7 @@ def decode_clips(batch: dict, *, sample_rate: int, max_samples: int, max_chars: 
         try:
             x = decode_audio(read_range(str(uri), 0, int(n), storage), sample_rate)
         except Exception as e:  # any read/decoder failure (OSError, ValueError, ...) = a bad item
-            reason = (str(e).splitlines() or [type(e).__name__])[0]
-            if strict and not scan:
-                raise DataError(f"data: cannot decode audio {uri}: {reason}") from None
-            bad.append((str(uri), reason))
-            if not scan:
-                log.warning("skipping unreadable audio %s: %s", uri, reason)
+            note_bad_item(bad, "audio", uri, e, strict=strict, scan=scan)
             continue
         if scan:
             continue
@@ -140,8 +136,7 @@ def decode_clips(batch: dict, *, sample_rate: int, max_samples: int, max_chars: 
         targets.append(ids + [0] * (max_chars - len(ids)))
         target_len.append(len(ids))
     if scan:
-        return {"uri": np.array([u for u, _ in bad], dtype=object),
-                "reason": np.array([r for _, r in bad], dtype=object)}
+        return scan_batch(bad)
     if cut:
         log.warning("%d clip(s) over 1.1x data.max_audio_seconds were cut, their transcripts may no longer match "
                     "(e.g. %s)", len(cut), cut[0])
@@ -190,7 +185,7 @@ def _existing_sizes(uris: Sequence[str], storage_cfg: Any) -> dict[str, int]:
         except OSError:
             pass
     for folder in sorted({posixpath.dirname(u) for u in uris if is_remote(u)}):
-        fs, base = resolve_uri(folder, storage_cfg)
+        fs, base = resolve(folder, storage_cfg)
         try:
             infos = fs.get_file_info(pafs.FileSelector(base.rstrip("/"), recursive=False, allow_not_found=True))
         except OSError as e:
@@ -263,11 +258,8 @@ def build_speech_bundle(data_cfg: Any, model_cfg: Any, storage_cfg: Any) -> Data
         return [{"uri": u.uri, "size": u.size, "text": u.text} for u in items]
 
     if data_cfg.strict:
-        bad = sorted(_dataset(rows(train + val), "scan", {**fn_kwargs, "strict": False, "scan": True}).take_all(),
-                     key=lambda r: r["uri"])
-        if bad:
-            more = f" (and {len(bad) - 1} more bad files)" if len(bad) > 1 else ""
-            raise DataError(f"data: cannot decode audio {bad[0]['uri']}: {bad[0]['reason']}{more}")
+        raise_first_bad(_dataset(rows(train + val), "scan", {**fn_kwargs, "strict": False, "scan": True}).take_all(),
+                        "audio")
     stats = {"train_rows": len(train), "val_rows": len(val), "train_samples": len(train),
              "train_bytes": sum(u.size for u in train), "train_chars": sum(len(u.text) for u in train)}
     log.info("speech data %s: %s", label, stats)

@@ -47,9 +47,24 @@ class E2EModel(nn.Module, abc.ABC):
     def example_batch(self, batch_size: int, device: torch.device | str = "cpu") -> Batch:
         """A batch of the right shapes, for FLOP counting."""
 
+    checkpoint_activations: bool = False
+    """Recompute each block's activations in backward instead of keeping them (trainer.activation_checkpointing)."""
+
     def blocks(self) -> list[nn.Module]:
-        """Modules wrapped for activation checkpointing (transformer blocks, residual stages)."""
+        """The repeated blocks (transformer blocks, residual stages): what `run_block` checkpoints."""
         return []
+
+    def run_block(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+        """`block(*args)`, through torch's activation checkpointing when it is on.
+
+        Why not torch's `apply_activation_checkpointing`: its wrapper renames every parameter
+        (`blocks_.0._checkpoint_wrapped_module.…`), and DeepSpeed records those names in its
+        checkpoints, so exports and resumes would depend on the speed option."""
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -178,7 +178,7 @@ class CTCSpeech(E2EModel):
         x = self.pos(x * valid[:, :, None].to(x.dtype))
         key_mask = valid[:, None, None, :]
         for block in self.blocks_:
-            x = block(x, key_mask)
+            x = self.run_block(block, x, key_mask)
         return self.head(self.ln_f(x)).float().log_softmax(dim=-1), frames
 
     def _ctc(self, lp: torch.Tensor, frames: torch.Tensor, batch: Batch, reduction: str) -> torch.Tensor:

@@ -85,7 +85,7 @@ class ByteGPT(E2EModel):
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         for block in self.blocks_:
-            x = block(x)
+            x = self.run_block(block, x)
         return self.head(self.ln_f(x))
 
     def forward(self, batch: Batch) -> torch.Tensor:

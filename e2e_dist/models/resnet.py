@@ -96,7 +96,7 @@ class ResNet(E2EModel):
         x = pixels.to(self.head.weight.dtype)
         x = self.stem(x)
         for block in self.blocks_:
-            x = block(x)
+            x = self.run_block(block, x)
         return self.head(x.mean(dim=(2, 3)))
 
     def forward(self, batch: Batch) -> torch.Tensor:

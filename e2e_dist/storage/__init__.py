@@ -15,7 +15,7 @@ Every failure leaves as a one-line `StorageError` that names the URI and the cau
 - `clients`:        endpoint and region rules, the pyarrow filesystem, `resolve`, the boto3 client.
 - `error_messages`: describe_error, the secret-free one-line cause of any storage exception.
 - `access`:         check_access, the fail-fast probe run before a run starts.
-- `files`:          exists / read / write / list / delete of single objects and trees.
+- `files`:          exists / read / write / list / delete of single objects and trees, read_range.
 - `transfer`:       upload_dir / download_dir (and single files), with sha256 of every file.
 """
 
@@ -24,7 +24,8 @@ from e2e_dist.storage.access import check_access
 from e2e_dist.storage.clients import boto3_client, endpoint_url, ray_storage_kwargs, region, resolve, s3_filesystem
 from e2e_dist.storage.error_messages import describe_error
 from e2e_dist.storage.files import (
-    delete_file, delete_tree, exists, list_dir, list_files, read_bytes, read_text, write_bytes, write_text,
+    delete_file, delete_tree, exists, list_dir, list_files, read_bytes, read_range, read_text, write_bytes,
+    write_text,
 )
 from e2e_dist.storage.transfer import (
     FileEntry, download_dir, download_file, local_files, sha256_file, upload_dir, upload_file,
@@ -34,6 +35,6 @@ from e2e_dist.storage.uris import S3, is_s3, join, split_s3
 __all__ = [
     "S3", "FileEntry", "StorageError", "boto3_client", "check_access", "delete_file", "delete_tree",
     "describe_error", "download_dir", "download_file", "endpoint_url", "exists", "is_s3", "join", "list_dir",
-    "list_files", "local_files", "ray_storage_kwargs", "read_bytes", "read_text", "region", "resolve",
+    "list_files", "local_files", "ray_storage_kwargs", "read_bytes", "read_range", "read_text", "region", "resolve",
     "s3_filesystem", "sha256_file", "split_s3", "upload_dir", "upload_file", "write_bytes", "write_text",
 ]

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from e2e_dist.config import redact
+from e2e_dist.config import absolute_path, redact
 from e2e_dist.errors import StorageError
 from e2e_dist.storage.uris import is_s3, split_s3
 
@@ -60,7 +60,7 @@ def resolve(uri: str, storage_cfg: StorageConfig | None = None) -> tuple[pafs.Fi
         uri = uri[len("file://"):]
     elif "://" in uri:
         raise StorageError(f"unsupported storage URI {redact(uri)!r} (use a local path or s3://bucket/prefix)")
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    return pafs.LocalFileSystem(), absolute_path(uri)
 
 
 def ray_storage_kwargs(storage_path: str, storage_cfg: StorageConfig | None = None) -> dict[str, Any]:
@@ -77,6 +77,28 @@ def ray_storage_kwargs(storage_path: str, storage_cfg: StorageConfig | None = No
 
 _client_lock = threading.Lock()
 _clients: dict[tuple, Any] = {}
+_filesystems: dict[tuple, pafs.S3FileSystem] = {}
+
+
+def _client_key(storage_cfg: StorageConfig | None) -> tuple[str | None, str | None, str]:
+    """What a cached client depends on: endpoint, region and the credential chain's inputs.
+
+    Credentials are resolved when a client is built: keying on the chain's inputs (hashed, so no
+    secret sits in a dict key) picks up a changed environment.
+    """
+    chain = hashlib.sha256("\0".join(os.environ.get(k, "") for k in (
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")).encode()).hexdigest()
+    return endpoint_url(storage_cfg), region(storage_cfg), chain
+
+
+def cached_s3_filesystem(storage_cfg: StorageConfig | None = None) -> pafs.S3FileSystem:
+    """`s3_filesystem` built once per endpoint, region and credentials in this process: data workers
+    read many small ranges, and each new filesystem looks the credentials up again."""
+    key = _client_key(storage_cfg)
+    with _client_lock:
+        if key not in _filesystems:
+            _filesystems[key] = s3_filesystem(storage_cfg)
+        return _filesystems[key]
 
 
 def boto3_client(storage_cfg: StorageConfig | None = None, *, connect_timeout: float = 5.0,
@@ -86,11 +108,7 @@ def boto3_client(storage_cfg: StorageConfig | None = None, *, connect_timeout: f
     from botocore.config import Config
 
     endpoint, reg = endpoint_url(storage_cfg), region(storage_cfg)
-    # Credentials are resolved when a client is built: key the cache on the chain's inputs (hashed,
-    # so no secret sits in a dict key) to pick up a changed environment.
-    chain = hashlib.sha256("\0".join(os.environ.get(k, "") for k in (
-        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")).encode()).hexdigest()
-    key = (endpoint, reg, connect_timeout, read_timeout, max_attempts, chain)
+    key = (*_client_key(storage_cfg), connect_timeout, read_timeout, max_attempts)
     with _client_lock:
         if cached and key in _clients:
             return _clients[key]

@@ -1,4 +1,5 @@
-"""Single objects and whole trees through `pyarrow.fs`: exists, read, write, list, delete."""
+"""Single objects and whole trees through `pyarrow.fs`: exists, read, write, list, delete, and the
+byte ranges the data sources read."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
-from e2e_dist.storage.clients import boto3_client, resolve
+from e2e_dist.storage.clients import boto3_client, cached_s3_filesystem, resolve
 from e2e_dist.storage.error_messages import operation_error
-from e2e_dist.storage.uris import split_s3
+from e2e_dist.storage.uris import S3, is_s3, split_s3
 
 if TYPE_CHECKING:
     from e2e_dist.config import StorageConfig
@@ -36,6 +37,20 @@ def read_bytes(uri: str, storage_cfg: StorageConfig | None = None) -> bytes:
 
 def read_text(uri: str, storage_cfg: StorageConfig | None = None) -> str:
     return read_bytes(uri, storage_cfg).decode("utf-8")
+
+
+def read_range(uri: str, offset: int, length: int, storage_cfg: StorageConfig | None = None) -> bytes:
+    """Up to `length` bytes of `uri` (a local path or s3://) from `offset`, fewer if the file is shorter.
+
+    Raises the OSError itself, not a StorageError: the data sources decide per item whether an
+    unreadable file is skipped or stops the run.
+    """
+    if not is_s3(uri):
+        with open(uri, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+    with cached_s3_filesystem(storage_cfg).open_input_file(uri[len(S3):]) as f:
+        return f.read_at(length, offset)
 
 
 def write_bytes(uri: str, data: bytes, storage_cfg: StorageConfig | None = None) -> None:

@@ -100,25 +100,7 @@ def _upload(pairs: list[tuple[Path, str]], uri: str, storage_cfg) -> list[FileEn
         raise operation_error("uploading", uri, e) from None
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="sha256") as hasher:
         digests = [hasher.submit(sha256_file, src) for src, _ in pairs]
-        current = uri
-        try:
-            if is_s3(uri):
-                from boto3.s3.transfer import create_transfer_manager
-
-                bucket, prefix = split_s3(uri)
-                with create_transfer_manager(boto3_client(storage_cfg), _transfer_config()) as tm:
-                    futures = [(rel, tm.upload(str(src), bucket, _key(prefix, rel))) for src, rel in pairs]
-                    for current, fut in futures:
-                        fut.result()
-            else:
-                _, dest = resolve(uri, storage_cfg)
-                for src, rel in pairs:
-                    current = rel
-                    target = os.path.join(dest, rel)
-                    os.makedirs(os.path.dirname(target), exist_ok=True)
-                    shutil.copyfile(src, target)
-        except Exception as e:
-            raise operation_error("uploading to", join(uri, current), e, storage_cfg) from None
+        _copy([(rel, src) for src, rel in pairs], uri, storage_cfg, upload=True)
         return [FileEntry(rel, size, d.result()) for (_, rel), size, d in zip(pairs, sizes, digests)]
 
 
@@ -126,26 +108,38 @@ def _download(pairs: list[tuple[str, Path]], uri: str, storage_cfg) -> list[File
     """(key relative to `uri`, local file) pairs -> entries of the bytes that arrived."""
     for _, dst in pairs:
         dst.parent.mkdir(parents=True, exist_ok=True)
-    current = uri
+    _copy(pairs, uri, storage_cfg, upload=False)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="sha256") as hasher:
+        digests = list(hasher.map(lambda p: sha256_file(p[1]), pairs))
+    return [FileEntry(rel, dst.stat().st_size, d) for (rel, dst), d in zip(pairs, digests)]
+
+
+def _copy(pairs: list[tuple[str, Path]], uri: str, storage_cfg, *, upload: bool) -> None:
+    """Copy (key relative to `uri`, local file) pairs to storage or from it; a failure is one
+    StorageError naming the file it stopped at."""
+    current = ""
     try:
         if is_s3(uri):
             from boto3.s3.transfer import create_transfer_manager
 
             bucket, prefix = split_s3(uri)
             with create_transfer_manager(boto3_client(storage_cfg), _transfer_config()) as tm:
-                futures = [(rel, tm.download(bucket, _key(prefix, rel), str(dst))) for rel, dst in pairs]
+                # All submitted at once: the manager runs them in parallel; then wait in order.
+                futures = [(rel, tm.upload(str(local), bucket, _key(prefix, rel)) if upload
+                            else tm.download(bucket, _key(prefix, rel), str(local))) for rel, local in pairs]
                 for current, fut in futures:
                     fut.result()
         else:
-            _, src = resolve(uri, storage_cfg)
-            for rel, dst in pairs:
-                current = rel
-                shutil.copyfile(os.path.join(src, rel), dst)
+            _, root = resolve(uri, storage_cfg)
+            for current, local in pairs:
+                stored = os.path.join(root, current)
+                if upload:
+                    os.makedirs(os.path.dirname(stored), exist_ok=True)
+                    shutil.copyfile(local, stored)
+                else:
+                    shutil.copyfile(stored, local)
     except Exception as e:
-        raise operation_error("downloading", join(uri, current), e, storage_cfg) from None
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="sha256") as hasher:
-        digests = list(hasher.map(lambda p: sha256_file(p[1]), pairs))
-    return [FileEntry(rel, dst.stat().st_size, d) for (rel, dst), d in zip(pairs, digests)]
+        raise operation_error("uploading to" if upload else "downloading", join(uri, current), e, storage_cfg) from None
 
 
 def _key(prefix: str, rel: str) -> str:

@@ -8,7 +8,6 @@ its Ray Tune domain (`to_tune`) and lists the values every trial config must acc
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -66,18 +65,6 @@ class Domain(Section):
             return fn(list(getattr(self, self.kind)))
         lo, hi = getattr(self, self.kind)
         return getattr(tune, self.kind)(lo, hi)
-
-    def sample(self, rng: np.random.Generator) -> Any:
-        """One draw, for previews of random sweeps (the Tuner samples through Ray instead)."""
-        if self.kind in ("grid", "choice"):
-            values = getattr(self, self.kind)
-            return values[int(rng.integers(len(values)))]
-        lo, hi = getattr(self, self.kind)
-        if self.kind == "randint":
-            return int(rng.integers(lo, hi))
-        if self.kind == "loguniform":
-            return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
-        return float(rng.uniform(lo, hi))
 
     def check_values(self) -> list[Any]:
         """Values every run config must accept: all listed values, the ends of ranges, every

@@ -28,8 +28,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray.train.v2._internal.execution.callback import TrainContextCallback
 from ray.tune.integration.ray_train import TuneReportCallback
+
+from e2e_dist import ray_compat
 
 STOP_GRACE_ENV = "E2E_DIST_TRIAL_STOP_GRACE_S"
 DEFAULT_STOP_GRACE_S = 300.0
@@ -132,7 +133,7 @@ def stop_grace_s() -> float:
     return float(os.environ.get(STOP_GRACE_ENV) or DEFAULT_STOP_GRACE_S)
 
 
-class StopAtNextReport(TrainContextCallback):
+class StopAtNextReport(ray_compat.train_context_callback_base()):
     """Runs in every Train worker, around each `ray.train.report` of the loop (`on_report`).
 
     Once the scheduler stopped the trial, rank 0 says so at the next report (all ranks then agree,
@@ -215,7 +216,7 @@ class ReportUnlessStopped(TuneReportCallback):
             acked = False
         if acked:
             self._aborting = True
-            ray.get_runtime_context().current_actor.abort.remote()  # runs once this poll returns
+            ray_compat.abort_current_train_run()  # runs once this poll returns
             return
         super().after_report(run_context, metrics, checkpoint)
 

@@ -8,11 +8,9 @@ import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-import yaml
-
-from e2e_dist.config import apply_overrides, deep_merge, preset_names, read_yaml_with_includes
+from e2e_dist.config import apply_overrides, override_value, set_dotted
+from e2e_dist.config_files import deep_merge, preset_names, read_yaml_with_includes
 from e2e_dist.errors import ConfigError
-from e2e_dist.sweep.params import set_dotted
 
 if TYPE_CHECKING:
     from e2e_dist.sweep.spec import SweepSpec
@@ -34,22 +32,14 @@ def apply_sweep_overrides(data: dict[str, Any], overrides: list[str], sweep_fiel
             # The rest of the key is itself a dotted run-config key: keep it whole. `base.x=v` is
             # `overrides.x=v` (the base may be a preset name, which has no keys to set).
             section = "search_space" if head == "search_space" else "overrides"
-            data[section] = {**(data.get(section) or {}), rest: parse_value(raw)}
+            data[section] = {**(data.get(section) or {}), rest: override_value(raw)}
         elif head in sweep_fields:
             data = apply_overrides(data, [item])
         elif head in RUN_SECTIONS and rest:
-            data["overrides"] = {**(data.get("overrides") or {}), key: parse_value(raw)}
+            data["overrides"] = {**(data.get("overrides") or {}), key: override_value(raw)}
         else:
             raise ConfigError(f"--set {item!r}: {head!r} is neither a sweep field nor a run-config section")
     return data
-
-
-def parse_value(raw: str) -> Any:
-    # Same rule as the run config's --set: YAML scalars/flow collections, else the raw string.
-    try:
-        return yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        return raw
 
 
 def resolve_base(spec: SweepSpec, sweep_dir: Path, source: str) -> dict[str, Any]:
@@ -61,7 +51,7 @@ def resolve_base(spec: SweepSpec, sweep_dir: Path, source: str) -> dict[str, Any
         if isinstance(spec.base, str):
             data = read(spec.base)
         else:
-            data = dict(spec.base)
+            data = copy.deepcopy(spec.base)  # what follows must not change the spec's own base
             includes = data.pop("include", []) or []
             merged: dict[str, Any] = {}
             for inc in [includes] if isinstance(includes, str) else includes:
@@ -70,7 +60,10 @@ def resolve_base(spec: SweepSpec, sweep_dir: Path, source: str) -> dict[str, Any
     except ConfigError as e:
         raise ConfigError(f"{source}: base: {e}") from None
     for key, value in spec.overrides.items():
-        set_dotted(data, key, value)
+        try:
+            data = set_dotted(data, key, value, merge=True)
+        except ValueError as e:
+            raise ConfigError(f"{source}: overrides: {key}: {e}") from None
     if spec.storage is not None:
         data["storage"] = {**(data.get("storage") or {}), **spec.storage.model_dump(exclude_unset=True)}
     res = spec.resources_per_trial

@@ -9,7 +9,6 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from e2e_dist.config import deep_merge
 from e2e_dist.errors import ConfigError
 
 POINT_KEY = "point"
@@ -30,17 +29,6 @@ def check_key(cfg: BaseModel, key: str, where: str) -> None:
         if not isinstance(node, BaseModel) or part not in type(node).model_fields:
             raise ConfigError(f"{where}: {key}: unknown run-config key ({'.'.join(parts[:i + 1])})")
         node = getattr(node, part)
-
-
-def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    last = parts[-1]
-    node[last] = deep_merge(node[last], value) if isinstance(value, dict) and isinstance(node.get(last), dict) else value
 
 
 def flatten_params(params: dict[str, Any]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from typing import Any, Iterator
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from e2e_dist import storage
-from e2e_dist.config import RunConfig, dump_yaml, redact
+from e2e_dist.config import RunConfig, redact
 from e2e_dist.errors import ConfigError, UserError
 from e2e_dist.sweep.early_stop import (ReportUnlessStopped, StopAtNextReport, await_graceful_stop, begin_trial,
                                        start_board, stop_grace_s)
@@ -66,16 +66,16 @@ def trial_run_config(spec: SweepSpec, params: dict[str, Any], trial_id: str) -> 
     return cfg
 
 
-def trial_driver(config: dict[str, Any], spec: SweepSpec, board: Any = None) -> None:
-    """One Tune trial: build and fit this trial's TorchTrainer (runs in the trial's actor).
+def trial_driver(config: dict[str, Any], spec: SweepSpec, board: Any = None, fault: str | None = None) -> None:
+    """One Tune trial (runs in the trial's actor): the same `fit_run` as `e2e-dist train`,
+    continuing the trial's newest committed checkpoint when Tune runs it again (`--resume`).
 
     With a `board` (run_sweep always passes one), a trial the scheduler stops ends gracefully at
     its next report (see "Early stopping" in the module docstring); fit() then raises Ray's abort,
-    and the trial returns normally."""
+    and the trial returns normally. fault: the sweep command's E2E_DIST_FAULT (drills)."""
     from ray import tune
 
-    from e2e_dist.data.registry import build_data
-    from e2e_dist.train.launcher import build_trainer
+    from e2e_dist.train.launcher import RunFailed, fit_run
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_run_config(spec, config, trial_id)
@@ -83,21 +83,14 @@ def trial_driver(config: dict[str, Any], spec: SweepSpec, board: Any = None) -> 
     stop = None
     if board is not None:
         stop = begin_trial(board, trial_id)
+    callbacks = [TuneReportCallback()] if stop is None else [ReportUnlessStopped(stop), StopAtNextReport(stop)]
     try:
-        storage.write_text(storage.join(cfg.run_uri, "config.yaml"), dump_yaml(cfg), cfg.storage)
-        bundle = build_data(cfg.data, cfg.model, cfg.storage)
-        bundle.val = bundle.val.materialize()  # read at every evaluation: once into the object store
-        callbacks = [TuneReportCallback()] if stop is None else [ReportUnlessStopped(stop), StopAtNextReport(stop)]
-        trainer = build_trainer(cfg, datasets={"train": bundle.train, "val": bundle.val}, collate=bundle.collate,
-                                callbacks=callbacks, data_stats=bundle.stats)
-        try:
-            trainer.fit()
-        except Exception as e:  # Ray wraps worker errors: the trial's error file ends with the root cause
-            if stop is not None and stop.requested() is not None:
-                log.info("trial %s: stopped by the scheduler; its Train run was aborted (%s)", cfg.name,
-                         _root_cause(e))
-                return
-            raise RuntimeError(f"trial {cfg.name} failed: {_root_cause(e)}") from e
+        fit_run(cfg, resume=None, callbacks=callbacks, fault=fault or "")
+    except RunFailed as e:  # the trial's error file ends with the root cause
+        if stop is not None and stop.requested() is not None:
+            log.info("trial %s: stopped by the scheduler; its Train run was aborted (%s)", cfg.name, e.root_cause)
+            return
+        raise
     finally:
         if stop is not None:
             stop.finished()
@@ -116,17 +109,11 @@ def _pin_cluster_address() -> None:
     here to the controller, whose children (the cleaner) inherit its runtime env.
     """
     import ray
-    from ray.train.v2._internal import constants as train_constants
+
+    from e2e_dist import ray_compat
 
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    train_constants.ENV_VARS_TO_PROPAGATE.add("RAY_ADDRESS")
-
-
-def _root_cause(e: BaseException) -> str:
-    while e.__cause__ is not None:
-        e = e.__cause__
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[-1] if lines else ''}"[:300]
+    ray_compat.propagate_env_to_train_controller("RAY_ADDRESS")
 
 
 # ---------------------------------------------------------------------------------- the Tuner
@@ -160,9 +147,13 @@ def _trainable(spec: SweepSpec, board: Any = None):
     (Tune's hook for a stopping trainable) first lets a scheduler-stopped trial end gracefully.
     Same trainable name as the bare function ("trial_driver"), so `Tuner.restore` accepts either."""
     from ray import tune
-    from ray.tune.trainable.function_trainable import wrap_function
 
-    class SweepTrial(wrap_function(tune.with_parameters(trial_driver, spec=spec, board=board))):
+    from e2e_dist import ray_compat
+
+    # A fault drill given to the sweep command reaches its trials (their actors do not see our env).
+    driver = tune.with_parameters(trial_driver, spec=spec, board=board, fault=os.environ.get("E2E_DIST_FAULT"))
+
+    class SweepTrial(ray_compat.function_trainable_class(driver)):
         def cleanup(self) -> None:
             await_graceful_stop()
             super().cleanup()

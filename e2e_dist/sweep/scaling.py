@@ -35,9 +35,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from scipy.optimize import least_squares, nnls
 from scipy.special import logsumexp, softmax
 
@@ -279,6 +280,40 @@ def results_file(results_uri: str) -> str:
     return results_uri if results_uri.endswith(".jsonl") else storage.join(results_uri, RESULTS_FILE)
 
 
+class ResultRow(BaseModel):
+    """One line of results.jsonl (the schema in this module's docstring); extra keys are kept."""
+
+    # strict: a row whose status is not a string or whose params are not an object was not written by
+    # a sweep, and converting it would hide that.
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    trial: str
+    status: str
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _known_status(self) -> ResultRow:
+        # After the type checks, so a row missing fields reports those first.
+        if self.status not in STATUSES:
+            raise ValueError(f"status {self.status!r} is not one of {', '.join(STATUSES)}")
+        return self
+
+
+def _row_problem(err: ValidationError) -> str:
+    """The first problem of a bad row, as one line that names the field."""
+    first = err.errors(include_url=False)[0]
+    loc, kind = first["loc"], first["type"]
+    if kind == "json_invalid":
+        return f"not valid JSON ({first['ctx']['error']})"
+    if kind == "value_error":
+        return str(first["ctx"]["error"])  # _known_status words its own message
+    if not loc:
+        return f"expected an object, got {type(first['input']).__name__}"
+    wanted = ResultRow.model_fields[str(loc[0])].annotation
+    return f"{loc[0]} missing or not a {(get_origin(wanted) or wanted).__name__}"
+
+
 def load_results(results_uri: str, storage_cfg: Any = None) -> list[dict[str, Any]]:
     """Read a sweep's results table (a sweep folder or its results.jsonl; local or s3://), checked
     against the schema in this module's docstring; a bad line is one ScalingError naming it."""
@@ -288,17 +323,9 @@ def load_results(results_uri: str, storage_cfg: Any = None) -> list[dict[str, An
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ScalingError(f"{redact(uri)} line {i}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise ScalingError(f"{redact(uri)} line {i}: expected an object, got {type(row).__name__}")
-        for key, typ in (("trial", str), ("status", str), ("params", dict), ("metrics", dict)):
-            if not isinstance(row.get(key), typ):
-                raise ScalingError(f"{redact(uri)} line {i}: {key} missing or not a {typ.__name__}")
-        if row["status"] not in STATUSES:
-            raise ScalingError(f"{redact(uri)} line {i}: status {row['status']!r} is not one of {', '.join(STATUSES)}")
-        rows.append(row)
+            rows.append(ResultRow.model_validate_json(line).model_dump())
+        except ValidationError as e:
+            raise ScalingError(f"{redact(uri)} line {i}: {_row_problem(e)}") from None
     return rows
 
 

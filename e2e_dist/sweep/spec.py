@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -36,8 +35,10 @@ from e2e_dist.config import (
     RunConfig,
     Section,
     StorageConfig,
+    absolute_path,
     format_validation_error,
     read_yaml_with_includes,
+    set_dotted,
     validate_run_config,
 )
 from e2e_dist.errors import ConfigError
@@ -50,7 +51,6 @@ from e2e_dist.sweep.params import (
     check_key,
     check_settable,
     flatten_params,
-    set_dotted,
     show_params,
 )
 from e2e_dist.sweep.sections import ResourcesSpec, SchedulerSpec
@@ -151,11 +151,9 @@ class SweepSpec(Section):
         spec = self.model_copy(deep=True)
         data = spec._base_data = copy.deepcopy(self._base_data)
         store = data.setdefault("storage", {})
-        path = store.get("path", "./runs")
-        if "://" not in path:
-            store["path"] = os.path.abspath(os.path.expanduser(path))
+        store["path"] = absolute_path(store.get("path", "./runs"))
         if isinstance(paths := (data.get("data") or {}).get("paths"), list):
-            data["data"]["paths"] = [p if "://" in p else os.path.abspath(os.path.expanduser(p)) for p in paths]
+            data["data"]["paths"] = [absolute_path(p) for p in paths]
         spec._grid_index = None
         return spec
 
@@ -191,14 +189,17 @@ class SweepSpec(Section):
                 yield {**dict(zip(grid_keys, combo)), **point}
 
     def trial_params(self) -> list[dict[str, Any]]:
-        """Every trial's flat params, in index order. Random sweeps draw their own seeded sample
-        here (a preview: the Tuner samples through Ray's generator from `tune_param_space()`)."""
+        """Every trial's flat params, in index order. Random sweeps: the very draws and order of the
+        sweep's Tuner, whose BasicVariantGenerator(random_state=seed) (runner.build_tuner) runs
+        Tune's `generate_variants` once per sample with one rng; the index is Tune's trial counter."""
         if self.search == "grid":
             return list(self._grid_params())
-        rng = np.random.default_rng(self.seed)
-        sampled = {k: d for k, d in self.search_space.items() if d.kind != "grid"}
-        return [{**p, **{k: d.sample(rng) for k, d in sampled.items()}}
-                for _ in range(self.num_samples) for p in self._grid_params()]
+        from ray.tune.search.variant_generator import generate_variants
+
+        rng = np.random.default_rng(self.seed)  # what the generator makes of an int random_state
+        space = self.tune_param_space()
+        return [flatten_params(config) for _ in range(self.num_samples)
+                for _, config in generate_variants(space, random_state=rng)]
 
     def trial_configs(self) -> list[tuple[dict[str, Any], RunConfig]]:
         """(params, RunConfig) of every trial, named `<sweep>-t<index>-<hash>`."""
@@ -238,7 +239,10 @@ class SweepSpec(Section):
     def _apply(self, flat: dict[str, Any]) -> dict[str, Any]:
         data = copy.deepcopy(self._base_data)
         for key, value in flat.items():
-            set_dotted(data, key, value)
+            try:
+                data = set_dotted(data, key, value, merge=True)
+            except ValueError as e:  # a key below a plain value of a free-form mapping
+                raise ConfigError(f"{self._source} [{show_params(flat)}]: {key}: {e}") from None
         data.setdefault("tracking", {})["group"] = self.name
         data.setdefault("storage", {})["path"] = self.sweep_uri
         return data

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from e2e_dist.config import RunConfig
+from e2e_dist.config import RunConfig, absolute_path
 
 Mode = Literal["online", "offline", "disabled"]
 
@@ -40,7 +40,7 @@ def _local_run_dir(cfg: RunConfig) -> Path | None:
     path = cfg.storage.path
     if path.startswith("s3://"):
         return None
-    return Path(os.path.abspath(os.path.expanduser(path.removeprefix("file://")))) / cfg.name
+    return Path(absolute_path(path)) / cfg.name
 
 
 def wandb_root(cfg: RunConfig) -> Path:
@@ -48,12 +48,12 @@ def wandb_root(cfg: RunConfig) -> Path:
     the local run directory, else (s3:// storage) `$WANDB_DIR`, else a stable folder of this run in
     the user's cache (`~/.cache/e2e-dist/wandb/<run id>`, never a Ray session's temp dir)."""
     if cfg.tracking.dir:
-        return Path(os.path.abspath(os.path.expanduser(cfg.tracking.dir)))
+        return Path(absolute_path(cfg.tracking.dir))
     local = _local_run_dir(cfg)
     if local is not None:
         return local
     if os.environ.get("WANDB_DIR"):
-        return Path(os.path.abspath(os.environ["WANDB_DIR"]))
+        return Path(absolute_path(os.environ["WANDB_DIR"]))
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "e2e-dist" / "wandb" / wandb_run_id(cfg)
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from e2e_dist.config import RunConfig, dump_yaml
+from e2e_dist.checkpoint.layout import CommittedCheckpoint
 from e2e_dist.errors import UserError
 
 log = logging.getLogger("e2e_dist.launcher")
@@ -30,29 +32,32 @@ class RunSummary:
     wall_s: float = 0.0
 
 
-def prepare_run_dir(cfg: RunConfig, *, resume: bool) -> None:
-    """Refuse to clobber an existing run, or to resume one that has nothing committed."""
+def prepare_run_dir(cfg: RunConfig, *, resume: bool | None) -> CommittedCheckpoint | None:
+    """Check storage, find the newest committed checkpoint (the run's one look before it starts),
+    and record the config. resume: True = continue (something must be committed), False = a new
+    run (nothing may be), None = continue if there is something (a sweep trial run again)."""
     from e2e_dist import checkpoint as ckpt
     from e2e_dist import storage
 
     storage.check_access(cfg.storage.path, cfg.storage)
     found, skipped = ckpt.find_latest_committed(cfg.run_uri, cfg.storage)
-    if resume and found is None:
+    if resume is True and found is None:
         why = f" ({'; '.join(skipped)})" if skipped else ""
         raise UserError(f"--resume: no committed checkpoint under {cfg.run_uri}{why}")
-    if not resume and found is not None:
+    if resume is False and found is not None:
         raise UserError(f"run {cfg.name!r} already has checkpoints at {cfg.run_uri}: pass --resume to continue it, "
                         f"or --set name=<new name>")
-    if resume:
+    if found is not None:
         # Ray Train's run snapshot lists every checkpoint ever reported; our keep-N pruning deletes
         # old ones, and Ray 2.60 then refuses to start the run. Resume reads storage itself
         # (checkpoint.restore_latest), so the snapshot is not needed.
         storage.delete_file(storage.join(cfg.run_uri, "checkpoint_manager_snapshot.json"), cfg.storage)
     storage.write_text(storage.join(cfg.run_uri, "config.yaml"), dump_yaml(cfg), cfg.storage)
+    return found
 
 
 def build_trainer(cfg: RunConfig, *, datasets: dict[str, Any], collate, progress_actor=None, callbacks=None,
-                  data_stats: dict[str, float] | None = None):
+                  data_stats: dict[str, float] | None = None, fault: str | None = None):
     """The TorchTrainer for one run; also used by each sweep trial's driver."""
     import ray
     import ray.train
@@ -69,7 +74,7 @@ def build_trainer(cfg: RunConfig, *, datasets: dict[str, Any], collate, progress
     use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     backend = t.backend if t.backend != "auto" else ("nccl" if use_gpu else "gloo")
     loop_config = {"run": cfg.model_dump(mode="json"), "collate": collate, "progress_actor": progress_actor,
-                   "fault": os.environ.get("E2E_DIST_FAULT"), "fault_dir": fault_marker_dir(cfg.run_uri),
+                   "fault": fault, "fault_dir": fault_marker_dir(cfg.run_uri),
                    "data_stats": dict(data_stats or {})}
     run_config = ray.train.RunConfig(
         name=cfg.name,
@@ -96,14 +101,31 @@ def build_trainer(cfg: RunConfig, *, datasets: dict[str, Any], collate, progress
     )
 
 
-def run_training(cfg: RunConfig, *, resume: bool = False, address: str | None = None, quiet: bool = False) -> RunSummary:
-    """Train one run end to end; returns its summary (raises UserError on bad input)."""
-    from e2e_dist import checkpoint as ckpt
-    from e2e_dist.data.registry import build_data
+class RunFailed(UserError):
+    """A run's Train fit failed; the message is one line ending in the root cause."""
+
+    def __init__(self, name: str, root: str) -> None:
+        self.name, self.root_cause = name, root
+        super().__init__(f"run {name!r} failed: {root}")
+
+    def __reduce__(self):  # Tune ships a trial's error to the driver: rebuild it from both fields
+        return (RunFailed, (self.name, self.root_cause))
+
+
+def fit_run(cfg: RunConfig, *, resume: bool | None, address: str | None = None,
+            progress: Literal["live", "quiet"] | None = None, callbacks=None, fault: str | None = None) -> RunSummary:
+    """One run, from a validated config to a finished Ray Train fit: the one path of `e2e-dist train`
+    and of every sweep trial. resume: see prepare_run_dir. address: the Ray cluster (None: the one
+    this process is connected to, else a private local instance). progress: the workers report
+    to a display actor, "live" also renders it on this console (None: no display, as in sweep
+    trials, which have the sweep's table). fault: E2E_DIST_FAULT for drills (default: this process's environment).
+    Raises UserError before anything starts, RunFailed (the root cause in one line) after."""
+    from e2e_dist import storage
+    from e2e_dist.checkpoint import checkpoint_dir_name
+    from e2e_dist.data.registry import SOURCES, build_data
+    from e2e_dist.tracking.run_location import wandb_run_dir, wandb_stored_dir
     from e2e_dist.train.progress import ProgressDisplay
     from e2e_dist.train.ray_env import init_ray
-
-    from e2e_dist.data.registry import SOURCES
 
     t0 = time.time()
     SOURCES.get(cfg.data.source)  # an unknown source is one line before anything starts
@@ -113,23 +135,31 @@ def run_training(cfg: RunConfig, *, resume: bool = False, address: str | None = 
     # Validation is small and read at every evaluation: materialize it once in the object store
     # instead of re-running its read tasks each time.
     bundle.val = bundle.val.materialize()
-    with ProgressDisplay(cfg.name, quiet=quiet) as display:
+    display_cm = ProgressDisplay(cfg.name, quiet=progress == "quiet") if progress else contextlib.nullcontext()
+    with display_cm as display:
         trainer = build_trainer(cfg, datasets={"train": bundle.train, "val": bundle.val}, collate=bundle.collate,
-                                progress_actor=display.actor, data_stats=bundle.stats)
+                                progress_actor=display.actor if display else None, callbacks=callbacks,
+                                data_stats=bundle.stats,
+                                fault=fault if fault is not None else os.environ.get("E2E_DIST_FAULT"))
         try:
             result = trainer.fit()
         except Exception as e:  # Ray wraps worker errors; surface the root cause's one line
-            raise UserError(f"run {cfg.name!r} failed: {_root_cause(e)}") from e
-    found, _ = ckpt.find_latest_committed(cfg.run_uri, cfg.storage)
-    from e2e_dist.tracking.run_location import wandb_run_dir, wandb_stored_dir
-
-    return RunSummary(name=cfg.name, run_uri=cfg.run_uri, metrics=dict(result.metrics or {}),
-                      checkpoint_uri=found.uri if found else None, wandb_dir=wandb_run_dir(cfg),
-                      wandb_copy=wandb_stored_dir(cfg),
+            raise RunFailed(cfg.name, root_cause(e)) from e
+    metrics = dict(result.metrics or {})
+    # The final checkpoint is saved synchronously: a fit that returned has committed it.
+    final = storage.join(cfg.run_uri, checkpoint_dir_name(metrics["step"])) if "step" in metrics else None
+    return RunSummary(name=cfg.name, run_uri=cfg.run_uri, metrics=metrics, checkpoint_uri=final,
+                      wandb_dir=wandb_run_dir(cfg), wandb_copy=wandb_stored_dir(cfg),
                       data_stats=dict(bundle.stats), wall_s=time.time() - t0)
 
 
-def _root_cause(e: BaseException) -> str:
+def run_training(cfg: RunConfig, *, resume: bool = False, address: str | None = None, quiet: bool = False) -> RunSummary:
+    """`e2e-dist train`: one run end to end, with a live progress display unless quiet."""
+    return fit_run(cfg, resume=resume, address=address, progress="quiet" if quiet else "live")
+
+
+def root_cause(e: BaseException) -> str:
+    """`Type: last line` of the innermost cause (Ray wraps a worker's error several times)."""
     while e.__cause__ is not None:
         e = e.__cause__
     msg = str(e).strip().splitlines()

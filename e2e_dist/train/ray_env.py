@@ -16,6 +16,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from e2e_dist import ray_compat
+
 LOOPBACK = "127.0.0.1"
 SIGTERM_SETUP_HOOK = "e2e_dist.train.preemption.install_sigterm_handler"
 
@@ -119,17 +121,15 @@ def init_ray(address: str | None = None, opts: LocalRayOptions | None = None) ->
     gcs_port = opts.gcs_port or int(os.environ.get("RAY_GCS_SERVER_PORT") or free_port())
     os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
     runtime_env["env_vars"]["RAY_ADDRESS"] = f"{LOOPBACK}:{gcs_port}"
-    if ray._private.ray_constants.ENABLE_RAY_CLUSTER:
-        # ray was imported before this module could set the switch above (library use): apply it.
-        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+    # ray may have been imported before this module could set the switch above (library use)
+    ray_compat.disable_multinode_switch()
     ray.init(
         address="local",
         num_cpus=opts.num_cpus,
         include_dashboard=opts.dashboard,
         dashboard_host=LOOPBACK,
         dashboard_port=opts.dashboard_port or free_port(),
-        _node_ip_address=LOOPBACK,
-        _temp_dir=temp_dir,
+        **ray_compat.local_init_kwargs(node_ip=LOOPBACK, temp_dir=temp_dir),
         runtime_env=runtime_env,
         log_to_driver=True,
         configure_logging=True,
@@ -148,13 +148,11 @@ def pin_shared_actors_here() -> None:
     head, which never scales down anyway.
     """
     try:
-        from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
-    except ImportError:  # another Ray version: it may not have the actor, or have moved it
+        ray_compat.pin_autoscaling_coordinator_here()
+    except ray_compat.RayCompatError as e:  # the run itself is unaffected: say what is lost
         logging.getLogger("e2e_dist.launcher").warning(
-            "could not pre-create Ray's AutoscalingCoordinator on the head (Ray moved it?): idle worker "
-            "nodes may not scale down after a sweep")
-        return
-    get_or_create_autoscaling_coordinator()
+            "could not pre-create Ray's AutoscalingCoordinator on this node: idle worker nodes may not "
+            "scale down after a sweep (%s)", e)
 
 
 class _DropProgressBarNotice(logging.Filter):
@@ -175,17 +173,13 @@ def quiet_library_logs() -> None:
     # DeepSpeed's ZeRO calls torch collectives under their deprecated names (a warning per rank).
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated",
                             category=FutureWarning)
-    try:
-        import ray.data
-        from ray.data._internal.logging import SessionFileHandler
-        from ray.train.v2._internal.execution import context as train_context
-    except ImportError:  # another Ray version: its loggers may differ; nothing to quiet
-        return
-    # Train V2 names this logger after its file path, not its module.
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    import ray.data
+
     if os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "1") == "1":
         ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        ray_compat.quiet_ray_loggers()
+    except ray_compat.RayCompatError as e:  # only the console gets noisier
+        logging.getLogger("e2e_dist.launcher").warning("%s", e)
     for handler in logging.getLogger("ray.data").handlers:
-        if not isinstance(handler, SessionFileHandler):
-            handler.setLevel(logging.WARNING)
-            handler.addFilter(_PROGRESS_BAR_NOTICE)
+        handler.addFilter(_PROGRESS_BAR_NOTICE)

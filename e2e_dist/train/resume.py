@@ -13,7 +13,6 @@ import hashlib
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,26 +20,9 @@ import torch.distributed as dist
 
 from e2e_dist import checkpoint as ckpt
 from e2e_dist.config import RunConfig
+from e2e_dist.train.run_state import RunState
 
 log = logging.getLogger("e2e_dist.train")
-
-
-@dataclass(kw_only=True)
-class ResumeState:
-    step: int = 0
-    """Optimizer steps already taken (0 = a fresh start)."""
-    data: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "consumed": 0})
-    """The data stream's position (see BatchStream.state)."""
-    units_seen: int = 0
-    """Tokens / samples seen by all ranks so far."""
-    logged: dict[str, float] = field(default_factory=dict)
-    """The metrics row logged at `step` (W&B backfill after a hard kill)."""
-
-    @property
-    def resumed_from(self) -> int | None:
-        """The checkpoint's step, or None for a fresh start (checkpoints are taken after a step,
-        so none has step 0)."""
-        return self.step or None
 
 
 def downloads_here(*, rank: int, local_rank: int, node_rank: int, rank0_node: int) -> bool:
@@ -55,8 +37,11 @@ def node_restore_dir(cfg: RunConfig) -> Path:
     return Path(tempfile.gettempdir()) / f"e2e-restore-{cfg.name}-{run_key}"
 
 
-def restore(engine: Any, cfg: RunConfig, *, rank: int, world: int, local_rank: int, node_rank: int) -> ResumeState:
-    """Load the newest committed checkpoint into `engine` on every rank (collective when world > 1)."""
+def restore(engine: Any, cfg: RunConfig, *, rank: int, world: int, local_rank: int, node_rank: int) -> RunState:
+    """Load the newest committed checkpoint into `engine` on every rank (collective when world > 1).
+
+    Rank 0 alone looks for it (newest first, falling back past any that fail their checksums) and
+    hands its choice, manifest included, to the others: storage is scanned once per start."""
     shared = node_restore_dir(cfg)
     chosen: list[Any] = [None, node_rank]
     if rank == 0:
@@ -64,24 +49,21 @@ def restore(engine: Any, cfg: RunConfig, *, rank: int, world: int, local_rank: i
         found, _, skipped = ckpt.restore_latest(cfg.run_uri, cfg.storage, shared)
         for msg in skipped:
             log.warning(msg)
-        chosen = [found.step if found else None, node_rank]
+        chosen = [found, node_rank]
     if world > 1:
         dist.broadcast_object_list(chosen, src=0)
-    step, rank0_node = chosen
-    if step is None:
-        return ResumeState()
+    found, rank0_node = chosen
+    if found is None:
+        return RunState()
     fetcher = downloads_here(rank=rank, local_rank=local_rank, node_rank=node_rank, rank0_node=rank0_node)
     if fetcher and rank != 0:
         shutil.rmtree(shared, ignore_errors=True)
-        found, restored, msgs = ckpt.restore_latest(cfg.run_uri, cfg.storage, shared, step=step)
-        if restored is None:
-            raise RuntimeError(f"rank {rank} could not restore step {step}: {'; '.join(msgs)}")
+        ckpt.download_checkpoint(found, shared / found.name, verify=True, storage_cfg=cfg.storage)
     if world > 1:
         dist.barrier()  # the node's copy is complete before anyone reads it
-    state = ckpt.load_engine(engine, shared / ckpt.checkpoint_dir_name(step))
+    state = ckpt.load_engine(engine, shared / found.name)
     if world > 1:
         dist.barrier()  # everyone has read it before it goes
     if fetcher:
         shutil.rmtree(shared, ignore_errors=True)
-    return ResumeState(step=state["step"], data=state["data"], units_seen=state.get("units_seen", 0),
-                       logged=state.get("logged") or {})
+    return RunState.from_client_state(state)

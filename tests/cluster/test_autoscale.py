@@ -133,11 +133,9 @@ def test_sweep_submitted_with_its_working_dir_succeeds_on_autoscaled_hosts(s3_se
     autoscaling cluster of separate hosts: nodes come for the trials and go after, the job SUCCEEDS
     (its driver's working dir used to be deleted under it by a worker node sharing the head's session
     folder), results land in S3 and the job's logs are readable."""
-    import boto3
-
     from e2e_dist.cli import main
     from e2e_dist.cluster.netns import SUBNET_PREFIX, netns_unavailable_reason
-    from tests.fixtures.s3 import empty_and_delete_bucket, make_bucket
+    from tests.fixtures.s3 import empty_and_delete_bucket, get_object, make_bucket
 
     reason = netns_unavailable_reason()
     if reason:
@@ -171,9 +169,7 @@ def test_sweep_submitted_with_its_working_dir_succeeds_on_autoscaled_hosts(s3_se
         assert counts[0] == 1 and max(counts) >= 2 and counts[-1] == 1, counts
         ips = set(sampler.ips.values())
         assert len(ips) >= 2 and all(ip.startswith(SUBNET_PREFIX + ".") for ip in ips), ips
-    rows_key = "sweeps/data-ablation/results.jsonl"
-    body = boto3.client("s3", endpoint_url=s3_server.url, region_name="us-east-1").get_object(
-        Bucket=bucket.removeprefix("s3://"), Key=rows_key)["Body"].read().decode()
+    body = get_object(s3_server.url, f"{bucket}/sweeps/data-ablation/results.jsonl").decode()
     rows = [json.loads(line) for line in body.splitlines() if line.strip()]
     assert sorted(r["status"] for r in rows) == ["completed", "completed"]
     assert "data-ablation" in log and "completed" in log  # the sweep's own lines, readable in the job log

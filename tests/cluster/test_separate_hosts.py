@@ -30,9 +30,9 @@ from e2e_dist.cluster import jobs
 from e2e_dist.cluster.local import LocalCluster
 from e2e_dist.cluster.netns import netns_unavailable_reason
 from e2e_dist.train.ray_env import SIGTERM_SETUP_HOOK
-from tests.fixtures.s3 import empty_and_delete_bucket, make_bucket
+from tests.fixtures.s3 import empty_and_delete_bucket, get_object, list_keys, make_bucket
 from tests.helpers.processes import alive, bystander
-from tests.helpers.wandb_records import read_history
+from e2e_dist.tracking.offline_history import read_history
 
 pytestmark = pytest.mark.slow
 SUBNET = ipaddress.ip_network("10.77.0.0/24")
@@ -128,9 +128,9 @@ def test_two_node_zero2_run_on_s3_then_resume(hosts: LocalCluster, s3_server, tm
         assert found.step == 6
         # one W&B run over both jobs, no step twice, read back from the copies in the bucket
         steps = []
-        for i, key in enumerate(_keys(s3_server.url, cfg.run_uri + "/wandb/")):
-            if key.endswith(f"/run-{wandb_run_id(cfg)}.wandb"):
-                (copy := tmp_path / f"{i}.wandb").write_bytes(_get(s3_server.url, key))
+        for i, rel in enumerate(list_keys(s3_server.url, cfg.run_uri + "/wandb")):
+            if rel.endswith(f"/run-{wandb_run_id(cfg)}.wandb"):
+                (copy := tmp_path / f"{i}.wandb").write_bytes(get_object(s3_server.url, f"{cfg.run_uri}/wandb/{rel}"))
                 steps += [r["_step"] for r in read_history(copy)]
         assert sorted(steps) == [2, 4, 6]
     finally:
@@ -141,21 +141,6 @@ def ckpt_manifest(cfg, uri: str) -> str:
     from e2e_dist import storage
 
     return storage.read_text(f"{uri}/manifest.json", cfg.storage)
-
-
-def _keys(endpoint: str, uri: str) -> list[str]:
-    import boto3
-
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    pages = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").get_paginator("list_objects_v2")
-    return [f"s3://{bucket}/{o['Key']}" for p in pages.paginate(Bucket=bucket, Prefix=prefix) for o in p.get("Contents", [])]
-
-
-def _get(endpoint: str, uri: str) -> bytes:
-    import boto3
-
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 def _wait_status(job_id: str, url: str, wanted: set[str], timeout_s: float = 120) -> str:

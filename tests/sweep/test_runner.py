@@ -31,7 +31,7 @@ from e2e_dist.data.text import plan_splits, stdlib_files
 from e2e_dist.errors import ConfigError, UserError
 from e2e_dist.sweep.scaling import load_results
 from e2e_dist.sweep.spec import load_sweep
-from tests.helpers.wandb_records import (find_run_files, read_config, read_history, read_records, read_run,
+from e2e_dist.tracking.offline_history import (find_run_files, read_config, read_history, read_records, read_run,
                                         read_summary)
 
 pytestmark = pytest.mark.slow
@@ -163,6 +163,38 @@ def test_refusals_before_anything_runs(ablation, tmp_path) -> None:
     fresh = load_sweep(TUNE / "data_ablation.yaml", [f"storage.path={tmp_path}", *TINY])
     with pytest.raises(UserError, match="--resume: no sweep state under"):
         run_sweep(fresh, resume=True, live=False, out=io.StringIO())
+
+
+# ----------------------------------------------------------------- a failed trial, run again
+def test_failed_trial_resumes_past_its_pruned_checkpoints(ray_local, tmp_path, monkeypatch) -> None:
+    """A trial dies after keep-N pruning deleted its older checkpoints; `--resume` runs it again and
+    it continues from its newest committed checkpoint. (Ray's run snapshot still lists the pruned
+    ones; left in place, Ray 2.60 refuses to start the run: the same driver as `e2e-dist train`,
+    fit_run, removes it.)"""
+    from e2e_dist.sweep.runner import run_sweep
+    from e2e_dist.train.faults import fault_marker_dir
+
+    spec = load_sweep(TUNE / "data_ablation.yaml", [f"storage.path={tmp_path}", *TINY, "trainer.ckpt_every=4",
+                                                    "trainer.keep_last=1", "trainer.async_checkpoint=false",
+                                                    "search_space.data.fraction={grid: [0.5]}"])
+    monkeypatch.setenv("E2E_DIST_FAULT", "crash@14")  # the sweep command's drill reaches its trial
+    (failed,) = run_sweep(spec, live=False, out=io.StringIO())
+    run_dir = tmp_path / "data-ablation" / failed["trial"]
+    assert failed["status"] == "error" and "failed" in failed["error"], failed
+    assert sorted(p.name for p in run_dir.glob("step_*")) == ["step_00000012"]  # 4 and 8 pruned
+    assert "step_00000004" in (run_dir / "checkpoint_manager_snapshot.json").read_text()
+
+    monkeypatch.delenv("E2E_DIST_FAULT")
+    try:
+        (row,) = run_sweep(spec, resume=True, live=False, out=io.StringIO())
+    finally:
+        shutil.rmtree(fault_marker_dir(str(run_dir)), ignore_errors=True)
+    assert row["status"] == "completed" and row["metrics"]["step"] == STEPS, row
+    files = find_run_files(run_dir / "wandb")
+    summary = read_summary(files[-1])
+    assert summary["restarts/last_resumed_from_step"] == 12, summary  # continued, not started over
+    steps = [h["_step"] for f in files for h in read_history(f)]
+    assert sorted(set(steps)) == [4, 8, 12, 16] and steps.count(STEPS) == 1
 
 
 # ------------------------------------------------------------------------------------------ ASHA

@@ -145,6 +145,32 @@ search_space:
     assert spec.run_config_for(params[5], index=5).name.startswith("rnd-t005-")
 
 
+def test_random_preview_is_what_the_tuner_draws(tmp_path: Path) -> None:
+    """The preview of a random sweep is the Tuner's own trials: the search algorithm the runner
+    builds (BasicVariantGenerator, random_state=seed), in Tune's trial-counter order."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    spec = load_sweep(write(tmp_path, """
+name: rnd
+base: tiny-text
+search: random
+num_samples: 3
+seed: 7
+search_space:
+  trainer.lr: {loguniform: [1.0e-4, 1.0e-2]}
+  data.fraction: {grid: [0.5, 1.0]}
+  model.n_head: {choice: [2, 4]}
+points: [{trainer.seed: 1}, {trainer.seed: 2}]
+"""))
+    gen = BasicVariantGenerator(random_state=spec.seed)
+    gen.add_configurations({"rnd": {"run": lambda config: None, "config": spec.tune_param_space(),
+                                    "num_samples": spec.num_samples, "storage_path": str(tmp_path / "tune")}})
+    tuner_trials = []
+    while (trial := gen.next_trial()) is not None:
+        tuner_trials.append((int(trial.trial_id.rsplit("_", 1)[-1]), flatten_params(trial.config)))
+    assert tuner_trials == list(enumerate(spec.trial_params())) and len(tuner_trials) == 12
+
+
 def test_run_config_for_tune_config_and_base_forms(tmp_path: Path) -> None:
     (tmp_path / "runs").mkdir()
     write(tmp_path, "include: tiny-text\ntrainer: {max_steps: 7}\n", "base.yaml")
@@ -193,6 +219,8 @@ BAD = {
     "base not found": ("name: bad\nbase: nope.yaml\nsearch_space: {trainer.lr: {grid: [0.1]}}\n", "base: config file not found"),
     "bad override": (BASE + "overrides: {trainer.max_stepz: 3}\nsearch_space: {trainer.lr: {grid: [0.1]}}\n",
                      "base: trainer.max_stepz: unknown field"),
+    "override below a leaf": (BASE + "overrides: {trainer.max_steps.x: 3}\nsearch_space: {trainer.lr: {grid: [0.1]}}\n",
+                              "overrides: trainer.max_steps.x: max_steps is not a section"),
     "bad name": ("name: bad name\nbase: tiny-text\nsearch_space: {trainer.lr: {grid: [0.1]}}\n", "name: 'bad name' must be"),
     "bad yaml": ("name: [\n", "is not valid YAML"),
 }

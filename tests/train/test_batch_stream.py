@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from e2e_dist.data.text import collate
-from e2e_dist.train.loop import BatchStream
+from e2e_dist.train.batches import BatchStream
 
 ROWS, BATCH, SEQ = 10, 2, 4  # 5 full batches per epoch
 

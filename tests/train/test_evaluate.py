@@ -59,7 +59,8 @@ def rank_main(rank: int, port: int, out: str) -> None:
     from e2e_dist.data.text import collate
     from e2e_dist.models.registry import build_model
     from e2e_dist.train.deepspeed_config import build_deepspeed_config
-    from e2e_dist.train.loop import _skip_cpu_shm_comm, evaluate
+    from e2e_dist.train.build import skip_cpu_shm_comm as _skip_cpu_shm_comm
+    from e2e_dist.train.evaluate import evaluate
 
     from e2e_dist.train.rendezvous import init_loopback_process_group
 

@@ -20,7 +20,7 @@ import pytest
 
 from e2e_dist.config import RunConfig, load_run_config
 from tests.conftest import ROOT
-from tests.helpers.wandb_records import find_run_files, read_history
+from e2e_dist.tracking.offline_history import find_run_files, read_history
 
 pytestmark = pytest.mark.slow
 

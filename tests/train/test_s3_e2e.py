@@ -27,8 +27,8 @@ import pytest
 from e2e_dist.config import RunConfig, load_run_config
 from e2e_dist.tracking import wandb_dir, wandb_run_id
 from tests.conftest import ROOT
-from tests.fixtures.s3 import _free_port, empty_and_delete_bucket, make_bucket
-from tests.helpers.wandb_records import find_run_files, read_history, read_summary
+from tests.fixtures.s3 import _boto3_client, _free_port, empty_and_delete_bucket, get_object, list_keys, make_bucket
+from e2e_dist.tracking.offline_history import find_run_files, read_history, read_summary
 
 pytestmark = pytest.mark.slow
 
@@ -48,27 +48,6 @@ def s3_cfg(run_root: str, name: str, *extra: str) -> RunConfig:
         f"trainer.ckpt_every={CKPT_EVERY}", "trainer.keep_last=2", "trainer.warmup_steps=2", "trainer.lr=0.003",
         *extra,
     ])
-
-
-def s3_client(endpoint: str):
-    import boto3
-
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-
-
-def list_keys(endpoint: str, uri: str) -> dict[str, int]:
-    """{key relative to `uri`: size} of every object under the S3 prefix `uri` (plain boto3)."""
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    prefix = prefix.rstrip("/") + "/"
-    out: dict[str, int] = {}
-    for page in s3_client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        out.update({o["Key"][len(prefix):]: o["Size"] for o in page.get("Contents", [])})
-    return out
-
-
-def get_object(endpoint: str, uri: str) -> bytes:
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    return s3_client(endpoint).get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 def committed_steps(cfg: RunConfig) -> list[int]:
@@ -254,7 +233,7 @@ def test_corrupt_newest_checkpoint_in_s3_is_skipped_on_resume(s3_run, capfd):
     victim = f"{base.run_uri}/step_{newest:08d}/ds/zero_pp_rank_1_mp_rank_00_optim_states.pt"
     blob = get_object(endpoint, victim)
     bucket, _, key = victim.removeprefix("s3://").partition("/")
-    s3_client(endpoint).put_object(Bucket=bucket, Key=key, Body=bytes(b ^ 0xFF for b in blob[:4096]) + blob[4096:])
+    _boto3_client(endpoint).put_object(Bucket=bucket, Key=key, Body=bytes(b ^ 0xFF for b in blob[:4096]) + blob[4096:])
     found, skipped = ckpt.find_latest_committed(base.run_uri, base.storage, verify_checksums=True)
     assert found.step == older and len(skipped) == 1 and "corrupt" in skipped[0]
 

@@ -45,7 +45,7 @@ def gloo_world_of_one():
 def ds(gloo_world_of_one, monkeypatch):
     """DeepSpeed reads LOCAL_RANK at init; one intra-op thread like a 1-CPU Ray worker (and so the
     compiled kernels match what a worker compiles)."""
-    from e2e_dist.train.loop import _skip_cpu_shm_comm
+    from e2e_dist.train.build import skip_cpu_shm_comm as _skip_cpu_shm_comm
 
     monkeypatch.setenv("LOCAL_RANK", "0")
     _skip_cpu_shm_comm()  # as the loop does on CPU: plain gloo, no JIT-built shared-memory op
@@ -73,14 +73,13 @@ def build_engine(cfg: RunConfig):
 
     from e2e_dist.models.registry import build_model
     from e2e_dist.train.deepspeed_config import build_deepspeed_config, lr_lambda
-    from e2e_dist.train.loop import _enable_activation_checkpointing, _param_groups
+    from e2e_dist.train.build import param_groups
 
     t = cfg.trainer
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.data)
-    if t.activation_checkpointing:
-        _enable_activation_checkpointing(model)
-    opt = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas)
+    model.checkpoint_activations = t.activation_checkpointing
+    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, dist_init_required=False,
                                       config=build_deepspeed_config(cfg, world_size=1, on_gpu=False))
@@ -167,9 +166,16 @@ def test_activation_checkpointing_gives_the_same_losses(ds, reference):
     cfg = cfg_with(act_ckpt=True)
     engine = build_engine(cfg)
     try:
-        # every block recomputes through torch.utils.checkpoint: its forward is the wrapper now
+        # every block really recomputes: its forward starts again during backward (a pre-hook:
+        # torch stops a recomputation early once it has the tensors backward needs)
         blocks = engine.module.blocks()
-        assert blocks and all(b.forward.__name__ == "<lambda>" for b in blocks)
+        calls = []
+        for b in blocks:
+            b.register_forward_pre_hook(lambda *_: calls.append(1))
+        loss = engine({"tokens": data(0)[:cfg.trainer.micro_batch_size]})
+        assert len(calls) == len(blocks)
+        engine.backward(loss)
+        assert blocks and len(calls) == 2 * len(blocks)
     finally:
         engine.destroy()
     assert train_losses(cfg) == pytest.approx(reference, rel=1e-5, abs=1e-5)
