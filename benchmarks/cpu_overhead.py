@@ -79,6 +79,10 @@ def recording_progress() -> Iterator[list[dict[str, Any]]]:
         def history(self) -> list[dict[str, Any]]:
             return self.updates
 
+        def drain(self) -> list[dict[str, Any]]:  # a live display reads these; history keeps them all
+            out, self.cursor = self.updates[getattr(self, "cursor", 0):], len(self.updates)
+            return out
+
     updates: list[dict[str, Any]] = []
     original = progress.ProgressDisplay
 

@@ -1,8 +1,9 @@
 """Live progress of a run on the driver's terminal.
 
-Rank 0 pushes its latest metrics to a tiny Ray actor (fire-and-forget, never blocks a step); the
-driver polls the actor and renders a rich progress bar on a TTY, or one plain line per update
-otherwise (CI logs, `ray job logs`).
+Rank 0 pushes every update to a tiny Ray actor (fire-and-forget, never blocks a step; only the
+last one waits until it arrived). The actor keeps them until the driver takes them: a rich
+progress bar on a TTY shows the newest; otherwise (CI logs, `ray job logs`) every update becomes
+one plain line, none dropped however fast the steps go.
 """
 
 from __future__ import annotations
@@ -18,12 +19,19 @@ import ray
 class ProgressActor:
     def __init__(self) -> None:
         self.state: dict[str, Any] = {}
+        self.pending: list[dict[str, Any]] = []
 
     def put(self, state: dict[str, Any]) -> None:
         self.state = state
+        self.pending.append(state)
 
     def get(self) -> dict[str, Any]:
         return self.state
+
+    def drain(self) -> list[dict[str, Any]]:
+        """Every update since the last drain, in order."""
+        out, self.pending = self.pending, []
+        return out
 
 
 class ProgressSink:
@@ -40,7 +48,12 @@ class ProgressSink:
         if self.actor is None:
             return
         clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        self.actor.put.remote({"step": step, "total": total, "metrics": clean, "done": done})
+        ref = self.actor.put.remote({"step": step, "total": total, "metrics": clean, "done": done})
+        if done:  # the run ends next: the last line must not be lost with this worker
+            try:
+                ray.get(ref, timeout=10)
+            except Exception:  # noqa: BLE001 - the display must never take a run down
+                pass
 
 
 _SHOWN = ("loss", "val_loss", "val_bpb", "val_acc", "val_cer", "tokens_per_s", "samples_per_s", "mfu")
@@ -56,7 +69,7 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 
 class ProgressDisplay:
-    """Driver side: a background thread that renders what the actor holds."""
+    """Driver side: a background thread that renders what rank 0 pushed to the actor."""
 
     def __init__(self, run_name: str, interval_s: float = 1.0, quiet: bool = False) -> None:
         self.actor = ProgressActor.remote()
@@ -75,11 +88,11 @@ class ProgressDisplay:
             self._thread.join(timeout=5)
         ray.kill(self.actor)
 
-    def _poll(self) -> dict[str, Any]:
+    def _drain(self) -> list[dict[str, Any]]:
         try:
-            return ray.get(self.actor.get.remote(), timeout=5)
+            return ray.get(self.actor.drain.remote(), timeout=5)
         except Exception:  # the display must never take a run down
-            return {}
+            return []
 
     def _run(self) -> None:
         if sys.stdout.isatty():
@@ -89,11 +102,14 @@ class ProgressDisplay:
 
     def _run_plain(self) -> None:
         last_step = -1
-        while not self._stop.wait(self.interval_s):
-            s = self._poll()
-            if s and s["step"] != last_step:
-                last_step = s["step"]
-                print(f"[{self.run_name}] step {s['step']}/{s['total']} {_fmt(s['metrics'])}", flush=True)
+        while True:
+            stopping = self._stop.wait(self.interval_s)
+            for s in self._drain():  # one line per logged step (the final update repeats the last)
+                if s["step"] != last_step:
+                    last_step = s["step"]
+                    print(f"[{self.run_name}] step {s['step']}/{s['total']} {_fmt(s['metrics'])}", flush=True)
+            if stopping:  # the run ended: what arrived since the last poll is printed above
+                return
 
     def _run_rich(self) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -103,6 +119,7 @@ class ProgressDisplay:
         with Progress(*cols, transient=False) as bar:
             task = bar.add_task(self.run_name, total=None, info="starting workers...")
             while not self._stop.wait(self.interval_s):
-                s = self._poll()
-                if s:
+                updates = self._drain()
+                if updates:
+                    s = updates[-1]
                     bar.update(task, completed=s["step"], total=s["total"], info=_fmt(s["metrics"]))

@@ -87,7 +87,7 @@ def test_zero3_trains_checkpoints_and_logs(reference_z3):
 
 
 @pytest.mark.parametrize("zero", [1, 2])
-def test_other_zero_stages_learn(ray_local, tmp_path, zero, monkeypatch):
+def test_other_zero_stages_learn(ray_local, tmp_path, zero, monkeypatch, capsys):
     from e2e_dist.train.launcher import run_training
 
     # A relative storage path, as in the demo: it means the directory the run was started from,
@@ -96,7 +96,11 @@ def test_other_zero_stages_learn(ray_local, tmp_path, zero, monkeypatch):
     cfg = tiny_cfg(".", f"z{zero}", zero, "trainer.max_steps=12", "trainer.eval_every=12",
                    "trainer.ckpt_every=12")
     assert cfg.storage.path == str(tmp_path / "runs")
-    summary = run_training(cfg, quiet=True)
+    summary = run_training(cfg)  # progress on: stdout is not a terminal here, so plain lines
+    # Every logged step reaches the console exactly once, however fast the steps go (pushed by
+    # rank 0, drained by the driver, the last one before the run returns).
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"[z{zero}] step ")]
+    assert [line.split()[2] for line in progress] == ["4/12", "8/12", "12/12"], progress
     hist = history(cfg)
     assert sorted(hist) == [4, 8, 12]
     assert hist[12]["loss"] < hist[4]["loss"] - 0.3
