@@ -59,8 +59,14 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     from e2e_dist import checkpoint as ckpt
     from e2e_dist.config import StorageConfig
 
-    for info in ckpt.list_checkpoints(args.run_uri, StorageConfig(path=args.run_uri, endpoint_url=args.endpoint_url)):
-        print(f"{info.step:>10}  {'committed' if info.committed else 'PARTIAL  '}  {info.uri}  {info.reason or ''}")
+    infos = ckpt.list_checkpoints(args.run_uri, StorageConfig(path=args.run_uri, endpoint_url=args.endpoint_url),
+                                  verify_checksums=args.verify)
+    for info in infos:
+        status = "committed" if info.committed else "CORRUPT  " if info.corrupt else "PARTIAL  "
+        print(f"{info.step:>10}  {status}  {info.uri}  {info.reason or ''}".rstrip())
+    if args.verify:
+        ok = sum(i.committed for i in infos)
+        print(f"{ok} of {len(infos)} checkpoint(s) verified (every file's sha256 against its manifest)")
     return 0
 
 
@@ -158,6 +164,8 @@ def _add_model_verbs(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("checkpoints", help="list a run's checkpoints")
     p.add_argument("run_uri")
+    p.add_argument("--verify", action="store_true",
+                   help="also read every committed checkpoint and check each file's sha256 (downloads it from S3)")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint")
     p.set_defaults(func=cmd_checkpoints)
 

@@ -168,7 +168,7 @@ def _overwrite(uri: str, data: bytes) -> None:
         Path(uri).write_bytes(data)
 
 
-def test_discovery_skips_partial_truncated_and_corrupt(run_uri, tmp_path):
+def test_discovery_skips_partial_truncated_and_corrupt(run_uri, tmp_path, capsys):
     local = fake_rank_dir(tmp_path, 0)
     shard = "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt"
     for step in (1, 2, 3, 4, 5):
@@ -196,6 +196,18 @@ def test_discovery_skips_partial_truncated_and_corrupt(run_uri, tmp_path):
     infos = list_checkpoints(run_uri)
     assert [(i.step, i.committed) for i in infos] == [(5, False), (4, False), (3, True), (2, True), (1, True)]
     assert restore_latest(run_uri, None, tmp_path / "r2", step=1)[0].step == 1
+
+    # `e2e-dist checkpoints --verify` says what resume would skip: step 3 is corrupt, not committed.
+    from e2e_dist.cli import main
+
+    assert main(["checkpoints", run_uri]) == 0
+    plain = capsys.readouterr().out.splitlines()
+    assert plain[2].split()[:2] == ["3", "committed"]
+    assert main(["checkpoints", run_uri, "--verify"]) == 0
+    verified = capsys.readouterr().out.splitlines()
+    assert verified[2].split()[:2] == ["3", "CORRUPT"] and f"{shard} is corrupt (sha256" in verified[2]
+    assert [line.split()[1] for line in verified[:5]] == ["PARTIAL", "PARTIAL", "CORRUPT", "committed", "committed"]
+    assert verified[-1].startswith("2 of 5 checkpoint(s) verified")
 
 
 def test_keep_last_deletes_only_after_a_newer_commit(run_uri, tmp_path):

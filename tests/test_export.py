@@ -100,6 +100,17 @@ def test_export_other_stages_to_local_dir(ds, tmp_path, zero_stage):
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stdout.startswith("'")
 
+        # DeepSpeed's own consolidation, as users reach for it: the zero_to_fp32.py saved into
+        # the checkpoint, run with its defaults (sharding needs huggingface_hub: locked).
+        ckpt_dir = Path(cfg.run_uri) / "step_00000002"
+        proc = subprocess.run([sys.executable, str(ckpt_dir / "zero_to_fp32.py"), str(ckpt_dir), str(tmp_path / "ds_out")],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        got = torch.load(tmp_path / "ds_out" / "pytorch_model.bin", weights_only=True)
+        assert set(full) - set(got) <= {"head.weight"}  # a tied head may be stored once
+        for k, v in got.items():
+            assert torch.equal(v, full[k]), k
+
 
 @pytest.mark.parametrize("kind", ["resnet", "ctc-speech"])
 def test_export_other_model_kinds_with_buffers(ds, tmp_path, kind):

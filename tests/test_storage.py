@@ -12,7 +12,7 @@ import pytest
 from e2e_dist import storage
 from e2e_dist.config import StorageConfig
 from e2e_dist.errors import StorageError
-from tests.fixtures.s3 import _free_port
+from tests.fixtures.s3 import _free_port, bucket_keys, directory_markers
 
 
 def _s3_options(fs: pafs.S3FileSystem) -> dict:
@@ -66,6 +66,63 @@ def test_ray_storage_kwargs_work_with_ray_storage_context(s3_bucket, tmp_path):
 
     local = storage.ray_storage_kwargs(str(tmp_path / "runs"))
     assert local == {"storage_path": str(tmp_path / "runs")}
+
+
+def test_s3_never_gets_directory_markers(s3_server, s3_bucket, tmp_path):
+    """No zero-byte 'dir/' objects, whatever a run does to S3: pyarrow's S3FileSystem writes one for
+    every create_dir level and re-creates the parent's after delete_file / delete_dir / move, and
+    Ray Train calls all of these on the filesystem we hand it. A plain boto3 download of the bucket
+    then fails (key 'run/' is a file where 'run/x' needs a directory)."""
+    import pickle
+
+    from ray.train.v2._internal.execution.storage import StorageContext, delete_fs_path
+
+    base = f"{s3_bucket}/runs/r1"
+    # Our storage API, as a run and its checkpoints use it.
+    storage.write_text(f"{base}/config/run.json", "{}")
+    storage.write_text(f"{base}/a/b/c/deep.txt", "deep")
+    src = tmp_path / "ck"
+    (src / "ds" / "global_step2").mkdir(parents=True)
+    (src / "ds" / "global_step2" / "states.pt").write_bytes(b"s" * 10)
+    (src / "latest").write_text("global_step2")
+    storage.upload_dir(src, f"{base}/ck_2")
+    storage.upload_dir(src, f"{base}/ck_4")
+    storage.delete_tree(f"{base}/ck_2")  # pruning: the parent keeps other children
+    storage.delete_tree(f"{base}/a/b/c")  # the parent's last child
+    storage.delete_file(f"{base}/config/run.json")
+    storage.delete_tree(f"{base}/missing")
+    assert directory_markers(s3_server.url, s3_bucket) == []
+
+    # The filesystem Ray Train writes through, as Ray uses it (workers get it pickled).
+    kwargs = storage.ray_storage_kwargs(f"{s3_bucket}/runs")
+    fs = pickle.loads(pickle.dumps(kwargs["storage_filesystem"]))
+    assert fs.equals(kwargs["storage_filesystem"])
+    root = kwargs["storage_path"]
+    fs.create_dir(f"{root}/x/y/z")
+    fs.create_dir(f"{root}/x", recursive=False)
+    with fs.open_output_stream(f"{root}/x/y/z/f.bin") as f:
+        f.write(b"data")
+    pafs.copy_files(str(src), f"{root}/copied", destination_filesystem=fs)
+    fs.move(f"{root}/x/y/z/f.bin", f"{root}/moved/f.bin")
+    with fs.open_output_stream(f"{root}/tmp/one") as f:
+        f.write(b"1")
+    fs.delete_file(f"{root}/tmp/one")
+    fs.delete_dir(f"{root}/copied/ds")
+    fs.delete_dir_contents(f"{root}/moved")
+    ctx = StorageContext(experiment_dir_name="exp", **kwargs)  # create_dir + its validation marker file
+    with fs.open_output_stream(f"{ctx.experiment_fs_path}/checkpoint_1/x") as f:
+        f.write(b"x")
+    delete_fs_path(fs, f"{ctx.experiment_fs_path}/checkpoint_1")  # Ray's checkpoint pruning
+    assert directory_markers(s3_server.url, s3_bucket) == []
+
+    # Everything a run wrote and did not delete is still there, byte for byte.
+    assert sorted(bucket_keys(s3_server.url, s3_bucket)) == [
+        "runs/copied/latest", "runs/exp/.validate_storage_marker",
+        "runs/r1/ck_4/ds/global_step2/states.pt", "runs/r1/ck_4/latest",
+    ]
+    assert storage.read_text(f"{s3_bucket}/runs/copied/latest") == "global_step2"
+    info = fs.get_file_info([f"{root}/copied", f"{root}/x", f"{root}/copied/latest"])
+    assert [i.type for i in info] == [pafs.FileType.Directory, pafs.FileType.NotFound, pafs.FileType.File]
 
 
 # ------------------------------------------------------------------------------ small helpers

@@ -51,9 +51,21 @@ def inspect(uri: str, step: int, storage_cfg: Any = None, *, check_files: bool =
     return CheckpointInfo(step, uri, True, "", manifest)
 
 
-def list_checkpoints(run_uri: str, storage_cfg: Any = None) -> list[CheckpointInfo]:
-    """All checkpoint directories of a run, newest first (for `e2e-dist checkpoints RUN_URI`)."""
-    return list(scan(run_uri, storage_cfg))
+def list_checkpoints(run_uri: str, storage_cfg: Any = None, *, verify_checksums: bool = False,
+                     ) -> list[CheckpointInfo]:
+    """All checkpoint directories of a run, newest first (for `e2e-dist checkpoints RUN_URI`).
+
+    verify_checksums: also read every committed checkpoint's files and compare sha256 (what resume
+    does before trusting one); a corrupt one is listed as not committed, with `corrupt` set."""
+    infos = list(scan(run_uri, storage_cfg))
+    if not verify_checksums:
+        return infos
+    checked = []
+    for info in infos:
+        bad = info.committed and _first_bad_checksum(
+            CommittedCheckpoint(info.uri, info.step, info.manifest or {}, storage_cfg), storage_cfg)
+        checked.append(CheckpointInfo(info.step, info.uri, False, bad, info.manifest, corrupt=True) if bad else info)
+    return checked
 
 
 def find_latest_committed(run_uri: str, storage_cfg: Any = None, *, verify_checksums: bool = False,

@@ -88,6 +88,8 @@ class CheckpointInfo:
     reason: str
     """'' when committed; otherwise what is wrong (no manifest, missing file, size mismatch, ...)."""
     manifest: dict[str, Any] | None = field(default=None, repr=False)
+    corrupt: bool = False
+    """Committed, but a file's bytes no longer match the manifest's sha256 (checked on request)."""
 
 
 class ListedFile(BaseModel):

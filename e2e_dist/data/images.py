@@ -145,6 +145,10 @@ def build_image_folder(data_cfg, *, model_cfg=None, storage_cfg=None) -> DataBun
     return build_image_bundle(data_cfg, model_cfg, storage_cfg)
 
 
+build_image_folder.check_paths = lambda data_cfg, storage_cfg: list_files(  # see registry.check_data
+    data_cfg.paths, storage_cfg, suffixes=IMAGE_SUFFIXES, strict=data_cfg.strict)
+
+
 # ------------------------------------------------------------------------------ built-in digits
 def cache_root() -> Path:
     """Where built-in corpora are written once: $E2E_DIST_CACHE, else ~/.cache/e2e_dist (absolute,

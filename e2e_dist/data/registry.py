@@ -31,6 +31,15 @@ class DataBundle:
 register_source = SOURCES.register
 
 
+def check_data(data_cfg, storage_cfg=None) -> None:
+    """What can be checked on the driver before Ray starts (seconds) or anything is written: the
+    source exists, and a source that reads `data.paths` finds files there (its builder's
+    `check_paths`, which raises a one-line DataError naming the path)."""
+    check = getattr(SOURCES.get(data_cfg.source), "check_paths", None)
+    if check is not None:
+        check(data_cfg, storage_cfg)
+
+
 def build_data(data_cfg, model_cfg=None, storage_cfg=None) -> DataBundle:
     """Build the train/val datasets for `data_cfg` (config.DataConfig)."""
     return SOURCES.get(data_cfg.source)(data_cfg, model_cfg=model_cfg, storage_cfg=storage_cfg)

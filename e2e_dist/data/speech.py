@@ -273,6 +273,10 @@ def build_speech_manifest(data_cfg, *, model_cfg=None, storage_cfg=None) -> Data
     return build_speech_bundle(data_cfg, model_cfg, storage_cfg)
 
 
+build_speech_manifest.check_paths = lambda data_cfg, storage_cfg: list_files(  # see registry.check_data
+    data_cfg.paths, storage_cfg, suffixes=(".jsonl", ".json"), strict=data_cfg.strict)
+
+
 SPOKEN_DIGITS_UTTERANCES = 600
 """Size of the built-in corpus (fixed, with seed 0: every run and machine sees the same clips)."""
 

@@ -4,7 +4,8 @@ Sources: `text` (data.paths: files, directories, globs, `s3://` prefixes) and `s
 (this Python's standard library `*.py` files: real text on every machine, never downloaded).
 
 How a config becomes bytes, all decided on the driver from the listing alone (no file is read
-there, so building the datasets takes well under a second for thousands of files):
+there beyond the first 4 KiB of a few sampled files, `warn_if_binary`, so building the datasets
+takes well under a second for thousands of files):
 1. `max_files`: the first max_files files in the seeded order (`common.seeded_order`).
 2. Split by each file's key hash (`common.split_by_hash`); val never ends up empty: it takes
    the files with the next-smallest hashes until it holds a window. A lone file is split by
@@ -255,13 +256,59 @@ def build_text_bundle(files: Sequence[FileItem], data_cfg: Any, storage_cfg: Any
     )
 
 
+SNIFF_FILES = 16
+"""Files sampled by `warn_if_binary`: spread over the listing, read in parallel (S3 GETs)."""
+SNIFF_BYTES = 4096
+BINARY_SHARE = 0.3
+"""Share of invalid-UTF-8 or control characters above which a sample looks binary: text in a
+legacy encoding (Latin-1 accents) stays well below it, compiled or compressed data well above."""
+
+
+def looks_binary(sample: bytes) -> bool:
+    """NUL bytes, or a high share of bytes that are neither valid UTF-8 nor printable."""
+    if b"\0" in sample:
+        return True
+    chars = sample.decode("utf-8", errors="replace")
+    odd = sum(c == "\ufffd" or not (c.isprintable() or c in "\t\n\r\f\v\b\x1b") for c in chars)
+    return bool(chars) and odd > BINARY_SHARE * len(chars)
+
+
+def warn_if_binary(files: Sequence[FileItem], storage_cfg: Any, field: str = "data.paths") -> None:
+    """One warning line when sampled files look binary: a byte-level model trains on any bytes, so a
+    stray checkpoint or archive under data.paths is not an error, just rarely what was meant."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    step = max(1, len(files) / SNIFF_FILES)
+    sample = [files[int(i * step)] for i in range(min(len(files), SNIFF_FILES))]  # step >= 1: distinct
+
+    def head(f: FileItem) -> bytes:
+        try:
+            return read_range(f.uri, 0, SNIFF_BYTES, storage_cfg)
+        except OSError:  # the training read reports unreadable files (or fails when strict)
+            return b""
+
+    with ThreadPoolExecutor(max_workers=min(8, len(sample) or 1)) as pool:
+        binary = [f.uri for f, data in zip(sample, pool.map(head, sample)) if looks_binary(data)]
+    if binary:
+        log.warning("%s: %d of %d sampled files look binary (e.g. %s): a byte-level text model will "
+                    "train on their bytes", field, len(binary), len(sample), binary[0])
+
+
 @register_source("text")
 def build_text(data_cfg, *, model_cfg=None, storage_cfg=None) -> DataBundle:
     """User text: data.paths (files, directories, globs, s3:// prefixes), every file read as bytes."""
+    files = _text_files(data_cfg, storage_cfg)
+    warn_if_binary(files, storage_cfg)
+    return build_text_bundle(files, data_cfg, storage_cfg, ", ".join(data_cfg.paths))
+
+
+def _text_files(data_cfg, storage_cfg) -> list[FileItem]:
     if not data_cfg.paths:
         raise ConfigError("data.paths: source 'text' needs at least one file, directory, glob or s3:// prefix")
-    files = list_files(data_cfg.paths, storage_cfg, strict=data_cfg.strict)
-    return build_text_bundle(files, data_cfg, storage_cfg, ", ".join(data_cfg.paths))
+    return list_files(data_cfg.paths, storage_cfg, strict=data_cfg.strict)
+
+
+build_text.check_paths = _text_files  # see registry.check_data
 
 
 def stdlib_files(root: str | None = None) -> list[FileItem]:

@@ -17,16 +17,20 @@ Every failure leaves as a one-line `StorageError` that names the URI and the cau
 - `access`:         check_access, the fail-fast probe run before a run starts.
 - `files`:          exists / read / write / list / delete of single objects and trees, read_range.
 - `transfer`:       upload_dir / download_dir (and single files), with sha256 of every file.
+- `ray_fs`:         ray_storage_kwargs, the filesystem Ray Train gets: for S3 one that never writes
+                    zero-byte 'dir/' marker objects (pyarrow's S3FileSystem does on every
+                    create_dir / delete / move).
 """
 
 from e2e_dist.errors import StorageError
 from e2e_dist.storage.access import check_access
-from e2e_dist.storage.clients import boto3_client, endpoint_url, ray_storage_kwargs, region, resolve, s3_filesystem
+from e2e_dist.storage.clients import boto3_client, endpoint_url, region, resolve, s3_filesystem
 from e2e_dist.storage.error_messages import describe_error
 from e2e_dist.storage.files import (
     delete_file, delete_tree, exists, list_dir, list_files, read_bytes, read_range, read_text, write_bytes,
     write_text,
 )
+from e2e_dist.storage.ray_fs import marker_free_s3_filesystem, ray_storage_kwargs
 from e2e_dist.storage.transfer import (
     FileEntry, download_dir, download_file, local_files, sha256_file, upload_dir, upload_file,
 )
@@ -35,6 +39,6 @@ from e2e_dist.storage.uris import S3, is_s3, join, split_s3
 __all__ = [
     "S3", "FileEntry", "StorageError", "boto3_client", "check_access", "delete_file", "delete_tree",
     "describe_error", "download_dir", "download_file", "endpoint_url", "exists", "is_s3", "join", "list_dir",
-    "list_files", "local_files", "ray_storage_kwargs", "read_bytes", "read_range", "read_text", "region", "resolve",
-    "s3_filesystem", "sha256_file", "split_s3", "upload_dir", "upload_file", "write_bytes", "write_text",
+    "list_files", "local_files", "marker_free_s3_filesystem", "ray_storage_kwargs", "read_bytes", "read_range",
+    "read_text", "region", "resolve", "s3_filesystem", "sha256_file", "split_s3", "upload_dir", "upload_file", "write_bytes", "write_text",
 ]

@@ -2,7 +2,7 @@
 environment, credentials only from the standard AWS chain.
 
 `pyarrow.fs` (via `resolve`) serves metadata and small files; the boto3 client serves single PUTs,
-the access probe and the transfer manager's bulk copies.
+deletes, the access probe and the transfer manager's bulk copies. What Ray Train gets is in `ray_fs`.
 """
 
 from __future__ import annotations
@@ -36,12 +36,17 @@ def region(storage_cfg: StorageConfig | None = None) -> str | None:
 
 
 def s3_filesystem(storage_cfg: StorageConfig | None = None, *, connect_timeout: float = 5.0,
-                  max_attempts: int = 3) -> pafs.S3FileSystem:
-    """pyarrow's S3 filesystem with our endpoint/region rules; credentials from the AWS chain."""
+                  max_attempts: int = 3, background_writes: bool = True) -> pafs.S3FileSystem:
+    """pyarrow's S3 filesystem with our endpoint/region rules; credentials from the AWS chain.
+
+    Never call its create_dir / delete_file / delete_dir / move on S3: each writes zero-byte
+    'dir/' marker objects (see `ray_fs`); the `files` helpers delete with plain S3 calls.
+    """
     kwargs: dict[str, Any] = {
         "region": region(storage_cfg),
         "connect_timeout": connect_timeout,
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts),
+        "background_writes": background_writes,
     }
     endpoint = endpoint_url(storage_cfg)
     if endpoint:
@@ -61,18 +66,6 @@ def resolve(uri: str, storage_cfg: StorageConfig | None = None) -> tuple[pafs.Fi
     elif "://" in uri:
         raise StorageError(f"unsupported storage URI {redact(uri)!r} (use a local path or s3://bucket/prefix)")
     return pafs.LocalFileSystem(), absolute_path(uri)
-
-
-def ray_storage_kwargs(storage_path: str, storage_cfg: StorageConfig | None = None) -> dict[str, Any]:
-    """`storage_path` / `storage_filesystem` for `ray.train.RunConfig`.
-
-    With an explicit filesystem Ray wants the path *without* the scheme (ray 2.60 fails with
-    ArrowInvalid on 's3:/bucket' otherwise), so S3 gets ("bucket/prefix", our S3FileSystem).
-    """
-    fs, path = resolve(storage_path, storage_cfg)
-    if is_s3(storage_path):
-        return {"storage_path": path, "storage_filesystem": fs}
-    return {"storage_path": path}
 
 
 _client_lock = threading.Lock()

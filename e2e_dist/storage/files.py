@@ -105,6 +105,15 @@ def list_files(uri: str, storage_cfg: StorageConfig | None = None) -> dict[str, 
 
 def delete_file(uri: str, storage_cfg: StorageConfig | None = None) -> None:
     """Delete one file; a missing one is fine."""
+    if is_s3(uri):
+        # Not pyarrow's delete_file: it writes a zero-byte 'parent/' marker object afterwards.
+        bucket, key = split_s3(uri)
+        try:
+            if key:
+                boto3_client(storage_cfg).delete_object(Bucket=bucket, Key=key)
+        except Exception as e:
+            raise operation_error("deleting", uri, e, storage_cfg) from None
+        return
     fs, path = resolve(uri, storage_cfg)
     try:
         if fs.get_file_info(path).type == pafs.FileType.File:
@@ -115,6 +124,14 @@ def delete_file(uri: str, storage_cfg: StorageConfig | None = None) -> None:
 
 def delete_tree(uri: str, storage_cfg: StorageConfig | None = None) -> None:
     """Delete a directory (or prefix) and everything under it; a missing one is fine."""
+    if is_s3(uri):
+        # Not pyarrow's delete_dir: it writes a zero-byte 'parent/' marker object afterwards.
+        bucket, key = split_s3(uri)
+        try:
+            delete_s3_prefix(bucket, key, storage_cfg, include_key=True)
+        except Exception as e:
+            raise operation_error("deleting", uri, e, storage_cfg) from None
+        return
     fs, path = resolve(uri, storage_cfg)
     try:
         kind = fs.get_file_info(path).type
@@ -124,3 +141,38 @@ def delete_tree(uri: str, storage_cfg: StorageConfig | None = None) -> None:
             fs.delete_file(path)
     except OSError as e:
         raise operation_error("deleting", uri, e, storage_cfg) from None
+
+
+def delete_s3_prefix(bucket: str, key: str, storage_cfg: StorageConfig | None = None, *,
+                     include_key: bool) -> int:
+    """Delete every object under `key/` (and the object `key` itself if `include_key`) with plain
+    S3 calls, which never leave a 'directory' marker behind; returns how many keys were listed.
+
+    Raises (the caller words it): a bucket-wide delete (empty `key`) is refused, and any key S3
+    would not delete is an error.
+    """
+    key = key.strip("/")
+    if not key:
+        raise PermissionError(f"refusing to delete everything in bucket {bucket!r}")
+    client = boto3_client(storage_cfg)
+    batch: list[str] = [key] if include_key else []  # deleting a missing key is a no-op on S3
+    listed = 0
+
+    def flush() -> None:
+        if not batch:
+            return
+        out = client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+        if out.get("Errors"):
+            err = out["Errors"][0]
+            raise OSError(f"{err.get('Code', 'DeleteFailed')}: could not delete {err.get('Key')} "
+                          f"({len(out['Errors'])} keys failed)")
+        batch.clear()
+
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + "/"):
+        for obj in page.get("Contents", []):
+            listed += 1
+            batch.append(obj["Key"])
+            if len(batch) == 1000:  # the most one DeleteObjects takes
+                flush()
+    flush()
+    return listed

@@ -31,6 +31,19 @@ def check_key(cfg: BaseModel, key: str, where: str) -> None:
         node = getattr(node, part)
 
 
+def blame_override(detail: str, keys: list[str]) -> str:
+    """`<field>: <message>` of the base config's first error -> `overrides.<key>: <message>` when a
+    key of the sweep's `overrides` set that field (or made the unknown section above it), else
+    `base: <detail>`: the user edits the sweep's `overrides`, not the preset its base names."""
+    field, sep, msg = detail.partition(": ")
+    for key in keys if sep else []:
+        if field == key or field.startswith(key + "."):
+            return f"overrides.{field}: {msg}"
+        if key.startswith(field + ".") and msg == "unknown field":
+            return f"overrides.{key}: unknown field ({field})"
+    return f"base: {detail}"
+
+
 def flatten_params(params: dict[str, Any]) -> dict[str, Any]:
     """A Tune trial config (tied point under POINT_KEY) -> flat `{dotted key: value}`."""
     flat = {k: v for k, v in params.items() if k != POINT_KEY}

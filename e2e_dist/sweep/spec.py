@@ -46,6 +46,7 @@ from e2e_dist.sweep.domains import Domain
 from e2e_dist.sweep.overrides import apply_sweep_overrides, resolve_base
 from e2e_dist.sweep.params import (
     POINT_KEY,
+    blame_override,
     canon,
     canon_hash,
     check_key,
@@ -175,8 +176,13 @@ class SweepSpec(Section):
 
     @property
     def base_config(self) -> RunConfig:
-        """The base run config with the sweep's overrides, storage and resources applied."""
-        return validate_run_config(copy.deepcopy(self._base_data), f"{self._source}: base")
+        """The base run config with the sweep's overrides, storage and resources applied; an error
+        in a field that `overrides` set is named `overrides.<key>`."""
+        try:
+            return RunConfig.model_validate(copy.deepcopy(self._base_data))
+        except ValidationError as e:
+            detail = format_validation_error(e, "base").removeprefix("base: ")
+            raise ConfigError(f"{self._source}: {blame_override(detail, list(self.overrides))}") from None
 
     def num_trials(self) -> int:
         grid = math.prod(len(d.grid) for d in self.search_space.values() if d.kind == "grid")

@@ -122,13 +122,13 @@ def fit_run(cfg: RunConfig, *, resume: bool | None, address: str | None = None,
     Raises UserError before anything starts, RunFailed (the root cause in one line) after."""
     from e2e_dist import storage
     from e2e_dist.checkpoint import checkpoint_dir_name
-    from e2e_dist.data.registry import SOURCES, build_data
+    from e2e_dist.data.registry import build_data, check_data
     from e2e_dist.tracking.run_location import wandb_run_dir, wandb_stored_dir
     from e2e_dist.train.progress import ProgressDisplay
     from e2e_dist.train.ray_env import init_ray
 
     t0 = time.time()
-    SOURCES.get(cfg.data.source)  # an unknown source is one line before anything starts
+    check_data(cfg.data, cfg.storage)  # bad data paths: one line before Ray starts or anything is written
     prepare_run_dir(cfg, resume=resume)
     init_ray(address)
     bundle = build_data(cfg.data, cfg.model, cfg.storage)

@@ -95,6 +95,12 @@ def init_ray(address: str | None = None, opts: LocalRayOptions | None = None) ->
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Train V2's PreemptionWatcher (an actor per worker group that polls node drain state and
+    # stores it for the training function to read) is not read by our loop: preemption reaches us
+    # as SIGTERM (train/preemption.py). Ray 2.60 creates it restartable with actor handles as
+    # arguments, which its core worker reports as an E-level line on every healthy run. Train
+    # propagates this variable to its controller.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # Repeated worker lines are folded, which keeps the progress display readable.
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

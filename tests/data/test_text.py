@@ -151,6 +151,31 @@ def test_unreadable_file_is_skipped_or_fatal_when_strict(tmp_path, corpus, caplo
         text.list_files([str(d)], strict=True)
 
 
+def test_binary_looking_files_get_one_warning_naming_one(tmp_path, corpus, caplog, monkeypatch):
+    texts = list(corpus.values())[:3]
+    for i, data in enumerate(texts):
+        (tmp_path / f"{i}.txt").write_bytes(data)
+    monkeypatch.setattr(text, "build_text_bundle", lambda *a: "bundle")  # no Ray: the listing is enough
+    with caplog.at_level("WARNING", logger="e2e_dist.data"):
+        assert text.build_text(cfg(tmp_path)) == "bundle"
+    assert not caplog.records  # all text: silent
+    (tmp_path / "model.bin").write_bytes(np.arange(3000, dtype=np.int32).tobytes())
+    with caplog.at_level("WARNING", logger="e2e_dist.data"):
+        assert text.build_text(cfg(tmp_path)) == "bundle"  # a warning, never a failure
+    [rec] = caplog.records
+    msg = rec.getMessage()
+    assert "data.paths: 1 of 4 sampled files look binary" in msg and str(tmp_path / "model.bin") in msg, msg
+    assert "\n" not in msg
+
+
+def test_looks_binary_tolerates_legacy_text_but_not_random_bytes():
+    latin1 = ("Déjà vu à la façon de Noël, très élégant.\n" * 40).encode("latin-1")
+    rng = np.random.default_rng(0)
+    assert not text.looks_binary(latin1) and not text.looks_binary(b"") and not text.looks_binary("日本語\n".encode() * 99)
+    assert text.looks_binary(rng.integers(1, 256, 4096, dtype=np.uint8).tobytes())  # no NUL, still binary
+    assert text.looks_binary(b"text\0more text")
+
+
 def test_file_vanishing_after_planning_reads_as_pad_or_fails_strict(tmp_path):
     for name in ("a", "b", "c"):
         (tmp_path / f"{name}.txt").write_bytes(name.encode() * 300)
@@ -307,3 +332,21 @@ def test_s3_prefix_and_glob_read_the_same_bytes_as_local(ray_local, s3_server, s
     with pytest.raises(DataError, match="nothing/") as e:
         build_data(cfg("unused", paths=[f"{s3_bucket}/nothing/"]), storage_cfg=storage)
     assert "\n" not in str(e.value)
+
+
+def test_bad_data_paths_fail_before_ray_starts_and_leave_nothing(tmp_path, monkeypatch, capsys):
+    """`e2e-dist train` with an empty data dir: one line naming data.paths, in well under a second,
+    no Ray started and no run directory (config.yaml) written."""
+    from e2e_dist.cli import main
+    from e2e_dist.train import ray_env
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a run whose data paths match nothing")
+
+    monkeypatch.setattr(ray_env, "init_ray", no_ray)
+    (tmp_path / "empty").mkdir()
+    rc = main(["train", "tiny-text", "--set", "name=e", "--set", f"storage.path={tmp_path / 'runs'}",
+               "--set", "data.source=text", "--set", f"data.paths=[{tmp_path / 'empty'}]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"e2e-dist: error: data.paths: no files matched '{tmp_path / 'empty'}'"]
+    assert not (tmp_path / "runs").exists()

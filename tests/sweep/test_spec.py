@@ -218,7 +218,13 @@ BAD = {
     "missing base": ("name: bad\nsearch_space: {trainer.lr: {grid: [0.1]}}\n", "base: Field required"),
     "base not found": ("name: bad\nbase: nope.yaml\nsearch_space: {trainer.lr: {grid: [0.1]}}\n", "base: config file not found"),
     "bad override": (BASE + "overrides: {trainer.max_stepz: 3}\nsearch_space: {trainer.lr: {grid: [0.1]}}\n",
-                     "base: trainer.max_stepz: unknown field"),
+                     "overrides.trainer.max_stepz: unknown field"),
+    "unknown model key override": (BASE + "overrides: {model.n_layers: 3}\nsearch_space: {trainer.lr: {grid: [0.1]}}\n",
+                                   "overrides.model.n_layers: unknown field"),
+    "unknown section override": (BASE + "overrides: {trainer.optim.lr: 3}\nsearch_space: {trainer.lr: {grid: [0.1]}}\n",
+                                 "overrides.trainer.optim.lr: unknown field (trainer.optim)"),
+    "bad override value": (BASE + "overrides: {data.fraction: 2}\nsearch_space: {trainer.lr: {grid: [0.1]}}\n",
+                           "overrides.data.fraction: Input should be less than or equal to 1"),
     "override below a leaf": (BASE + "overrides: {trainer.max_steps.x: 3}\nsearch_space: {trainer.lr: {grid: [0.1]}}\n",
                               "overrides: trainer.max_steps.x: max_steps is not a section"),
     "bad name": ("name: bad name\nbase: tiny-text\nsearch_space: {trainer.lr: {grid: [0.1]}}\n", "name: 'bad name' must be"),
@@ -246,6 +252,15 @@ def test_bad_set_and_missing_file(tmp_path: Path) -> None:
         load_sweep(p, ["model.n_head=3"])
     with pytest.raises(ConfigError, match="sweep file not found"):
         load_sweep(tmp_path / "nope.yaml")
+
+
+def test_unknown_override_key_names_overrides_not_base(tmp_path: Path) -> None:
+    p = write(tmp_path, BASE + "overrides: {model.n_layers: 3}\nsearch_space: {trainer.lr: {grid: [0.1]}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_sweep(p)
+    assert str(err.value) == f"{p}: overrides.model.n_layers: unknown field", err.value
+    with pytest.raises(ConfigError, match=r"overrides\.trainer\.max_stepz: unknown field"):
+        load_sweep(write(tmp_path, BASE + "search_space: {trainer.lr: {grid: [0.1]}}\n"), ["trainer.max_stepz=3"])
 
 
 def test_huge_space_is_refused(tmp_path: Path) -> None:
