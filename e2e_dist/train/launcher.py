@@ -135,7 +135,8 @@ def fit_run(cfg: RunConfig, *, resume: bool | None, address: str | None = None,
     # Validation is small and read at every evaluation: materialize it once in the object store
     # instead of re-running its read tasks each time.
     bundle.val = bundle.val.materialize()
-    display_cm = ProgressDisplay(cfg.name, quiet=progress == "quiet") if progress else contextlib.nullcontext()
+    display_cm = (ProgressDisplay(cfg.name, quiet=progress == "quiet", ckpt_every=cfg.trainer.ckpt_every)
+                  if progress else contextlib.nullcontext())
     with display_cm as display:
         trainer = build_trainer(cfg, datasets={"train": bundle.train, "val": bundle.val}, collate=bundle.collate,
                                 progress_actor=display.actor if display else None, callbacks=callbacks,

@@ -71,9 +71,10 @@ def _fmt(metrics: dict[str, float]) -> str:
 class ProgressDisplay:
     """Driver side: a background thread that renders what rank 0 pushed to the actor."""
 
-    def __init__(self, run_name: str, interval_s: float = 1.0, quiet: bool = False) -> None:
+    def __init__(self, run_name: str, interval_s: float = 1.0, quiet: bool = False,
+                 ckpt_every: int | None = None) -> None:
         self.actor = ProgressActor.remote()
-        self.run_name, self.interval_s, self.quiet = run_name, interval_s, quiet
+        self.run_name, self.interval_s, self.quiet, self.ckpt_every = run_name, interval_s, quiet, ckpt_every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -87,6 +88,13 @@ class ProgressDisplay:
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         ray.kill(self.actor)
+
+    def _info(self, s: dict[str, Any]) -> str:
+        """The metrics worth a glance, and when the next checkpoint is due (the final one is at the end)."""
+        text = _fmt(s["metrics"])
+        if self.ckpt_every and s["step"] < s["total"]:
+            text += f" next_ckpt={min((s['step'] // self.ckpt_every + 1) * self.ckpt_every, s['total'])}"
+        return text
 
     def _drain(self) -> list[dict[str, Any]]:
         try:
@@ -107,7 +115,7 @@ class ProgressDisplay:
             for s in self._drain():  # one line per logged step (the final update repeats the last)
                 if s["step"] != last_step:
                     last_step = s["step"]
-                    print(f"[{self.run_name}] step {s['step']}/{s['total']} {_fmt(s['metrics'])}", flush=True)
+                    print(f"[{self.run_name}] step {s['step']}/{s['total']} {self._info(s)}", flush=True)
             if stopping:  # the run ended: what arrived since the last poll is printed above
                 return
 
@@ -122,4 +130,4 @@ class ProgressDisplay:
                 updates = self._drain()
                 if updates:
                     s = updates[-1]
-                    bar.update(task, completed=s["step"], total=s["total"], info=_fmt(s["metrics"]))
+                    bar.update(task, completed=s["step"], total=s["total"], info=self._info(s))

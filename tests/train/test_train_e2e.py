@@ -101,6 +101,7 @@ def test_other_zero_stages_learn(ray_local, tmp_path, zero, monkeypatch, capsys)
     # rank 0, drained by the driver, the last one before the run returns).
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"[z{zero}] step ")]
     assert [line.split()[2] for line in progress] == ["4/12", "8/12", "12/12"], progress
+    assert progress[0].endswith("next_ckpt=12") and "next_ckpt" not in progress[-1]  # ckpt_every=12
     hist = history(cfg)
     assert sorted(hist) == [4, 8, 12]
     assert hist[12]["loss"] < hist[4]["loss"] - 0.3
