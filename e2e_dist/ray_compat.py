@@ -85,6 +85,14 @@ def pin_autoscaling_coordinator_here() -> None:
               "keep Ray's autoscaling coordinator off autoscaled nodes")()
 
 
+def pin_data_stats_actor_here() -> None:
+    """Create Ray Data's detached `_StatsActor` from this process: like the coordinator above it
+    is pinned to its first creator's node (seen: a sweep trial's autoscaled node, kept from ever
+    going idle). No public API creates it."""
+    _internal("ray.data._internal.stats", "get_or_create_stats_actor",
+              "keep Ray Data's stats actor off autoscaled nodes")()
+
+
 def quiet_ray_loggers() -> None:
     """Raise Train V2's context logger (named after its file path, not its module) to WARNING and
     keep Ray Data's console handlers (not its session log file) at WARNING: their INFO lines (every
@@ -190,6 +198,7 @@ def check_all() -> list[str]:
                          ("ray._private.services", "resolve_ip_for_localhost"),
                          ("ray.data._internal.cluster_autoscaler", "get_or_create_autoscaling_coordinator"),
                          ("ray.data._internal.logging", "SessionFileHandler"),
+                         ("ray.data._internal.stats", "get_or_create_stats_actor"),
                          ("ray.train.v2._internal.execution.context", "get_train_context"),
                          ("ray.train.v2._internal.constants", "ENV_VARS_TO_PROPAGATE"),
                          ("ray.train.v2._internal.execution.callback", "TrainContextCallback"),

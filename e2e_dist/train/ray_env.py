@@ -144,21 +144,23 @@ def init_ray(address: str | None = None, opts: LocalRayOptions | None = None) ->
 
 
 def pin_shared_actors_here() -> None:
-    """Create Ray's cluster-wide autoscaling coordinator on this (the driver's) node if it does not
-    exist yet.
+    """Create Ray's cluster-wide detached helper actors on this (the driver's) node if they do not
+    exist yet: Ray Data's / Train V2's autoscaling coordinator and Ray Data's stats actor.
 
-    Why: Ray Data and Train V2 create it on first use as a *detached* actor with hard affinity to
-    the node of whoever used it first. In a sweep that is a trial on an autoscaled worker node,
-    and a node hosting an actor is never idle: seen here, the node stayed up for good after the
-    sweep ended (on AWS, a GPU node billed until someone notices). Jobs run their driver on the
-    head, which never scales down anyway.
+    Why: Ray creates each on first use as a *detached* actor with hard affinity to the node of
+    whoever used it first. In a sweep that is a trial on an autoscaled worker node, and a node
+    hosting an actor is never idle: seen here, the node stayed up for good after the sweep ended
+    (on AWS, a GPU node billed until someone notices). Jobs run their driver on the head, which
+    never scales down anyway.
     """
-    try:
-        ray_compat.pin_autoscaling_coordinator_here()
-    except ray_compat.RayCompatError as e:  # the run itself is unaffected: say what is lost
-        logging.getLogger("e2e_dist.launcher").warning(
-            "could not pre-create Ray's AutoscalingCoordinator on this node: idle worker nodes may not "
-            "scale down after a sweep (%s)", e)
+    for pin, what in ((ray_compat.pin_autoscaling_coordinator_here, "AutoscalingCoordinator"),
+                      (ray_compat.pin_data_stats_actor_here, "Ray Data stats actor")):
+        try:
+            pin()
+        except ray_compat.RayCompatError as e:  # the run itself is unaffected: say what is lost
+            logging.getLogger("e2e_dist.launcher").warning(
+                "could not pre-create Ray's %s on this node: idle worker nodes may not scale down after a "
+                "sweep (%s)", what, e)
 
 
 class _DropProgressBarNotice(logging.Filter):

@@ -157,6 +157,14 @@ def test_sweep_submitted_with_its_working_dir_succeeds_on_autoscaled_hosts(s3_se
                          for a in ("--set", o)]])
             log = jobs.logs("sweep-job", url)
             assert rc == 0 and jobs.status("sweep-job", url).status == "SUCCEEDED", log[-4000:]
+            # Ray's detached helpers (first creator's node otherwise) were made on the head, by the
+            # sweep's driver: nothing of theirs keeps an autoscaled node up
+            from ray.util.state import list_actors
+
+            helpers = {a.class_name: a.node_id for a in list_actors(address=url, limit=200, raise_on_missing_output=False)
+                       if a.class_name in ("_StatsActor", "_AutoscalingCoordinatorActor") and a.state != "DEAD"}
+            assert set(helpers) == {"_StatsActor", "_AutoscalingCoordinatorActor"}, helpers
+            assert set(helpers.values()) <= head, (helpers, head)
             deadline, streak = time.monotonic() + 180, 0
             while time.monotonic() < deadline and streak < 3:  # idle timeout 6 s: back to the head alone
                 streak = streak + 1 if set(_alive(url)) == head else 0
