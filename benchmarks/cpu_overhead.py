@@ -73,9 +73,6 @@ def recording_progress() -> Iterator[list[dict[str, Any]]]:
         def put(self, state: dict[str, Any]) -> None:
             self.updates.append(state)
 
-        def get(self) -> dict[str, Any]:
-            return self.updates[-1] if self.updates else {}
-
         def history(self) -> list[dict[str, Any]]:
             return self.updates
 

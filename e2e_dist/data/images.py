@@ -107,7 +107,7 @@ def build_image_bundle(data_cfg: Any, model_cfg: Any, storage_cfg: Any, *, defau
         raise ConfigError("data.paths: source 'image-folder' needs a folder (local or s3://) "
                           "with one subfolder per class")
     label = ", ".join(data_cfg.paths)
-    files = list_files(data_cfg.paths, storage_cfg, suffixes=IMAGE_SUFFIXES, strict=data_cfg.strict)
+    files = _image_files(data_cfg, storage_cfg)
     loose = [it for it in files if class_of(it) is None]
     if loose:
         msg = f"data.paths: {loose[0].uri} is not inside a class subfolder of {label}"
@@ -145,8 +145,11 @@ def build_image_folder(data_cfg, *, model_cfg=None, storage_cfg=None) -> DataBun
     return build_image_bundle(data_cfg, model_cfg, storage_cfg)
 
 
-build_image_folder.check_paths = lambda data_cfg, storage_cfg: list_files(  # see registry.check_data
-    data_cfg.paths, storage_cfg, suffixes=IMAGE_SUFFIXES, strict=data_cfg.strict)
+def _image_files(data_cfg: Any, storage_cfg: Any) -> list:
+    return list_files(data_cfg.paths, storage_cfg, suffixes=IMAGE_SUFFIXES, strict=data_cfg.strict)
+
+
+build_image_folder.check_paths = _image_files  # see registry.check_data
 
 
 # ------------------------------------------------------------------------------ built-in digits

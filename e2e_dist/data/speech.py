@@ -196,11 +196,14 @@ def _existing_sizes(uris: Sequence[str], storage_cfg: Any) -> dict[str, int]:
     return sizes
 
 
+MANIFEST_SUFFIXES = (".jsonl", ".json")
+
+
 def read_manifests(paths: Sequence[str], alphabet: str, storage_cfg: Any, strict: bool) -> list[Utterance]:
     """Every usable manifest line as an Utterance; bad lines and missing files warned about (or raised)."""
     entries: list[tuple[str, str, str, str]] = []  # (where, uri, key, text)
     dropped: set[str] = set()
-    for m in list_files(paths, storage_cfg, suffixes=(".jsonl", ".json"), strict=strict):
+    for m in list_files(paths, storage_cfg, suffixes=MANIFEST_SUFFIXES, strict=strict):
         raw = read_range(m.uri, 0, m.size, storage_cfg).decode("utf-8", errors="replace")
         for lineno, line in enumerate(raw.splitlines(), 1):
             where = f"{m.uri}:{lineno}"
@@ -274,7 +277,7 @@ def build_speech_manifest(data_cfg, *, model_cfg=None, storage_cfg=None) -> Data
 
 
 build_speech_manifest.check_paths = lambda data_cfg, storage_cfg: list_files(  # see registry.check_data
-    data_cfg.paths, storage_cfg, suffixes=(".jsonl", ".json"), strict=data_cfg.strict)
+    data_cfg.paths, storage_cfg, suffixes=MANIFEST_SUFFIXES, strict=data_cfg.strict)
 
 
 SPOKEN_DIGITS_UTTERANCES = 600

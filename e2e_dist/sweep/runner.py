@@ -85,6 +85,7 @@ def trial_driver(config: dict[str, Any], spec: SweepSpec, board: Any = None, fau
         stop = begin_trial(board, trial_id)
     callbacks = [TuneReportCallback()] if stop is None else [ReportUnlessStopped(stop), StopAtNextReport(stop)]
     try:
+        # "" (not None): the trial's drill is the sweep command's, never this actor's environment
         fit_run(cfg, resume=None, callbacks=callbacks, fault=fault or "")
     except RunFailed as e:  # the trial's error file ends with the root cause
         if stop is not None and stop.requested() is not None:

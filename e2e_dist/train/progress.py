@@ -18,15 +18,10 @@ import ray
 @ray.remote(num_cpus=0)
 class ProgressActor:
     def __init__(self) -> None:
-        self.state: dict[str, Any] = {}
         self.pending: list[dict[str, Any]] = []
 
     def put(self, state: dict[str, Any]) -> None:
-        self.state = state
         self.pending.append(state)
-
-    def get(self) -> dict[str, Any]:
-        return self.state
 
     def drain(self) -> list[dict[str, Any]]:
         """Every update since the last drain, in order."""
