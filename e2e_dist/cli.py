@@ -57,13 +57,15 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:
     from e2e_dist import checkpoint as ckpt
+    from e2e_dist.checkpoint import universal
     from e2e_dist.config import StorageConfig
 
-    infos = ckpt.list_checkpoints(args.run_uri, StorageConfig(path=args.run_uri, endpoint_url=args.endpoint_url),
-                                  verify_checksums=args.verify)
+    storage_cfg = StorageConfig(path=args.run_uri, endpoint_url=args.endpoint_url)
+    infos = ckpt.list_checkpoints(args.run_uri, storage_cfg, verify_checksums=args.verify)
     for info in infos:
         status = "committed" if info.committed else "CORRUPT  " if info.corrupt else "PARTIAL  "
-        print(f"{info.step:>10}  {status}  {info.uri}  {info.reason or ''}".rstrip())
+        layout = universal.describe(info.manifest, info.uri, storage_cfg)
+        print(f"{info.step:>10}  {status}  {layout:<24}  {info.uri}  {info.reason or ''}".rstrip())
     if args.verify:
         ok = sum(i.committed for i in infos)
         print(f"{ok} of {len(infos)} checkpoint(s) verified (every file's sha256 against its manifest)")

@@ -15,10 +15,13 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from e2e_dist.config_files import (  # noqa: F401 - preset_names: re-exported, its users import it from here
+from e2e_dist.config_files import (  # noqa: F401 - re-exported: their users import them from here
+    apply_overrides,
     deep_merge,
+    override_value,
     preset_names,
     read_yaml_with_includes,
+    set_dotted,
 )
 from e2e_dist.errors import ConfigError
 
@@ -144,7 +147,12 @@ class TrainerConfig(Section):
     micro_batch_size: int = Field(8, ge=1)
     """Examples per worker per micro-batch."""
     grad_accum: int = Field(1, ge=1)
-    """Micro-batches accumulated per optimizer step."""
+    """Micro-batches accumulated per optimizer step (with global_batch_size unset)."""
+    global_batch_size: int | None = Field(None, ge=1)
+    """Examples (text windows of seq_len bytes, images, clips) per optimizer step over all workers.
+    Set, it holds the optimization fixed whatever the live world size: grad_accum is derived as
+    global_batch_size / (micro_batch_size x world size), so 2 or 8 workers take the same steps.
+    None: micro_batch_size x grad_accum x world size."""
     lr: float = Field(1e-3, gt=0)
     """Peak learning rate."""
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
@@ -167,8 +175,12 @@ class TrainerConfig(Section):
     """Steps between checkpoints (a final one is always taken)."""
     keep_last: int = Field(2, ge=1)
     """Committed checkpoints kept; older ones are deleted only after a newer one commits."""
-    num_workers: int = Field(2, ge=1)
-    """Ray Train workers (data-parallel ranks)."""
+    num_workers: int | tuple[int, int] = 2
+    """Ray Train workers (data-parallel ranks). `[min, max]` makes the run elastic: it starts with
+    what the cluster can give (at least min), continues on fewer workers after a node is lost and
+    grows back up to max when capacity returns (checkpoints reshard on resume)."""
+    resize_check_s: float = Field(60.0, gt=0)
+    """Elastic runs: seconds between Ray Train's checks for capacity to grow the worker group."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """CPUs reserved per worker."""
     use_gpu: bool | None = None
@@ -193,6 +205,47 @@ class TrainerConfig(Section):
     """Seed of model init and dropout."""
     sample_every_eval: bool = False
     """Text: log a generated sample at each evaluation."""
+
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_range(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        lo, hi = (v, v) if isinstance(v, int) else v
+        if lo < 1 or hi < lo:
+            raise ValueError(f"need 1 <= min <= max workers, got {v!r}")
+        return v
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers; equal for a fixed-size run."""
+        n = self.num_workers
+        return (n, n) if isinstance(n, int) else n
+
+    @property
+    def elastic(self) -> bool:
+        return self.worker_range[0] != self.worker_range[1]
+
+    @model_validator(mode="after")
+    def _global_batch_divides(self) -> "TrainerConfig":
+        g, m = self.global_batch_size, self.micro_batch_size
+        if g is None:
+            return self
+        if self.grad_accum != 1:
+            raise ValueError("set global_batch_size or grad_accum, not both (grad_accum is derived from it)")
+        lo, hi = self.worker_range
+        if not any(g % (m * w) == 0 for w in range(lo, hi + 1)):
+            raise ValueError(f"global_batch_size={g} is not micro_batch_size={m} x a whole number of micro-batches "
+                             f"for any world size in [{lo}, {hi}]")
+        return self
+
+    def grad_accum_at(self, world: int) -> int:
+        """Micro-batches per worker per optimizer step at this world size (see global_batch_size)."""
+        g, m = self.global_batch_size, self.micro_batch_size
+        if g is None:
+            return self.grad_accum
+        if g % (m * world):
+            raise ConfigError(f"trainer.global_batch_size={g} cannot be split over {world} workers with "
+                              f"micro_batch_size={m}: use a multiple of {m * world} or another world size")
+        return g // (m * world)
 
 
 class DeepSpeedConfig(Section):
@@ -316,46 +369,6 @@ def redact(obj: Any) -> Any:
 
 
 # -------------------------------------------------------------------------------------- loading
-def override_value(raw: str) -> Any:
-    """A `--set` value (run or sweep): YAML, so 3, 1e-3, true, [1, 2] are typed; else the raw string."""
-    try:
-        return yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        return raw
-
-
-def set_dotted(data: dict[str, Any], key: str, value: Any, *, merge: bool = False) -> dict[str, Any]:
-    """A copy of `data` with dotted `key` set to `value`. The sections on the way are copied (the
-    caller's nested dicts stay as they were) and made when missing or null. `merge`: a mapping value
-    is deep-merged into a mapping already there (sweep overrides) instead of replacing it (`--set`).
-    ValueError when a part on the way holds a plain value: a leaf has no sub-keys."""
-    head, dot, rest = key.partition(".")
-    out = dict(data)
-    if dot:
-        child = {} if out.get(head) is None else out[head]
-        if not isinstance(child, dict):
-            raise ValueError(f"{head} is not a section")
-        out[head] = set_dotted(child, rest, value, merge=merge)
-    elif merge and isinstance(value, dict) and isinstance(out.get(head), dict):
-        out[head] = deep_merge(out[head], value)
-    else:
-        out[head] = value
-    return out
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` strings (values typed by `override_value`)."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"--set {item!r}: expected key.sub=value")
-        try:
-            data = set_dotted(data, key, override_value(raw))
-        except ValueError as e:
-            raise ConfigError(f"--set {item!r}: {e}") from None
-    return dict(data)
-
-
 def format_validation_error(err: ValidationError, source: str) -> str:
     """First pydantic error as one line: `<source>: <dotted.field>: <message> (got <value>)`."""
     e = err.errors()[0]

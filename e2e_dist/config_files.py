@@ -1,4 +1,4 @@
-"""Config files as data: built-in presets, YAML files and their `include:` lists, merged.
+"""Config files as data: built-in presets, YAML files and their `include:` lists, merged; `--set`.
 
 Split from config.py so that reading YAML (also cluster yamls) needs neither pydantic nor the run
 config; config.py re-exports the names other modules import from it.
@@ -61,3 +61,44 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     for k, v in over.items():
         out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+# ------------------------------------------------------------------------------- --set
+def override_value(raw: str) -> Any:
+    """A `--set` value (run or sweep): YAML, so 3, 1e-3, true, [1, 2] are typed; else the raw string."""
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any, *, merge: bool = False) -> dict[str, Any]:
+    """A copy of `data` with dotted `key` set to `value`. The sections on the way are copied (the
+    caller's nested dicts stay as they were) and made when missing or null. `merge`: a mapping value
+    is deep-merged into a mapping already there (sweep overrides) instead of replacing it (`--set`).
+    ValueError when a part on the way holds a plain value: a leaf has no sub-keys."""
+    head, dot, rest = key.partition(".")
+    out = dict(data)
+    if dot:
+        child = {} if out.get(head) is None else out[head]
+        if not isinstance(child, dict):
+            raise ValueError(f"{head} is not a section")
+        out[head] = set_dotted(child, rest, value, merge=merge)
+    elif merge and isinstance(value, dict) and isinstance(out.get(head), dict):
+        out[head] = deep_merge(out[head], value)
+    else:
+        out[head] = value
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` strings (values typed by `override_value`)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected key.sub=value")
+        try:
+            data = set_dotted(data, key, override_value(raw))
+        except ValueError as e:
+            raise ConfigError(f"--set {item!r}: {e}") from None
+    return dict(data)

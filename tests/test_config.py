@@ -115,3 +115,26 @@ def test_set_dotted_copies_and_merges_only_when_asked():
     assert data == {"model": {"n_layer": 2, "d_model": 64}, "trainer": None}  # the input is left as it was
     with pytest.raises(ValueError, match="n_layer is not a section"):
         set_dotted(data, "model.n_layer.x", 1)
+
+
+def test_global_batch_fixes_the_optimization_across_world_sizes():
+    cfg = load_run_config("tiny-text", ["trainer.num_workers=[1, 4]", "trainer.micro_batch_size=2",
+                                        "trainer.global_batch_size=8"])
+    assert cfg.trainer.elastic and cfg.trainer.worker_range == (1, 4)
+    assert [cfg.trainer.grad_accum_at(w) for w in (1, 2, 4)] == [4, 2, 1]
+    with pytest.raises(ConfigError, match=r"trainer.global_batch_size=8 cannot be split over 3 workers"):
+        cfg.trainer.grad_accum_at(3)
+    fixed = load_run_config("tiny-text", ["trainer.grad_accum=3"])
+    assert not fixed.trainer.elastic and fixed.trainer.grad_accum_at(5) == 3
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["trainer.num_workers=[3, 4]", "trainer.micro_batch_size=2", "trainer.global_batch_size=10"],
+     "trainer: global_batch_size=10 is not micro_batch_size=2 x a whole number of micro-batches for any world size in [3, 4]"),
+    (["trainer.global_batch_size=16", "trainer.grad_accum=2"], "trainer: set global_batch_size or grad_accum, not both"),
+    (["trainer.num_workers=[4, 2]"], "trainer.num_workers: need 1 <= min <= max workers, got (4, 2)"),
+])
+def test_bad_worker_range_or_global_batch_is_one_line(overrides, expected):
+    with pytest.raises(ConfigError) as e:
+        load_run_config("tiny-text", overrides)
+    assert expected in str(e.value) and "\n" not in str(e.value)

@@ -5,6 +5,8 @@
               part file, rank 0 writes manifest.json last, then prunes to keep_last.
 - `discover`: find_latest_committed / restore_latest / list_checkpoints: storage is the source of
               truth, a directory counts only if its manifest verifies.
+- `universal`: resharding - DeepSpeed's universal form of a checkpoint, converted on first need
+              and cached next to it, so any world size and ZeRO stage can resume it.
 - `layout`:   names and formats.
 
 Importing this package imports neither Ray nor DeepSpeed (export and `generate` rely on that).
@@ -14,13 +16,13 @@ from e2e_dist.checkpoint.commit import make_upload_fn, prune
 from e2e_dist.checkpoint.discover import (
     download_checkpoint, find_latest_committed, list_checkpoints, restore_latest, scan,
 )
-from e2e_dist.checkpoint.engine import load_engine, save_engine
+from e2e_dist.checkpoint.engine import load_engine, load_universal, save_engine
 from e2e_dist.checkpoint.layout import (
     DS_TAG, MANIFEST, CheckpointInfo, CommittedCheckpoint, checkpoint_dir_name, step_of,
 )
 
 __all__ = [
     "DS_TAG", "MANIFEST", "CheckpointInfo", "CommittedCheckpoint", "checkpoint_dir_name", "download_checkpoint",
-    "find_latest_committed", "list_checkpoints", "load_engine", "make_upload_fn", "prune", "restore_latest",
+    "find_latest_committed", "list_checkpoints", "load_engine", "load_universal", "make_upload_fn", "prune", "restore_latest",
     "save_engine", "scan", "step_of",
 ]

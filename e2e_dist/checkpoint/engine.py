@@ -36,3 +36,36 @@ def load_engine(engine: Any, local_dir: Path) -> dict[str, Any]:
     if path is None:
         raise CheckpointError(f"{local_dir}: DeepSpeed found no checkpoint with tag {DS_TAG!r}")
     return dict(client_state or {})
+
+
+def load_universal(engine: Any, local_dir: Path, *, zero_stage: int) -> dict[str, Any]:
+    """Restore from a downloaded universal form (`local_dir/universal`, see universal.py) into an
+    engine built with `load_universal` (any world size, ZeRO 1-3); return client_state."""
+    from e2e_dist.checkpoint.universal import UNIVERSAL_DIR
+
+    local_dir = Path(local_dir)
+    path, client_state = engine.load_checkpoint(
+        str(local_dir), tag=UNIVERSAL_DIR, load_module_strict=True,
+        load_optimizer_states=True, load_lr_scheduler_states=True,
+    )
+    if path is None:
+        raise CheckpointError(f"{local_dir}: DeepSpeed found no universal checkpoint under {UNIVERSAL_DIR}/")
+    if zero_stage == 3:
+        _repair_zero3_param_groups(engine, local_dir / UNIVERSAL_DIR / "zero" / "optimizer_state.pt")
+    return dict(client_state or {})
+
+
+def _repair_zero3_param_groups(engine: Any, optimizer_state: Path) -> None:
+    """Undo two things DeepSpeed 0.19.8's ZeRO-3 universal load gets wrong (found by comparing the
+    next step with an uninterrupted run): it copies group 0's hyperparameters into every group (our
+    no-decay group would decay) and gives all groups one shared `step` tensor (counted once per group
+    on the next step). Put each group's own settings back and give each its own step."""
+    import torch
+
+    saved = torch.load(optimizer_state, weights_only=False)["param_groups"]
+    torch_optimizer = engine.optimizer.optimizer
+    for group, saved_group in zip(torch_optimizer.param_groups, saved):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+    for state in torch_optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()

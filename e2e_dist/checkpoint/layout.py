@@ -175,10 +175,11 @@ def _problem(err: ValidationError, step: int | None) -> str:
     if loc[0] == "files" and len(loc) > 1:
         return str(first["ctx"]["error"])  # ListedFile's own message (see _whole_entry)
     value = None if kind == "missing" else first["input"]
-    return _PROBLEMS[str(loc[0])].format(value=value, step=step)
+    phrase = _PROBLEMS.get(str(loc[0]), f"bad {loc[0]} {{value!r}}")
+    return phrase.format(value=value, step=step)
 
 
-def _validate(model: type[BaseModel], text: str, where: str, step: int | None = None) -> dict[str, Any]:
+def validate_json(model: type[BaseModel], text: str, where: str, step: int | None = None) -> dict[str, Any]:
     try:
         doc = model.model_validate_json(text, context={"step": step} if step is not None else None)
     except ValidationError as e:
@@ -189,11 +190,11 @@ def _validate(model: type[BaseModel], text: str, where: str, step: int | None = 
 
 def parse_manifest(text: str, *, step: int, where: str = MANIFEST) -> dict[str, Any]:
     """Validate a manifest's structure (not the files it lists); CheckpointError says what is wrong."""
-    return _validate(Manifest, text, where, step)
+    return validate_json(Manifest, text, where, step)
 
 
 def parse_part(text: str, *, where: str) -> dict[str, Any]:
-    return _validate(PartFile, text, where)
+    return validate_json(PartFile, text, where)
 
 
 def verify_listing(manifest: dict[str, Any], listing: dict[str, int]) -> str:

@@ -236,6 +236,20 @@ class LocalCluster:
         return launch(name, self.base_dir, build, env, ip=host.ip if host else LOOPBACK, host=host,
                       token=self._token, timeout_s=self.start_timeout_s, attempts=self.start_attempts)
 
+    # ------------------------------------------------------------------ capacity coming and going
+    def add_worker(self) -> LocalNode:
+        """Start one more worker node (a machine joining, as spot capacity returns) and return it
+        once it is ready. In separate-host mode it is a new host with an address of its own."""
+        name = f"worker{sum(n.name.startswith('worker') for n in self.nodes) + 1}"
+        self._start_worker(self.node_env(), name)
+        return self.nodes[-1]
+
+    def remove_worker(self, node: LocalNode, timeout_s: float = 20.0) -> None:
+        """Stop one worker node's processes (a machine lost, as on a spot reclaim)."""
+        if node is self.nodes[0]:
+            raise LocalClusterError("remove_worker: that is the head node")
+        stop_node(node, timeout_s)
+
     # ------------------------------------------------------------------ processes and stop
     def autoscaled_nodes(self) -> list[LocalNode]:
         """Nodes the autoscaler started (and has not terminated yet)."""

@@ -277,9 +277,10 @@ def ingest_data_config(datasets_to_split: list[str] | str = "all"):
 
     Ray Train replaces each dataset's execution options with DataConfig's (by default copied from
     the *driver's* current DataContext), so `deterministic(ds)` alone does not survive `fit()`.
-    With preserve_order, `streaming_split(n, equal=True)` hands blocks to workers in a fixed way
-    (greedy least-rows-so-far over a fixed block sequence), so each rank sees the same batches in
-    the same order on every run with the same world size.
+    With preserve_order every rank reading a dataset whole sees the same rows in the same order on
+    every run; a dataset in `datasets_to_split` is handed out by `streaming_split(n, equal=True)` in
+    a fixed way too (greedy least-rows-so-far over a fixed block sequence), but one that depends on
+    the world size, which is why training reads train whole (train/batches.py).
     """
     import ray.train
     from ray.data import ExecutionOptions

@@ -23,9 +23,10 @@ order; inside a train chunk the windows are permuted by a RNG seeded with (seed,
 batch mixes a few files instead of one file's consecutive windows. Rows carry their window
 number in `index` for checks. Both datasets have preserve_order set; pass
 `common.ingest_data_config()` as the TorchTrainer's `dataset_config` so Ray Train keeps it: then
-each rank's batch sequence within an epoch is identical on every run with the same world size
-(resume = skip the consumed batches). The training loop adds a seeded local shuffle per epoch
-on top (`data.shuffle_buffer_batches`, train/loop.py's BatchStream), deterministic in the same way.
+every rank reads the same row sequence, the same on every run (train/batches.py's BatchStream
+gives rank r of W every W-th micro-batch of it, and a seeded local shuffle per epoch on top,
+`data.shuffle_buffer_batches`, deterministic in the same way), so a resume at any world size
+continues exactly where the run stopped.
 """
 
 from __future__ import annotations

@@ -86,13 +86,19 @@ class Tracker:
             restarts.append({"restart": len(restarts) + 1, "resumed_from_step": resume_step,
                              "last_logged_step": before, "last_persisted_step": held, "rewound": rewound,
                              "steps_redone": max(0, before - (resume_step or 0)) if before is not None else 0})
+        sizes = list(state.get("world_sizes", []))
+        world = (extra_config or {}).get("world_size")
+        if world is not None and (not sizes or sizes[-1]["world_size"] != world):
+            sizes.append({"from_step": resume_step or 0, "world_size": world})
         state = {**state, "run_id": run_id, "sessions": sessions + 1, "last_step": redo_floor,
-                 "restarts": restarts}
+                 "restarts": restarts, "world_sizes": sizes}
         tracker = cls(run, mode=mode, state_path=state_path, state=state, redo_floor=redo_floor, copy=copy)
         _OPEN.append(tracker)
         tracker._save_state()
         if is_restart:
             tracker._summarize_restarts()
+        if sizes:
+            tracker._summarize_world_sizes()
         return tracker
 
     # ---------------------------------------------------------------------------------- where
@@ -148,16 +154,21 @@ class Tracker:
             self._last_step = self._state["last_step"] = step
             self._save_state()
 
-    def backfill(self, metrics: dict[str, Any], step: int) -> bool:
-        """Log the row of `step` saved with a checkpoint, if W&B lost it (a worker killed within
-        ~1 s of logging it, before wandb-core flushed). Resuming from that checkpoint does not
-        redo the step, so without this its row would be missing. Returns whether it was logged."""
-        if self._run is None or not metrics or (self._redo_floor is not None and step <= self._redo_floor):
-            return False
-        if self._last_step is not None and step <= self._last_step:
-            return False
-        self.log(metrics, step, commit=True)
-        return True
+    def backfill(self, rows: list[dict[str, Any]]) -> list[int]:
+        """Log the rows a restored checkpoint carried (each with its "step") that W&B lost: a worker
+        killed within ~1 s of logging, before wandb-core flushed, loses them, and resuming from that
+        checkpoint does not redo those steps. Rows W&B holds (or this session logged) are skipped.
+        Returns the steps logged."""
+        done = []
+        for row in sorted(rows, key=lambda r: r["step"]):
+            step = int(row["step"])
+            if self._run is None or (self._redo_floor is not None and step <= self._redo_floor):
+                continue
+            if self._last_step is not None and step <= self._last_step:
+                continue
+            self.log({k: v for k, v in row.items() if k != "step"}, step, commit=True)
+            done.append(step)
+        return done
 
     def log_summary(self, d: dict[str, Any]) -> None:
         if not self._finished:
@@ -230,6 +241,12 @@ class Tracker:
             "restarts/rewound": restarts[-1]["rewound"],
             "restarts/history": restarts,
         })
+
+    def _summarize_world_sizes(self) -> None:
+        """Elastic and resized runs: how often the worker count changed, and the sizes over time
+        (each entry: the step the size took over at)."""
+        sizes = self._state["world_sizes"]
+        self._run.summary.update({"resizes/count": len(sizes) - 1, "resizes/world_sizes": sizes})
 
     def _flush_redo(self) -> None:
         if not self._redo_rows:

@@ -43,8 +43,9 @@ def skip_cpu_shm_comm() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def build_engine(cfg: RunConfig, *, device: torch.device, world: int) -> Built:
-    """The model on `device`, its FLOPs counted, wrapped in a DeepSpeed engine for `world` ranks."""
+def build_engine(cfg: RunConfig, *, device: torch.device, world: int, load_universal: bool = False) -> Built:
+    """The model on `device`, its FLOPs counted, wrapped in a DeepSpeed engine for `world` ranks
+    (`load_universal`: one that restores a resharded checkpoint, see build_deepspeed_config)."""
     import deepspeed
 
     from e2e_dist.models.registry import build_model
@@ -65,8 +66,9 @@ def build_engine(cfg: RunConfig, *, device: torch.device, world: int) -> Built:
         skip_cpu_shm_comm()
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=build_deepspeed_config(cfg, world_size=world, on_gpu=on_gpu), dist_init_required=False)
+        config=build_deepspeed_config(cfg, world_size=world, on_gpu=on_gpu, load_universal=load_universal),
+        dist_init_required=False)
     if resolve_compile(cfg, on_gpu):
         engine.compile()
     return Built(model=model, engine=engine, scheduler=scheduler, n_params=n_params,
-                 n_params_non_embedding=n_params_non_embedding, flops_per_step=flops_per_micro * t.grad_accum)
+                 n_params_non_embedding=n_params_non_embedding, flops_per_step=flops_per_micro * t.grad_accum_at(world))

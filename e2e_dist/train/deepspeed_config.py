@@ -26,8 +26,12 @@ def resolve_compile(cfg: RunConfig, on_gpu: bool) -> bool:
     return cfg.trainer.compile if cfg.trainer.compile is not None else on_gpu
 
 
-def build_deepspeed_config(cfg: RunConfig, *, world_size: int, on_gpu: bool) -> dict[str, Any]:
+def build_deepspeed_config(cfg: RunConfig, *, world_size: int, on_gpu: bool, load_universal: bool = False,
+                           ) -> dict[str, Any]:
+    """load_universal: the engine will restore a checkpoint's universal form (another world size,
+    stage or offload setting wrote it; checkpoint/universal.py). Saving is unaffected."""
     t, ds = cfg.trainer, cfg.deepspeed
+    accum = t.grad_accum_at(world_size)
     precision = resolve_precision(cfg, on_gpu)
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
@@ -44,8 +48,8 @@ def build_deepspeed_config(cfg: RunConfig, *, world_size: int, on_gpu: bool) -> 
 
     out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": t.micro_batch_size * accum * world_size,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
@@ -53,7 +57,7 @@ def build_deepspeed_config(cfg: RunConfig, *, world_size: int, on_gpu: bool) -> 
         "steps_per_print": 10**9,  # we report metrics ourselves
         "wall_clock_breakdown": False,
         # Checkpoint loading must not need a matching DeepSpeed "latest" file: we pass the tag.
-        "checkpoint": {"tag_validation": "Ignore"},
+        "checkpoint": {"tag_validation": "Ignore", "load_universal": load_universal},
     }
     if ds.offload_optimizer:
         # With an external torch optimizer DeepSpeed needs explicit consent to offload it.

@@ -1,9 +1,11 @@
 """Deliberate failures for recovery tests and drills: `E2E_DIST_FAULT=crash@STEP[:RANK][,...]`.
 
 `crash` kills the worker process outright (as a dying node would); `sigterm` sends it SIGTERM (as
-a spot reclaim or Kubernetes eviction would). Several faults may be listed, comma-separated. Each
-fires once per run (a marker file in `fault_marker_dir` records it), so the restarted worker group
-trains through the same step.
+a spot reclaim or Kubernetes eviction would); `hold` stalls the rank at that step until Ray ends
+its process (a worker group replaced while it waits: a drill changes the cluster at a known point,
+e.g. removes a node; after HOLD_LIMIT_S it exits as a crash, so a forgotten hold never hangs a run).
+Several faults may be listed, comma-separated. Each fires once per run (a marker file in
+`fault_marker_dir` records it), so the restarted worker group trains through the same step.
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ import hashlib
 import os
 import signal
 import tempfile
+import time
 from pathlib import Path
+
+KINDS = ("crash", "sigterm", "hold")
+HOLD_LIMIT_S = 600.0
 
 
 def fault_marker_dir(run_uri: str) -> str:
@@ -29,8 +35,9 @@ def parse_faults(spec: str | None) -> list[tuple[str, int, int]]:
     for item in filter(None, (spec or "").split(",")):
         kind, _, rest = item.strip().partition("@")
         step, _, rank = rest.partition(":")
-        if kind not in ("crash", "sigterm") or not step.isdigit() or (rank and not rank.isdigit()):
-            raise ValueError(f"E2E_DIST_FAULT={spec!r}: expected crash@STEP[:RANK] or sigterm@STEP[:RANK], comma-separated")
+        if kind not in KINDS or not step.isdigit() or (rank and not rank.isdigit()):
+            raise ValueError(f"E2E_DIST_FAULT={spec!r}: expected KIND@STEP[:RANK] with KIND one of "
+                             f"{', '.join(KINDS)}, comma-separated")
         faults.append((kind, int(step), int(rank or 0)))
     return faults
 
@@ -45,5 +52,8 @@ def maybe_inject_fault(spec: str | None, marker_dir: str, run_name: str, step: i
             continue
         marker.write_text(str(os.getpid()))
         if kind == "crash":
+            os._exit(17)
+        if kind == "hold":
+            time.sleep(HOLD_LIMIT_S)
             os._exit(17)
         os.kill(os.getpid(), signal.SIGTERM)

@@ -38,6 +38,7 @@ def prepare_run_dir(cfg: RunConfig, *, resume: bool | None) -> CommittedCheckpoi
     run (nothing may be), None = continue if there is something (a sweep trial run again)."""
     from e2e_dist import checkpoint as ckpt
     from e2e_dist import storage
+    from e2e_dist.checkpoint import universal
 
     storage.check_access(cfg.storage.path, cfg.storage)
     found, skipped = ckpt.find_latest_committed(cfg.run_uri, cfg.storage)
@@ -48,6 +49,10 @@ def prepare_run_dir(cfg: RunConfig, *, resume: bool | None) -> CommittedCheckpoi
         raise UserError(f"run {cfg.name!r} already has checkpoints at {cfg.run_uri}: pass --resume to continue it, "
                         f"or --set name=<new name>")
     if found is not None:
+        # A layout no resume can load (ZeRO-0 <-> ZeRO-1..3) is refused here, before Ray starts.
+        saved = universal.layout_of(found.manifest)
+        universal.needs_universal(saved, saved.model_copy(update={
+            "zero_stage": cfg.deepspeed.zero_stage, "offload_optimizer": cfg.deepspeed.offload_optimizer}), found.step)
         # Ray Train's run snapshot lists every checkpoint ever reported; our keep-N pruning deletes
         # old ones, and Ray 2.60 then refuses to start the run. Resume reads storage itself
         # (checkpoint.restore_latest), so the snapshot is not needed.
@@ -91,13 +96,17 @@ def build_trainer(cfg: RunConfig, *, datasets: dict[str, Any], collate, progress
         train_loop_config=loop_config,
         # rank 0's rendezvous store listens on its node's address only (train/rendezvous.py)
         torch_config=BoundStoreTorchConfig(backend=backend),
-        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": t.cpus_per_worker}),
+        # [min, max] -> Ray Train's elastic group: starts with what it gets, restarts smaller after a
+        # lost node, grows back when a check finds capacity; resume reshards (train/resume.py).
+        scaling_config=ray.train.ScalingConfig(num_workers=t.worker_range if t.elastic else t.num_workers,
+                                               elastic_resize_monitor_interval_s=t.resize_check_s,
+                                               use_gpu=use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=run_config,
         datasets=datasets,
-        # Train is split across workers (in a fixed order: resumable); val is read whole by each
-        # rank (see loop.evaluate).
-        dataset_config=ingest_data_config(datasets_to_split=["train"]),
+        # Neither is split: every rank reads train in the same fixed order and keeps its own share
+        # (train/batches.py: a position that survives resizing); val is read whole by each rank
+        # (see loop.evaluate).
+        dataset_config=ingest_data_config(datasets_to_split=[]),
     )
 
 

@@ -26,7 +26,7 @@ from e2e_dist.train.faults import maybe_inject_fault
 from e2e_dist.train.flops import peak_flops
 from e2e_dist.train.metrics import MetricWindow
 from e2e_dist.train.ray_env import quiet_library_logs
-from e2e_dist.train.resume import restore
+from e2e_dist.train.resume import Restore, choose, restore
 from e2e_dist.train.run_state import RunState
 from e2e_dist.train.schedule import Schedule
 
@@ -84,15 +84,24 @@ class Worker:
     device: torch.device
     built: Built
     loop_config: dict[str, Any]
+    plan: Restore
+    """The checkpoint this rank restores (chosen before the engine is built: a resharded one needs
+    an engine that loads DeepSpeed's universal form)."""
     tracker: Any = None
     progress: Any = None
     stream: BatchStream | None = None
     window: MetricWindow | None = None
     base_metrics: dict[str, Any] | None = None
+    once: dict[str, Any] | None = None
+    """Logged with the next row only: the resize event of a resumed run that changed world size."""
 
     @property
     def engine(self) -> Any:
         return self.built.engine
+
+    @property
+    def grad_accum(self) -> int:
+        return self.cfg.trainer.grad_accum_at(self.world)
 
     @classmethod
     def start(cls, cfg: RunConfig, loop_config: dict[str, Any]) -> "Worker":
@@ -100,9 +109,10 @@ class Worker:
 
         ctx = ray.train.get_context()
         device = ray.train.torch.get_device()
-        world = ctx.get_world_size()
-        return cls(cfg=cfg, rank=ctx.get_world_rank(), world=world, device=device, loop_config=loop_config,
-                   built=build_engine(cfg, device=device, world=world))
+        world, rank = ctx.get_world_size(), ctx.get_world_rank()
+        plan = choose(cfg, rank=rank, world=world, node_rank=ctx.get_node_rank())
+        return cls(cfg=cfg, rank=rank, world=world, device=device, loop_config=loop_config, plan=plan,
+                   built=build_engine(cfg, device=device, world=world, load_universal=plan.load_universal))
 
     def restore(self) -> RunState:
         """The newest committed checkpoint into the engine; then W&B, the data stream and metrics
@@ -113,19 +123,23 @@ class Worker:
         from e2e_dist.train.progress import ProgressSink
 
         ctx, cfg, b, t = ray.train.get_context(), self.cfg, self.built, self.cfg.trainer
-        state = restore(self.engine, cfg, rank=self.rank, world=self.world, local_rank=ctx.get_local_rank(),
+        state = restore(self.engine, self.plan, cfg, rank=self.rank, world=self.world, local_rank=ctx.get_local_rank(),
                         node_rank=ctx.get_node_rank())
         sizes = {"n_params": b.n_params, "n_params_non_embedding": b.n_params_non_embedding,
                  "flops_per_step": b.flops_per_step}
         self.tracker = Tracker.start(cfg, rank=self.rank, resume_step=state.resumed_from,
                                      extra_config={**sizes, "world_size": self.world})
+        src = self.plan.source_layout
+        if src is not None and src.world_size != self.world:
+            self.once = {"resize/from_world_size": src.world_size, "resize/to_world_size": self.world}
         if state.resumed_from is not None:
-            self.tracker.backfill(state.restored_row, state.resumed_from)
+            self.tracker.backfill(state.logged_rows)
             if self.rank == 0:
                 log.warning("resumed from the committed checkpoint of step %d", state.resumed_from)
         self.progress = ProgressSink.connect(self.loop_config.get("progress_actor"), self.rank)
         self.stream = BatchStream(ray.train.get_dataset_shard("train"), t.micro_batch_size,
-                                  self.loop_config["collate"], self.device, prefetch=t.prefetch_batches,
+                                  self.loop_config["collate"], self.device, rank=self.rank, world=self.world,
+                                  prefetch=t.prefetch_batches,
                                   seed=cfg.data.seed, shuffle_rows=cfg.data.shuffle_buffer_batches * t.micro_batch_size,
                                   **state.data)
         self.window = MetricWindow(self.device, b.flops_per_step, peak_flops(self.device), self.world)
@@ -133,7 +147,7 @@ class Worker:
             **sizes, "precision": resolve_precision(cfg, self.device.type == "cuda"),
             "zero_stage": cfg.deepspeed.zero_stage, "world_size": self.world, "run_name": cfg.name,
             # which speed options really took effect (benchmarks and tests read these back)
-            "compiled": bool(self.engine.is_compiled), "grad_accum": t.grad_accum,
+            "compiled": bool(self.engine.is_compiled), "grad_accum": self.grad_accum,
             "activation_checkpointing": t.activation_checkpointing,
             # what the data subset holds (train_tokens, ...): sweeps and scaling fits need each run's data size
             **{k: v for k, v in self.loop_config.get("data_stats", {}).items() if isinstance(v, (int, float))}}
@@ -143,7 +157,7 @@ class Worker:
     def train_step(self, state: RunState) -> None:
         """One optimizer step: grad_accum micro-batches (DeepSpeed updates on the boundary)."""
         model = self.built.model
-        for _ in range(self.cfg.trainer.grad_accum):
+        for _ in range(self.grad_accum):
             batch = self.stream.next()
             loss = self.engine(batch)
             self.engine.backward(loss)
@@ -160,7 +174,7 @@ class Worker:
         unit = self.built.model.unit_name
         interval, any_preempt = self.window.flush(unit, preempt_requested=preemption.requested())
         state.metrics = {**interval, "lr": self.built.scheduler.get_last_lr()[0], "step": state.step,
-                         f"{unit}_seen": state.units_seen, "epoch": state.data["epoch"]}
+                         f"{unit}_seen": state.units_seen, "epoch": state.data["epoch"], "world_size": self.world}
         if stall_s:
             state.metrics["ckpt_stall_s"] = stall_s
         return any_preempt
@@ -174,7 +188,10 @@ class Worker:
 
     def publish(self, state: RunState) -> None:
         """The newest row to W&B (at this step) and to the driver's progress display."""
-        self.tracker.log({k: v for k, v in state.metrics.items() if k != "step"}, step=state.step, commit=True)
+        row = {**{k: v for k, v in state.metrics.items() if k != "step"}, **(self.once or {})}
+        self.tracker.log(row, step=state.step, commit=True)
+        state.remember_row(row, state.step)
+        self.once = None
         self.progress.update(state.step, self.cfg.trainer.max_steps, state.metrics)
 
     def final_metrics(self, state: RunState) -> dict[str, Any]:

@@ -5,33 +5,50 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+ROWS_CARRIED = 16
+"""W&B rows a checkpoint carries (a few hundred bytes each)."""
+
 
 @dataclass(kw_only=True)
 class RunState:
     step: int = 0
     """Optimizer steps taken (0 = a fresh start; checkpoints are taken after a step, so none has 0)."""
-    data: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "consumed": 0})
-    """The train stream's position (BatchStream.state): epoch and micro-batches consumed in it."""
+    data: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "samples": 0})
+    """The train stream's position (BatchStream.state): epoch, and examples of it consumed by all
+    ranks together (the same number at any world size)."""
     units_seen: int = 0
     """Tokens / samples seen by all ranks so far."""
     metrics: dict[str, Any] = field(default_factory=dict)
     """The newest metrics row (its "step" says when it was logged)."""
-    restored_row: dict[str, float] = field(default_factory=dict)
-    """The row a restored checkpoint carried (W&B backfill after a hard kill, Tracker.backfill)."""
+    logged_rows: list[dict[str, Any]] = field(default_factory=list)
+    """The newest ROWS_CARRIED rows handed to W&B (each with its "step"). Checkpoints carry them: W&B
+    loses what it had not flushed when rank 0 is killed, and a restart that resumes from the
+    checkpoint does not redo those steps, so it logs them again from here (Tracker.backfill). More
+    than one: rank 0 can be killed again before the backfilled rows are flushed."""
 
     @property
     def resumed_from(self) -> int | None:
         """The restored checkpoint's step, or None for a fresh start."""
         return self.step or None
 
+    def remember_row(self, row: dict[str, Any], step: int) -> None:
+        """A row just handed to W&B (its numbers), for the next checkpoints to carry."""
+        self.logged_rows = [*self.logged_rows, {"step": step, **{k: v for k, v in row.items()
+                                                                  if isinstance(v, (int, float))}}][-ROWS_CARRIED:]
+
     def client_state(self) -> dict[str, Any]:
-        """What DeepSpeed saves next to the engine (`client_state`). The row logged at this very step
-        travels with it, so a restart can backfill W&B (see Tracker.backfill)."""
-        row = {} if self.metrics.get("step") != self.step else {
-            k: v for k, v in self.metrics.items() if k != "step" and isinstance(v, (int, float))}
-        return {"step": self.step, "data": dict(self.data), "units_seen": self.units_seen, "logged": row}
+        """What DeepSpeed saves next to the engine (`client_state`), the recent W&B rows included."""
+        rows = [r for r in self.logged_rows if r["step"] <= self.step]
+        return {"step": self.step, "data": dict(self.data), "units_seen": self.units_seen, "logged_rows": rows}
 
     @classmethod
-    def from_client_state(cls, state: dict[str, Any]) -> "RunState":
-        return cls(step=state["step"], data=dict(state["data"]), units_seen=state.get("units_seen", 0),
-                   restored_row=dict(state.get("logged") or {}))
+    def from_client_state(cls, state: dict[str, Any], *, micro_batch_size: int, world: int) -> "RunState":
+        data = dict(state["data"])
+        if "samples" not in data:
+            # Checkpoints before the world-size-free position counted one rank's micro-batches of
+            # a split stream; as a global position that is at most one round off.
+            data = {"epoch": data["epoch"], "samples": data.get("consumed", 0) * micro_batch_size * world}
+        rows = state.get("logged_rows")
+        if rows is None:  # written before several rows were carried: the one row of its own step
+            rows = [{"step": state["step"], **state["logged"]}] if state.get("logged") else []
+        return cls(step=state["step"], data=data, units_seen=state.get("units_seen", 0), logged_rows=list(rows))

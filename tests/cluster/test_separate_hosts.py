@@ -251,6 +251,85 @@ def test_submitted_jobs_get_the_sigterm_hook(hosts: LocalCluster) -> None:
                           "survived_sigterm": True}, f"{case}: {result}"
 
 
+def _wait_for(what: str, check, timeout_s: float = 240, job: tuple[str, str] | None = None):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        if job and jobs.status(*job).status in ("FAILED", "STOPPED", "SUCCEEDED"):
+            raise AssertionError(f"job ended while waiting for {what}:\n{jobs.logs(*job)[-4000:]}")
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_elastic_run_shrinks_when_a_node_is_lost_and_grows_when_one_joins(hosts: LocalCluster, s3_server,
+                                                                          tmp_path: Path) -> None:
+    """`trainer.num_workers=[1, 2]` on head + 1 worker node (1 CPU each), checkpoints on S3. Rank 0
+    stalls (a `hold` fault) after step 15, the step-10 checkpoint committed by 2 workers; the worker
+    node is then taken away: Ray Train restarts the group with the 1 worker that fits, which resumes
+    from step 10 resharded and commits step 20 alone; it stalls again after step 25, a new node
+    joins, the group grows back to 2 at the next resize check and finishes step 40 from step 20.
+    One W&B run, every logged step exactly once."""
+    from e2e_dist import checkpoint as ckpt
+    from e2e_dist.config import load_run_config
+    from e2e_dist.tracking import wandb_run_id
+
+    bucket = make_bucket(s3_server.url, prefix="elastic")
+    url = hosts.dashboard_url
+    faults = tmp_path / "faults"  # one filesystem for every node, as a drill's shared folder would be
+    sets = ["name=elastic", f"storage.path={bucket}/runs", f"storage.endpoint_url={hosts.s3_endpoint}",
+            "trainer.num_workers=[1, 2]", "trainer.resize_check_s=2", "trainer.max_failures=4",
+            "trainer.global_batch_size=16", "trainer.micro_batch_size=8", "trainer.cpus_per_worker=1",
+            "trainer.max_steps=40", "trainer.log_every=5", "trainer.eval_every=20", "trainer.eval_batches=1",
+            "trainer.ckpt_every=10", "trainer.async_checkpoint=false", "trainer.keep_last=5",
+            "data.max_bytes=100000", "data.max_files=10"]
+    env = ("WANDB_MODE=offline", f"E2E_DIST_CACHE={os.environ['E2E_DIST_CACHE']}",
+           "E2E_DIST_FAULT=hold@15:0,hold@25:0", f"E2E_DIST_FAULT_DIR={faults}")
+    cfg = load_run_config("tiny-text", [*sets[:2], f"storage.endpoint_url={s3_server.url}"])
+    job = ("elastic-train", url)
+    try:
+        assert main(["submit", "--address", url, "--no-working-dir", "--submission-id", job[0],
+                     *[a for e in env for a in ("--env", e)], "--", "e2e-dist", "train", "tiny-text", "--quiet",
+                     *[a for kv in sets for a in ("--set", kv)]]) == 0
+
+        def held(step: int):
+            return (faults / f"e2e-dist-fault-elastic-hold-{step}-0").exists()
+
+        def committed(step: int):
+            found, _ = ckpt.find_latest_committed(cfg.run_uri, cfg.storage)
+            return found if found is not None and found.step >= step else None
+
+        _wait_for("rank 0 holding at step 15", lambda: held(15), job=job)
+        assert committed(10).manifest["world_size"] == 2
+        hosts.remove_worker(hosts.nodes[1])  # the worker node is lost
+        step20 = _wait_for("step 20 committed by the shrunken group", lambda: committed(20), job=job)
+        assert step20.manifest["world_size"] == 1
+        _wait_for("rank 0 holding at step 25", lambda: held(25), job=job)
+        hosts.add_worker()  # capacity returns
+        state = _wait_for("the job to end", lambda: jobs.status(*job).status in ("SUCCEEDED", "FAILED") and
+                          jobs.status(*job).status)
+        log = jobs.logs(*job)
+        assert state == "SUCCEEDED", log[-4000:]
+
+        infos = {i.step: i for i in ckpt.list_checkpoints(cfg.run_uri, cfg.storage) if i.committed}
+        assert {s: infos[s].manifest["world_size"] for s in (10, 20, 30, 40)} == {10: 2, 20: 1, 30: 2, 40: 2}
+        assert "resharding step 10: written by 2 worker(s), ZeRO-2, resumed on 1 worker(s), ZeRO-2" in log
+        assert "resharding step 20: written by 1 worker(s), ZeRO-2, resumed on 2 worker(s), ZeRO-2" in log
+        rows = []
+        for i, rel in enumerate(list_keys(s3_server.url, cfg.run_uri + "/wandb")):
+            if rel.endswith(f"/run-{wandb_run_id(cfg)}.wandb"):
+                (copy := tmp_path / f"{i}.wandb").write_bytes(get_object(s3_server.url, f"{cfg.run_uri}/wandb/{rel}"))
+                rows += read_history(copy)
+        assert sorted(r["_step"] for r in rows) == list(range(5, 45, 5))  # none lost, none twice
+        sizes = {r["_step"]: r["world_size"] for r in rows}
+        assert [sizes[s] for s in range(5, 45, 5)] == [2, 2, 1, 1, 2, 2, 2, 2]  # 15, 20: the 1-worker group
+    finally:
+        if jobs.status(*job).status in ("PENDING", "RUNNING"):
+            jobs.stop(*job)
+        empty_and_delete_bucket(s3_server.url, bucket)
+
+
 def test_stop_ends_exactly_what_it_started(hosts: LocalCluster) -> None:
     """Runs last in this module: stops the shared cluster (processes, namespaces, directories)."""
     namespaces = [n.netns for n in hosts.nodes] + [hosts.network.switch]

@@ -177,3 +177,59 @@ def test_sigterm_takes_a_just_in_time_checkpoint(reference_z3, tmp_path, monkeyp
     assert summary.metrics["val_loss"] == pytest.approx(ref.metrics["val_loss"], rel=2e-3)
     files = find_run_files(f"{cfg.storage.path}/{cfg.name}/wandb")
     assert read_summary(files[-1])["restarts/last_resumed_from_step"] == 12
+
+
+def test_resized_and_restaged_resumes_follow_the_uninterrupted_run(reference_z3, tmp_path, monkeypatch, capsys):
+    """2 workers at ZeRO-2 -> 1 worker at ZeRO-3 -> 2 workers at ZeRO-1, each leg stopped by a crash
+    after a committed checkpoint and resumed with --resume, the global batch held at 16 windows
+    (1 worker accumulates 2 micro-batches). Every logged loss is the uninterrupted 2-worker ZeRO-3
+    run's: same data (the position is world-size free), same weights and Adam moments (universal
+    form, checked exactly in tests/test_checkpoint_universal.py), same LR schedule. Tolerance 1e-4:
+    only the order of float32 gradient sums differs (2 ranks' all-reduce vs 1 rank's accumulation,
+    ZeRO-3 vs ZeRO-1/2 flat buffers); a wrong window or a lost moment moves the loss by > 1e-2."""
+    from e2e_dist.checkpoint import list_checkpoints
+    from e2e_dist.train.launcher import run_training
+
+    ref_cfg, ref, _ = reference_z3
+    legs = [("2", "2", "crash@9:1"), ("1", "3", "crash@13:0"), ("2", "1", None)]
+    monkeypatch.setenv("E2E_DIST_FAULT_DIR", str(tmp_path))
+    for i, (workers, zero, fault) in enumerate(legs):
+        cfg = tiny_cfg(tmp_path, "resized", int(zero), f"trainer.num_workers={workers}", "trainer.global_batch_size=16",
+                       "trainer.ckpt_every=4", "trainer.keep_last=4")
+        if fault:
+            monkeypatch.setenv("E2E_DIST_FAULT", fault)
+            with pytest.raises(UserError, match="run 'resized' failed"):
+                run_training(cfg, resume=i > 0, quiet=True)
+        else:
+            monkeypatch.delenv("E2E_DIST_FAULT")
+            summary = run_training(cfg, resume=True, quiet=True)
+    assert summary.metrics["step"] == STEPS and summary.metrics["world_size"] == 2
+    assert summary.metrics["tokens_seen"] == ref.metrics["tokens_seen"]
+    ref_hist, hist = history(ref_cfg), history(cfg)
+    assert sorted(hist) == [4, 8, 12, 16]
+    for step in (4, 8, 12, 16):
+        assert hist[step]["loss"] == pytest.approx(ref_hist[step]["loss"], rel=1e-4), step
+        assert hist[step]["lr"] == pytest.approx(ref_hist[step]["lr"], rel=1e-9), step
+    assert summary.metrics["val_loss"] == pytest.approx(ref.metrics["val_loss"], rel=1e-4)
+    # W&B stays one run: the world size of every logged step, and the resizes in the summary.
+    assert [hist[s]["world_size"] for s in (4, 8, 12, 16)] == [2, 2, 1, 2]
+    # the first row after each resize says so (its event), the others do not
+    assert [hist[s].get("resize/from_world_size") for s in (4, 8, 12, 16)] == [None, None, 2, 1]
+    from e2e_dist.tracking.offline_history import read_summary
+
+    run_summary = read_summary(find_run_files(f"{cfg.storage.path}/{cfg.name}/wandb")[-1])
+    assert run_summary["resizes/count"] == 2
+    assert run_summary["resizes/world_sizes"] == [{"from_step": 0, "world_size": 2}, {"from_step": 8, "world_size": 1},
+                                                  {"from_step": 12, "world_size": 2}]
+    # Each resharded resume left its universal form committed next to the checkpoint it came from.
+    infos = {c.step: c for c in list_checkpoints(cfg.run_uri, cfg.storage)}
+    assert [infos[s].manifest["world_size"] for s in (8, 12, 16)] == [2, 1, 2]
+    for step in (8, 12):
+        assert (tmp_path / "runs" / "resized" / f"step_{step:08d}" / "universal" / "manifest.json").is_file()
+    from e2e_dist.cli import main
+
+    capsys.readouterr()
+    assert main(["checkpoints", cfg.run_uri]) == 0
+    rows = [line.split(None, 2) for line in capsys.readouterr().out.splitlines()]
+    assert [(r[0], r[2].split("  ")[0]) for r in rows] == [
+        ("16", "2x ZeRO-1"), ("12", "1x ZeRO-3 +universal"), ("8", "2x ZeRO-2 +universal"), ("4", "2x ZeRO-2")]
