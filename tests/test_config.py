@@ -133,6 +133,7 @@ def test_global_batch_fixes_the_optimization_across_world_sizes():
      "trainer: global_batch_size=10 is not micro_batch_size=2 x a whole number of micro-batches for any world size in [3, 4]"),
     (["trainer.global_batch_size=16", "trainer.grad_accum=2"], "trainer: set global_batch_size or grad_accum, not both"),
     (["trainer.num_workers=[4, 2]"], "trainer.num_workers: need 1 <= min <= max workers, got (4, 2)"),
+    (["trainer.num_workers=[0, 2]"], "trainer.num_workers: need 1 <= min <= max workers, got (0, 2)"),
 ])
 def test_bad_worker_range_or_global_batch_is_one_line(overrides, expected):
     with pytest.raises(ConfigError) as e:

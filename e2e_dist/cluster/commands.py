@@ -2,6 +2,7 @@
 
     e2e-dist cluster validate FILE [FILE ...]
     e2e-dist cluster local [--nodes N | --autoscale] [--num-cpus N] ...
+    e2e-dist cluster stop-ray --tag T        (on a node: stop that cluster's Ray, nothing else)
     e2e-dist submit [--address URL] [--follow] [--working-dir .] -- e2e-dist train|sweep ...
     e2e-dist jobs status|logs|stop|list [--address URL] [JOB_ID]
 
@@ -33,7 +34,7 @@ def register(subparsers: Any) -> None:
 # -------------------------------------------------------------------------------- cluster
 def _register_cluster(subparsers: Any) -> None:
     cluster = subparsers.add_parser("cluster", help="validate cluster yamls; run a local multi-node Ray cluster")
-    verbs = cluster.add_subparsers(dest="cluster_verb", metavar="{validate,local}")
+    verbs = cluster.add_subparsers(dest="cluster_verb", metavar="{validate,local,stop-ray}")
     verbs.required = True
 
     v = verbs.add_parser("validate", help="check cluster yamls offline (Ray's schema + checks Ray misses)")
@@ -61,6 +62,21 @@ def _register_cluster(subparsers: Any) -> None:
                      help="where the auth token is kept for clients here (default: your HOME); each node has its own HOME")
     loc.add_argument("--object-store-mb", type=int, default=256, help="object store per node in MiB (default 256)")
     loc.set_defaults(func=cmd_cluster_local)
+
+    stop = verbs.add_parser("stop-ray", help="stop this machine's Ray processes of one cluster only (what "
+                                             "cluster/onprem.yaml runs instead of a machine-wide `ray stop`)")
+    stop.add_argument("--tag", required=True,
+                      help="the cluster's tag: the value of E2E_DIST_RAY_CLUSTER its `ray start` ran with")
+    stop.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL (default 10)")
+    stop.set_defaults(func=cmd_cluster_stop_ray)
+
+
+def cmd_cluster_stop_ray(args: argparse.Namespace) -> int:
+    from e2e_dist.cluster.stop_ray import stop_tagged
+
+    termed, killed = stop_tagged(args.tag, grace_s=args.grace)
+    print(f"stopped {termed} Ray process(es) of cluster {args.tag!r}" + (f" ({killed} needed SIGKILL)" if killed else ""))
+    return 0
 
 
 def cmd_cluster_validate(args: argparse.Namespace) -> int:

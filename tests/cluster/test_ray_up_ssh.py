@@ -1,11 +1,13 @@
 """`ray up` -> `ray submit` (a short training run) -> `ray down` with Ray's real cluster launcher.
 
-The cluster config is a copy of the shipped ray-cluster.yaml (its file mounts, token auth, bashrc
-environment and head start commands) with the provider switched to Ray's `local` provider and SSH
-to this machine. Everything runs inside namespaces this test creates (`unshare`):
+The cluster config is the shipped cluster/onprem.yaml (Ray's `local` provider: its file mounts,
+token auth, bashrc environment and tagged start/stop commands) pointed at this machine over SSH.
+Another Ray instance runs on the same "machine" and must survive `ray down` (the launcher's own
+teardown is a machine-wide `ray stop`; onprem.yaml narrows it to the cluster's processes).
+Everything runs inside namespaces this test creates (`unshare`):
 
-- a PID namespace, so the `ray stop` that `ray up` / `ray down` run on the "head" sees only the
-  processes of this test (and the kernel kills whatever is left when the test's init exits);
+- a PID namespace, so whatever `ray up` / `ray down` stop on the "head" can only be processes of
+  this test (and the kernel kills whatever is left when the test's init exits);
 - a network namespace with only `lo`: sshd on 127.0.0.1:<non-standard port>, Ray's ports
   (6379, 8265, ...) and every byte of traffic stay inside it;
 - a mount namespace with a private HOME bind-mounted over the user's real home (ssh reads
@@ -84,36 +86,67 @@ def test_ray_up_submit_down_over_ssh() -> None:
         run_dir = work / "runs" / "ssh-smoke"
         manifests = sorted(run_dir.glob("step_*/manifest.json"))
         assert manifests, f"no checkpoint under {run_dir}:\n{result.get('submit_tail')}"
-        # `ray down` stopped the head's Ray processes (checked inside, before the namespace died).
+        # `ray down` stopped the head's Ray processes (checked inside, before the namespace died)
+        # and nothing else: the other Ray on the machine runs on, every process of it.
         assert result["ray_procs_after_down"] == [], result["ray_procs_after_down"]
+        assert len(result["bystander_before"]) >= 2, result  # its GCS and raylet at least
+        assert result["bystander_after"] == result["bystander_before"], result
         assert proc.returncode == 0, log
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 def _write_cluster_config(work: Path) -> None:
-    """The shipped ray-cluster.yaml, re-pointed at Ray's `local` provider over SSH."""
-    cfg = yaml.safe_load((ROOT / "ray-cluster.yaml").read_text())
+    """The shipped cluster/onprem.yaml, pointed at this test's host: the head on 127.0.0.1 (sshd on a
+    non-standard port), no worker machines, this checkout's files and venv."""
+    cfg = yaml.safe_load((ROOT / "cluster" / "onprem.yaml").read_text())
     user = pwd.getpwuid(os.getuid()).pw_name
+    assert cfg["provider"]["type"] == "local", cfg["provider"]
     cfg["cluster_name"] = f"e2e-ssh-{os.getpid()}"
-    cfg["provider"] = {"type": "local", "head_ip": "127.0.0.1", "worker_ips": []}
+    cfg["provider"].update(head_ip="127.0.0.1", worker_ips=[])
     cfg["auth"] = {"ssh_user": user, "ssh_private_key": str(work / "id_ed25519")}
     cfg["max_workers"] = 0
-    for key in ("available_node_types", "head_node_type"):  # the local provider defines its own
-        cfg.pop(key)
     # The project's files from this checkout (absolute: `ray up` runs from another cwd here).
     mounts = cfg["file_mounts"]
     assert "~/e2e-dist/e2e_dist" in mounts and "~/.ray/auth_token" in mounts, mounts
     cfg["file_mounts"] = {remote: str(ROOT / local) if local.startswith("./") else local
                           for remote, local in mounts.items()}
-    # Setup: this machine already has the venv; no apt/pip. Keep the shipped bashrc step.
-    shipped_env_step = [c for c in cfg["setup_commands"] if "e2e-dist cluster env" in c]
-    assert len(shipped_env_step) == 1, "ray-cluster.yaml lost its bashrc environment step"
+    # Setup: this machine already has the venv; no pip. Keep the shipped bashrc step (venv, token
+    # auth, the `ray stop` that stops this cluster only).
+    shipped_env_step = [c for c in cfg["setup_commands"] if "e2e-dist onprem env" in c]
+    assert len(shipped_env_step) == 1, "cluster/onprem.yaml lost its bashrc environment step"
     # DeepSpeed's JIT-built ops: reuse this checkout's cache instead of compiling them again.
     ext = os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     cfg["setup_commands"] = [f"ln -sfn {Path(sys.executable).parents[1]} ~/venv", *shipped_env_step,
                              f"echo 'export TORCH_EXTENSIONS_DIR={ext}' >> ~/.bashrc"]
     (work / "cluster.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
+
+def _start_bystander_ray(work: Path, env: dict) -> None:
+    """Someone else's Ray on the same machine (own ports and temp dir, no auth): `ray down` of the
+    cluster must leave it running. Its processes carry BYSTANDER_RAY=1 so the test can tell them apart."""
+    ray = str(Path(sys.executable).with_name("ray"))
+    other = dict(env, RAY_AUTH_MODE="disabled", BYSTANDER_RAY="1")
+    _sh([ray, "start", "--head", "--port=6390", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+         "--ray-client-server-port=10011", "--object-manager-port=8091", "--node-manager-port=8092",
+         "--min-worker-port=20000", "--max-worker-port=20100", f"--temp-dir={work / 'other-ray'}",
+         "--num-cpus=0", "--disable-usage-stats"], env=other, capture_output=True)
+
+
+def _ray_processes(*, bystander: bool) -> list[str]:
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        line = " ".join(p.info["cmdline"] or [])
+        if not any(k in line for k in ("raylet", "gcs_server", "ray start", "monitor.py")):
+            continue
+        try:
+            mine = p.environ().get("BYSTANDER_RAY") == "1"
+        except psutil.Error:
+            continue
+        if mine == bystander:
+            found.append(line[:120])
+    return sorted(found)
 
 
 # ----------------------------------------------------------------------- inside namespaces
@@ -194,7 +227,8 @@ def _inner(work: Path) -> int:
     _sh([ray, "get-auth-token", "--generate"], env=env, capture_output=True)
 
     (work / "smoke.py").write_text(SMOKE_SCRIPT.format(storage=work / "runs"))
-    result: dict = {}
+    _start_bystander_ray(work, env)
+    result: dict = {"bystander_before": _ray_processes(bystander=True)}
     rc, tail = _run_logged("up", [ray, "up", "-y", "--no-config-cache", "cluster.yaml"], work, 300, env)
     result.update(up_rc=rc, up_tail=tail)
     if rc == 0:
@@ -206,11 +240,8 @@ def _inner(work: Path) -> int:
     rc, tail = _run_logged("down", [ray, "down", "-y", "cluster.yaml"], work, 120, env)
     result.update(down_rc=rc, down_tail=tail)
     time.sleep(2)
-    import psutil
-
-    result["ray_procs_after_down"] = sorted(
-        " ".join(p.info["cmdline"] or [])[:120] for p in psutil.process_iter(["cmdline"])
-        if any(k in " ".join(p.info["cmdline"] or []) for k in ("raylet", "gcs_server", "ray start", "monitor.py")))
+    result["ray_procs_after_down"] = _ray_processes(bystander=False)
+    result["bystander_after"] = _ray_processes(bystander=True)
     sshd.terminate()
     sshd.wait(timeout=10)
     (work / "result.json").write_text(json.dumps(result))

@@ -19,7 +19,7 @@ from e2e_dist.cluster.validate import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = ["ray-cluster.yaml", "cluster/local-autoscale.yaml", "cluster/kuberay/raycluster.yaml",
+SHIPPED = ["ray-cluster.yaml", "cluster/local-autoscale.yaml", "cluster/onprem.yaml", "cluster/kuberay/raycluster.yaml",
            "cluster/kuberay/rayjob-sweep.yaml"]
 
 
@@ -30,6 +30,19 @@ def _load(rel: str) -> dict[str, Any]:
 @pytest.mark.parametrize("rel", SHIPPED)
 def test_shipped_yamls_are_valid(rel: str) -> None:
     assert validate_cluster_file(ROOT / rel) == []
+
+
+def test_onprem_config_stops_only_its_own_ray() -> None:
+    """Every `ray start` of cluster/onprem.yaml is tagged, every stop is the tagged one, and the login
+    shell's `ray stop` (what `ray down` runs) is redirected to it: no machine-wide `ray stop` left."""
+    cfg = _load("cluster/onprem.yaml")
+    tag = "E2E_DIST_RAY_CLUSTER=e2e-dist-onprem ray start"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        stop, start = cfg[key]
+        assert stop == "e2e-dist cluster stop-ray --tag e2e-dist-onprem" and tag in start, key
+    env_step = next(c for c in cfg["setup_commands"] if "e2e-dist onprem env" in c)
+    assert 'then e2e-dist cluster stop-ray --tag e2e-dist-onprem; else command ray "$@"' in env_step
+    assert "--dashboard-host=127.0.0.1" in cfg["head_start_ray_commands"][1]
 
 
 def test_shipped_aws_config_keeps_its_security_properties() -> None:
