@@ -40,6 +40,20 @@ def history(cfg) -> dict[int, dict]:
     return rows
 
 
+def follows_reference(cfg, summary, reference, *, rel: float) -> dict[int, dict]:
+    """The run ended where the uninterrupted reference did: every logged step once, the same losses
+    (to `rel`), LRs and tokens; returns its history."""
+    ref_cfg, ref, _ = reference
+    assert summary.metrics["step"] == STEPS and summary.metrics["tokens_seen"] == ref.metrics["tokens_seen"]
+    ref_hist, hist = history(ref_cfg), history(cfg)
+    assert sorted(hist) == [4, 8, 12, 16]
+    for step in (4, 8, 12, 16):
+        assert hist[step]["loss"] == pytest.approx(ref_hist[step]["loss"], rel=rel), step
+        assert hist[step]["lr"] == pytest.approx(ref_hist[step]["lr"], rel=1e-9), step
+    assert summary.metrics["val_loss"] == pytest.approx(ref.metrics["val_loss"], rel=rel)
+    return hist
+
+
 @pytest.fixture(scope="module")
 def reference_z3(ray_local, tmp_path_factory):
     from e2e_dist.train.launcher import run_training
@@ -113,7 +127,6 @@ def test_other_zero_stages_learn(ray_local, tmp_path, zero, monkeypatch, capsys)
 def test_crash_then_resume_matches_reference(reference_z3, tmp_path, monkeypatch):
     from e2e_dist.train.launcher import run_training
 
-    ref_cfg, ref, _ = reference_z3
     cfg = tiny_cfg(tmp_path, "resume-z3", 3)
     monkeypatch.setenv("E2E_DIST_FAULT", "crash@15:1")
     monkeypatch.setenv("E2E_DIST_FAULT_DIR", str(tmp_path))
@@ -124,16 +137,9 @@ def test_crash_then_resume_matches_reference(reference_z3, tmp_path, monkeypatch
     with pytest.raises(UserError, match="already has checkpoints.*--resume"):
         run_training(cfg, quiet=True)  # refuses to start over a run by accident
     resumed = run_training(cfg, resume=True, quiet=True)
-    assert resumed.metrics["step"] == STEPS
-    assert resumed.metrics["tokens_seen"] == ref.metrics["tokens_seen"]
-    ref_hist, hist = history(ref_cfg), history(cfg)
     # 4 and 8 come from the first attempt, 16 from the resumed one (12 from either): the same
     # numbers as the uninterrupted run (data position, optimizer, LR schedule all restored).
-    assert sorted(hist) == [4, 8, 12, 16]
-    for step in (4, 8, 12, 16):
-        assert hist[step]["loss"] == pytest.approx(ref_hist[step]["loss"], rel=2e-3), step
-        assert hist[step]["lr"] == pytest.approx(ref_hist[step]["lr"], rel=1e-9), step
-    assert resumed.metrics["val_loss"] == pytest.approx(ref.metrics["val_loss"], rel=2e-3)
+    follows_reference(cfg, resumed, reference_z3, rel=2e-3)
 
 
 def test_three_worker_deaths_recover_to_the_same_result(reference_z3, tmp_path, monkeypatch):
@@ -190,7 +196,6 @@ def test_resized_and_restaged_resumes_follow_the_uninterrupted_run(reference_z3,
     from e2e_dist.checkpoint import list_checkpoints
     from e2e_dist.train.launcher import run_training
 
-    ref_cfg, ref, _ = reference_z3
     legs = [("2", "2", "crash@9:1"), ("1", "3", "crash@13:0"), ("2", "1", None)]
     monkeypatch.setenv("E2E_DIST_FAULT_DIR", str(tmp_path))
     for i, (workers, zero, fault) in enumerate(legs):
@@ -203,14 +208,8 @@ def test_resized_and_restaged_resumes_follow_the_uninterrupted_run(reference_z3,
         else:
             monkeypatch.delenv("E2E_DIST_FAULT")
             summary = run_training(cfg, resume=True, quiet=True)
-    assert summary.metrics["step"] == STEPS and summary.metrics["world_size"] == 2
-    assert summary.metrics["tokens_seen"] == ref.metrics["tokens_seen"]
-    ref_hist, hist = history(ref_cfg), history(cfg)
-    assert sorted(hist) == [4, 8, 12, 16]
-    for step in (4, 8, 12, 16):
-        assert hist[step]["loss"] == pytest.approx(ref_hist[step]["loss"], rel=1e-4), step
-        assert hist[step]["lr"] == pytest.approx(ref_hist[step]["lr"], rel=1e-9), step
-    assert summary.metrics["val_loss"] == pytest.approx(ref.metrics["val_loss"], rel=1e-4)
+    assert summary.metrics["world_size"] == 2
+    hist = follows_reference(cfg, summary, reference_z3, rel=1e-4)
     # W&B stays one run: the world size of every logged step, and the resizes in the summary.
     assert [hist[s]["world_size"] for s in (4, 8, 12, 16)] == [2, 2, 1, 2]
     # the first row after each resize says so (its event), the others do not
