@@ -33,7 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from e2e_dist import storage
-from e2e_dist.checkpoint.layout import DS_TAG, MANIFEST, CommittedCheckpoint, ListedFile, now_utc, validate_json
+from e2e_dist.checkpoint.layout import DS_TAG, FORMAT_VERSION, MANIFEST, CommittedCheckpoint, ListedFile, now_utc, validate_json
 from e2e_dist.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,12 @@ def layout_of(manifest: dict[str, Any]) -> Layout:
     stage = manifest.get("zero_stage")
     return Layout(world_size=manifest["world_size"], zero_stage=ds.get("zero_stage", 0) if stage is None else stage,
                   offload_optimizer=bool(ds.get("offload_optimizer", False)))
+
+
+def run_layout(deepspeed_cfg: Any, world_size: int) -> Layout:
+    """The layout a run with this `deepspeed` config section writes and reads at `world_size`."""
+    return Layout(world_size=world_size, zero_stage=deepspeed_cfg.zero_stage,
+                  offload_optimizer=deepspeed_cfg.offload_optimizer)
 
 
 def needs_universal(saved: Layout, here: Layout, step: int) -> bool:
@@ -210,7 +216,7 @@ def ensure_universal(ckpt: CommittedCheckpoint, native_dir: Path, storage_cfg: A
         try:
             storage.delete_file(storage.join(uri, MANIFEST), storage_cfg)  # uncommitted while it changes
             entries = storage.upload_dir(out, uri, storage_cfg, files=storage.local_files(out))
-            doc = {"format_version": 1, "kind": "universal", "step": ckpt.step, "source": source_id(ckpt.manifest),
+            doc = {"format_version": FORMAT_VERSION, "kind": "universal", "step": ckpt.step, "source": source_id(ckpt.manifest),
                    "files": [e.to_dict() for e in entries], "created_at": now_utc()}
             storage.write_text(storage.join(uri, MANIFEST), json.dumps(doc, indent=1), storage_cfg)
         except storage.StorageError as e:

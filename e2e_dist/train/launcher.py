@@ -51,8 +51,7 @@ def prepare_run_dir(cfg: RunConfig, *, resume: bool | None) -> CommittedCheckpoi
     if found is not None:
         # A layout no resume can load (ZeRO-0 <-> ZeRO-1..3) is refused here, before Ray starts.
         saved = universal.layout_of(found.manifest)
-        universal.needs_universal(saved, saved.model_copy(update={
-            "zero_stage": cfg.deepspeed.zero_stage, "offload_optimizer": cfg.deepspeed.offload_optimizer}), found.step)
+        universal.needs_universal(saved, universal.run_layout(cfg.deepspeed, saved.world_size), found.step)
         # Ray Train's run snapshot lists every checkpoint ever reported; our keep-N pruning deletes
         # old ones, and Ray 2.60 then refuses to start the run. Resume reads storage itself
         # (checkpoint.restore_latest), so the snapshot is not needed.

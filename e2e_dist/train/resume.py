@@ -67,7 +67,7 @@ def choose(cfg: RunConfig, *, rank: int, world: int, node_rank: int) -> Restore:
     chosen: list[Any] = [Restore(rank0_node=node_rank)]
     if rank == 0:
         shutil.rmtree(shared, ignore_errors=True)
-        here = current_layout(cfg, world)
+        here = universal.run_layout(cfg.deepspeed, world)
         chosen = [cached_universal(cfg, here, shared, node_rank)]
         if chosen[0].found is None:
             found, _, skipped = ckpt.restore_latest(cfg.run_uri, cfg.storage, shared)
@@ -83,11 +83,6 @@ def choose(cfg: RunConfig, *, rank: int, world: int, node_rank: int) -> Restore:
     return chosen[0]
 
 
-def current_layout(cfg: RunConfig, world: int) -> universal.Layout:
-    ds = cfg.deepspeed
-    return universal.Layout(world_size=world, zero_stage=ds.zero_stage, offload_optimizer=ds.offload_optimizer)
-
-
 def cached_universal(cfg: RunConfig, here: universal.Layout, shared: Path, node_rank: int) -> Restore:
     """The fast path of a resharded resume: the newest checkpoint needs the universal form and that
     is cached already - download (and verify) only it, not the native shards too. Anything else
@@ -99,33 +94,36 @@ def cached_universal(cfg: RunConfig, here: universal.Layout, shared: Path, node_
     if not universal.needs_universal(there, here, found.step):
         return Restore(rank0_node=node_rank)
     conv, _ = universal.find_universal(found, cfg.storage)
-    if conv is None:
+    if conv is None or not fetch_or_discard(conv, found, shared, cfg):
         return Restore(rank0_node=node_rank)
+    return Restore(found=found, universal=conv, source_layout=there, rank0_node=node_rank)
+
+
+def fetch_or_discard(conv: ckpt.CommittedCheckpoint, found: ckpt.CommittedCheckpoint, shared: Path,
+                     cfg: RunConfig, *, last_try: bool = False) -> bool:
+    """Download (verified) the universal form `conv` of `found` next to its native copy; one that
+    fails its checksums is uncommitted (so it is converted again) and False returned - or, on the
+    last try, the error raised."""
     try:
         ckpt.download_checkpoint(conv, universal.local_copy_root(shared / found.name), verify=True,
                                  storage_cfg=cfg.storage)
+        return True
     except CheckpointError as e:
+        if last_try:
+            raise
         log.warning("discarding the universal form of step %d: %s", found.step, e)
         universal.discard(conv, cfg.storage)
-        return Restore(rank0_node=node_rank)
-    return Restore(found=found, universal=conv, source_layout=there, rank0_node=node_rank)
+        return False
 
 
 def universal_copy_on_rank0(found: ckpt.CommittedCheckpoint, shared: Path, cfg: RunConfig) -> ckpt.CommittedCheckpoint:
     """The checkpoint's universal form, committed in storage and downloaded (verified) next to the
     native copy. A cache that fails its checksums is uncommitted and converted again, once."""
-    for attempt in (1, 2):
+    conv = universal.ensure_universal(found, shared / found.name, cfg.storage)
+    if not fetch_or_discard(conv, found, shared, cfg):
         conv = universal.ensure_universal(found, shared / found.name, cfg.storage)
-        try:
-            ckpt.download_checkpoint(conv, universal.local_copy_root(shared / found.name), verify=True,
-                                     storage_cfg=cfg.storage)
-            return conv
-        except CheckpointError as e:
-            if attempt == 2:
-                raise
-            log.warning("discarding the universal form of step %d: %s", found.step, e)
-            universal.discard(conv, cfg.storage)
-    raise AssertionError("unreachable")
+        fetch_or_discard(conv, found, shared, cfg, last_try=True)
+    return conv
 
 
 def restore(engine: Any, plan: Restore, cfg: RunConfig, *, rank: int, world: int, local_rank: int,
@@ -149,7 +147,7 @@ def restore(engine: Any, plan: Restore, cfg: RunConfig, *, rank: int, world: int
     if plan.universal is not None:
         if rank == 0:
             log.warning("resharding step %d: written by %s, resumed on %s", found.step, plan.source_layout,
-                        current_layout(cfg, world))
+                        universal.run_layout(cfg.deepspeed, world))
         state = ckpt.load_universal(engine, shared / found.name, zero_stage=cfg.deepspeed.zero_stage)
     else:
         state = ckpt.load_engine(engine, shared / found.name)
