@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 from e2e_dist.errors import UserError
@@ -189,7 +188,8 @@ def _add_builtin_verbs(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="e2e-dist", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show what Ray, DeepSpeed and other libraries print (always in the run's log file)")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     _add_run_verbs(sub)
     _add_model_verbs(sub)
@@ -208,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from e2e_dist.console import setup_console
+
+    setup_console(verbose=args.verbose)
     try:
         return int(args.func(args) or 0)
     except UserError as e:

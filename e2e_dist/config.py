@@ -75,6 +75,11 @@ class DataConfig(Section):
     """Per-epoch reshuffle: each worker draws rows at random from a buffer of this many
     micro-batches, seeded by (seed, epoch), so no two epochs repeat an order and every run (and
     every resume) repeats the same one. 0 = every epoch repeats the stream's order."""
+    cache_mb: int = Field(1024, ge=0)
+    """A decoded train set estimated at up to this many MiB is read and decoded once, before
+    training, and kept in Ray's object store: later epochs (and every worker, which each read the
+    whole set) take it from memory instead of re-running the read/decode tasks. Larger sets are
+    streamed. 0 = always stream."""
 
 
 # ---------------------------------------------------------------------------------------- model

@@ -16,7 +16,7 @@ import importlib
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 TESTED_WITH = "ray 2.60"
 
@@ -103,6 +103,50 @@ def quiet_ray_loggers() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, session_handler):
             handler.setLevel(logging.WARNING)
+
+
+def _worker_output_dispatcher() -> Any:
+    dispatcher = _internal("ray._private.ray_logging", "global_worker_stdstream_dispatcher",
+                           "send Ray workers' output to the run's log file")
+    if not all(hasattr(dispatcher, a) for a in ("add_handler", "remove_handler", "handlers", "_lock")):
+        raise RayCompatError("ray._private.ray_logging.global_worker_stdstream_dispatcher changed its interface "
+                             "(e2e-dist sends Ray workers' output to the run's log file through it)")
+    return dispatcher
+
+
+RAY_WORKER_PRINTER = "ray_print_logs"
+"""The name of the handler ray.init(log_to_driver=True) prints workers' output with."""
+
+
+def route_worker_output(name: str, handler: Callable[[dict], None], *, keep_ray_printer: bool) -> Any:
+    """Send the driver's stream of Ray workers' stdout/stderr lines (log_to_driver) to `handler`
+    (registered as `name`, once), and unless `keep_ray_printer` stop Ray printing them. Returns
+    Ray's printer for `unroute_worker_output` (None if it was not there). No public API routes
+    worker output anywhere but the console."""
+    dispatcher = _worker_output_dispatcher()
+    dispatcher.remove_handler(name)
+    with dispatcher._lock:
+        printer = next((pair for pair in dispatcher.handlers if pair[0] == RAY_WORKER_PRINTER), None)
+    if printer is not None and not keep_ray_printer:
+        dispatcher.remove_handler(RAY_WORKER_PRINTER)
+    else:
+        printer = None
+    dispatcher.add_handler(name, handler)
+    return printer
+
+
+def unroute_worker_output(name: str, printer: Any) -> None:
+    """Undo `route_worker_output`: Ray prints workers' output again (a shared Ray: tests, notebooks)."""
+    dispatcher = _worker_output_dispatcher()
+    dispatcher.remove_handler(name)
+    if printer is not None:
+        dispatcher.add_handler(*printer)
+
+
+def autoscaler_events(lines: list[str]) -> list[str]:
+    """Of the autoscaler's lines that Ray streams to drivers, the events (node added, ...) that Ray's
+    own printer keeps; its periodic status tables are dropped."""
+    return list(_internal("ray._private.worker", "filter_autoscaler_events", "keep autoscaler events in the run's log")(lines))
 
 
 # ------------------------------------------------------------------------------- Ray Train V2
@@ -198,6 +242,8 @@ def check_all() -> list[str]:
                          ("ray._private.services", "resolve_ip_for_localhost"),
                          ("ray.data._internal.cluster_autoscaler", "get_or_create_autoscaling_coordinator"),
                          ("ray.data._internal.logging", "SessionFileHandler"),
+                         ("ray._private.ray_logging", "global_worker_stdstream_dispatcher"),
+                         ("ray._private.worker", "filter_autoscaler_events"),
                          ("ray.data._internal.stats", "get_or_create_stats_actor"),
                          ("ray.train.v2._internal.execution.context", "get_train_context"),
                          ("ray.train.v2._internal.constants", "ENV_VARS_TO_PROPAGATE"),

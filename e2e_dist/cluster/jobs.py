@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any, Iterable
 
 from e2e_dist.errors import UserError
-from e2e_dist.train.ray_env import SIGTERM_SETUP_HOOK
+from e2e_dist.train.ray_env import WORKER_SETUP_HOOK
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 """Where `ray dashboard ray-cluster.yaml` forwards the head's dashboard / Jobs API."""
@@ -129,7 +129,7 @@ def build_runtime_env(working_dir: str | Path | None, env_vars: dict[str, str]) 
     runtime_env is that job-level one for its driver and every worker the driver starts. The
     cluster's Python must be able to import e2e_dist (installed there, or the working dir).
     """
-    runtime_env: dict[str, Any] = {"env_vars": dict(env_vars), "worker_process_setup_hook": SIGTERM_SETUP_HOOK}
+    runtime_env: dict[str, Any] = {"env_vars": dict(env_vars), "worker_process_setup_hook": WORKER_SETUP_HOOK}
     if working_dir is not None:
         wd = Path(working_dir).expanduser().resolve()
         if not wd.is_dir():

@@ -28,6 +28,7 @@ from e2e_dist.data.common import (
     DataError, FileItem, decoded_dataset, list_files, note_bad_item, raise_first_bad, read_range, scan_batch,
     seeded_order, split_by_hash, take_fraction,
 )
+from e2e_dist.console import FILE_ONLY
 from e2e_dist.data.registry import DataBundle, register_source
 from e2e_dist.errors import ConfigError
 
@@ -134,9 +135,10 @@ def build_image_bundle(data_cfg: Any, model_cfg: Any, storage_cfg: Any, *, defau
         _strict_scan(train_rows + val_rows, fn_kwargs)
     stats = {"train_rows": len(train_rows), "val_rows": len(val_rows), "train_samples": len(train_rows),
              "train_bytes": sum(it.size for it in train), "num_classes": len(classes)}
-    log.info("image data %s: %s", label, stats)
+    log.info("image data %s: %s", label, stats, extra=FILE_ONLY)
     return DataBundle(train=_dataset(train_rows, "train", fn_kwargs), val=_dataset(val_rows, "val", fn_kwargs),
-                      collate=collate, stats=stats)
+                      collate=collate, stats=stats,
+                      train_decoded_bytes=len(train_rows) * (channels * data_cfg.image_size ** 2 * 4 + 8))
 
 
 @register_source("image-folder")

@@ -26,6 +26,9 @@ class DataBundle:
     """numpy batch dict (from `iter_batches(batch_format='numpy')`) -> dict of torch tensors."""
     stats: dict[str, float] = field(default_factory=dict)
     """What the training subset holds: train_rows, val_rows, train_bytes / train_tokens / ..."""
+    train_decoded_bytes: int | None = None
+    """Estimated size of the decoded train set in memory (rows in the model's input form); the
+    launcher keeps a train set up to `data.cache_mb` in Ray's object store. None: unknown (streamed)."""
 
 
 register_source = SOURCES.register

@@ -36,6 +36,7 @@ from e2e_dist.data.common import (
     DataError, decoded_dataset, is_remote, list_files, note_bad_item, raise_first_bad, read_range, scan_batch,
     seeded_order, split_by_hash, take_fraction,
 )
+from e2e_dist.console import FILE_ONLY
 from e2e_dist.data.registry import DataBundle, register_source
 from e2e_dist.errors import ConfigError
 from e2e_dist.storage import resolve
@@ -265,9 +266,10 @@ def build_speech_bundle(data_cfg: Any, model_cfg: Any, storage_cfg: Any) -> Data
                         "audio")
     stats = {"train_rows": len(train), "val_rows": len(val), "train_samples": len(train),
              "train_bytes": sum(u.size for u in train), "train_chars": sum(len(u.text) for u in train)}
-    log.info("speech data %s: %s", label, stats)
+    log.info("speech data %s: %s", label, stats, extra=FILE_ONLY)
+    row_bytes = fn_kwargs["max_samples"] * 4 + fn_kwargs["max_chars"] * 8 + 16  # float32 audio, int64 targets
     return DataBundle(train=_dataset(rows(train), "train", fn_kwargs), val=_dataset(rows(val), "val", fn_kwargs),
-                      collate=collate, stats=stats)
+                      collate=collate, stats=stats, train_decoded_bytes=len(train) * row_bytes)
 
 
 @register_source("speech-manifest")

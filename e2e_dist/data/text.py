@@ -44,6 +44,7 @@ import numpy as np
 from e2e_dist.data.common import (
     DataError, FileItem, deterministic, list_files, read_range, seeded_order, split_by_hash, walk_files,
 )
+from e2e_dist.console import FILE_ONLY
 from e2e_dist.data.registry import DataBundle, register_source
 from e2e_dist.errors import ConfigError
 
@@ -248,12 +249,13 @@ def build_text_bundle(files: Sequence[FileItem], data_cfg: Any, storage_cfg: Any
         "val_bytes": val.bytes, "val_windows": val.windows, "val_tokens": val.windows * val.seq_len,
         "val_files": val.files, "val_rows": val.windows,
     }
-    log.info("text data %s: %s", paths_label, stats)
+    log.info("text data %s: %s", paths_label, stats, extra=FILE_ONLY)
     return DataBundle(
         train=_dataset(train, shuffle_seed=data_cfg.seed, storage_cfg=storage_cfg, strict=data_cfg.strict, name="train"),
         val=_dataset(val, shuffle_seed=None, storage_cfg=storage_cfg, strict=data_cfg.strict, name="val"),
         collate=collate,
         stats=stats,
+        train_decoded_bytes=train.windows * ((train.seq_len + 1) * 2 + 8),  # uint16 tokens + int64 index
     )
 
 

@@ -75,8 +75,10 @@ def trial_driver(config: dict[str, Any], spec: SweepSpec, board: Any = None, fau
     and the trial returns normally. fault: the sweep command's E2E_DIST_FAULT (drills)."""
     from ray import tune
 
+    from e2e_dist.console import tag_our_lines
     from e2e_dist.train.launcher import RunFailed, fit_run
 
+    tag_our_lines()
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_run_config(spec, config, trial_id)
     _pin_cluster_address()
@@ -237,11 +239,22 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
     by the target metric. Raises SweepInterrupted (a KeyboardInterrupt) after Ctrl+C, once the
     finished trials' rows are written, and UserError on bad input.
     """
-    from e2e_dist.train.ray_env import init_ray
+    from e2e_dist import console
 
     spec = spec.with_absolute_paths()
     prepare_sweep_dir(spec, resume=resume)
+    # What Ray, Tune and the trials' libraries print goes to the sweep's log file; of the trials' own
+    # lines the console shows warnings (the table says what each trial does).
+    with console.RunLog(console.default_log_path(spec.sweep_uri, spec.name), worker_level=logging.WARNING) as run_log:
+        return _run_sweep(spec, resume, address, live, out, run_log.path)
+
+
+def _run_sweep(spec: SweepSpec, resume: bool, address: str | None, live: bool | None, out, log_path) -> list[dict[str, Any]]:
+    from e2e_dist import console
+    from e2e_dist.train.ray_env import init_ray
+
     init_ray(address)  # keeps the dashboard on: Train V2 frees finished trials' placement groups through it
+    console.ray_started()
 
     import ray
 
@@ -254,8 +267,10 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
         with _sweep_env():
             tuner = build_tuner(spec, resume=resume, callback_key=key, board=board)
             print(f"sweep {spec.name}: {spec.num_trials()} trial(s), results in {redact(spec.sweep_uri)}"
-                  + (" (resumed)" if resume else ""), file=out, flush=True)
-            tuner.fit()
+                  + (" (resumed)" if resume else "") + f"\nlog file: {log_path}", file=out, flush=True)
+            # Tune prints its own setup box and hints (TensorBoard, results folder): to the log file
+            with contextlib.redirect_stdout(console.library_stream()):
+                tuner.fit()
         if not book.experiment_ended:  # defensive: Tune always calls on_experiment_end
             raise RuntimeError("Ray Tune returned without ending the experiment")
         rows = book.write_results()
@@ -263,7 +278,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
         book.stop_live()
         register_book(key, None)
         ray.kill(board)
-    _print_final(book, out)
+    _print_final(book, out, log_path)
     unfinished = [r.name for r in book.unfinished_rows()]
     if unfinished:
         raise SweepInterrupted(rows, unfinished)
@@ -295,12 +310,12 @@ def _sweep_env() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _print_final(book: SweepBook, out) -> None:
+def _print_final(book: SweepBook, out, log_path) -> None:
     from rich.console import Console
 
     console = Console(file=out, width=max(120, Console(file=out).width))
     console.print(book.table("final"))
-    console.print(f"results: {redact(book.spec.results_uri)}")
+    print(f"results: {redact(book.spec.results_uri)}\nlog file: {log_path}", file=out, flush=True)
 
 
 # ------------------------------------------------------------------------------------- CLI

@@ -30,6 +30,8 @@ class RunSummary:
     """Its copy next to the run in storage (`<run>/wandb/<folder>`; s3:// runs)."""
     data_stats: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
+    log_path: str | None = None
+    """The run's log file (everything the libraries printed), when this process wrote one."""
 
 
 def prepare_run_dir(cfg: RunConfig, *, resume: bool | None) -> CommittedCheckpoint | None:
@@ -128,21 +130,41 @@ def fit_run(cfg: RunConfig, *, resume: bool | None, address: str | None = None,
     to a display actor, "live" also renders it on this console (None: no display, as in sweep
     trials, which have the sweep's table). fault: E2E_DIST_FAULT for drills (default: this process's environment).
     Raises UserError before anything starts, RunFailed (the root cause in one line) after."""
-    from e2e_dist import storage
-    from e2e_dist.checkpoint import checkpoint_dir_name
-    from e2e_dist.data.registry import build_data, check_data
-    from e2e_dist.tracking.run_location import wandb_run_dir, wandb_stored_dir
-    from e2e_dist.train.progress import ProgressDisplay
-    from e2e_dist.train.ray_env import init_ray
+    from e2e_dist import console
+    from e2e_dist.data.registry import check_data
 
     t0 = time.time()
     check_data(cfg.data, cfg.storage)  # bad data paths: one line before Ray starts or anything is written
     prepare_run_dir(cfg, resume=resume)
+    # A run of its own (not a sweep trial, whose sweep keeps the log) writes what libraries print to
+    # its log file; the console keeps our lines.
+    run_log = console.RunLog(console.default_log_path(cfg.run_uri, cfg.name)) if progress else None
+    with run_log or contextlib.nullcontext():
+        if run_log:
+            log.info("log file: %s", run_log.path)
+        summary = _fit(cfg, address, progress, callbacks, fault, t0)
+    summary.log_path = str(run_log.path) if run_log else None
+    return summary
+
+
+def _fit(cfg: RunConfig, address: str | None, progress, callbacks, fault: str | None, t0: float) -> RunSummary:
+    from e2e_dist import console, storage
+    from e2e_dist.checkpoint import checkpoint_dir_name
+    from e2e_dist.data.registry import build_data
+    from e2e_dist.tracking.run_location import wandb_run_dir, wandb_stored_dir
+    from e2e_dist.train.progress import ProgressDisplay
+    from e2e_dist.train.ray_env import init_ray
+
     init_ray(address)
+    console.ray_started()
     bundle = build_data(cfg.data, cfg.model, cfg.storage)
     # Validation is small and read at every evaluation: materialize it once in the object store
     # instead of re-running its read tasks each time.
     bundle.val = bundle.val.materialize()
+    if bundle.train_decoded_bytes is not None and bundle.train_decoded_bytes <= cfg.data.cache_mb * 2**20:
+        # Every worker reads the whole train set every epoch (train/batches.py): once in memory,
+        # that costs no task (a fresh Ray worker process per read task is most of it on a small machine).
+        bundle.train = bundle.train.materialize()
     display_cm = (ProgressDisplay(cfg.name, quiet=progress == "quiet", ckpt_every=cfg.trainer.ckpt_every)
                   if progress else contextlib.nullcontext())
     with display_cm as display:

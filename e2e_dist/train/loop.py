@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from e2e_dist.config import RunConfig
+from e2e_dist.console import tag_our_lines
 from e2e_dist.train import preemption
 from e2e_dist.train.batches import BatchStream
 from e2e_dist.train.build import Built, build_engine
@@ -41,6 +42,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     cfg = RunConfig.model_validate(loop_config["run"])
+    tag_our_lines()
     quiet_library_logs()
     w = Worker.start(cfg, loop_config)
     state = w.restore()
@@ -135,7 +137,8 @@ class Worker:
         if state.resumed_from is not None:
             self.tracker.backfill(state.logged_rows)
             if self.rank == 0:
-                log.warning("resumed from the committed checkpoint of step %d", state.resumed_from)
+                resized = f" on {self.world} workers (was {src.world_size})" if self.once else ""
+                log.info("resumed from the committed checkpoint of step %d%s", state.resumed_from, resized)
         self.progress = ProgressSink.connect(self.loop_config.get("progress_actor"), self.rank)
         self.stream = BatchStream(ray.train.get_dataset_shard("train"), t.micro_batch_size,
                                   self.loop_config["collate"], self.device, rank=self.rank, world=self.world,

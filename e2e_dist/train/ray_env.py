@@ -19,12 +19,25 @@ from pathlib import Path
 from e2e_dist import ray_compat
 
 LOOPBACK = "127.0.0.1"
-SIGTERM_SETUP_HOOK = "e2e_dist.train.preemption.install_sigterm_handler"
+WORKER_SETUP_HOOK = "e2e_dist.train.ray_env.setup_worker_process"
+"""Ray's worker_process_setup_hook for every worker process of our jobs (see setup_worker_process)."""
 
 # A single-node Ray on Linux advertises the machine's primary address, even with
 # _node_ip_address="127.0.0.1" (Ray maps loopback back to the "reachable" address). This switch,
 # read when Ray is imported, keeps a local instance on loopback. Set it before `import ray`.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def setup_worker_process() -> None:
+    """Runs at the start of every Ray worker process of a run or sweep (the job's
+    worker_process_setup_hook): SIGTERM takes a just-in-time checkpoint instead of killing the
+    process (train/preemption.py), and our log records are tagged for the driver's console
+    (console.py), in Ray Data's decode tasks too."""
+    from e2e_dist.console import tag_our_lines
+    from e2e_dist.train.preemption import install_sigterm_handler
+
+    install_sigterm_handler()
+    tag_our_lines()
 
 
 def free_port() -> int:
@@ -75,12 +88,12 @@ def _cluster_runtime_env(address: str) -> dict | None:
         except (ValueError, AttributeError):
             return None  # not what Ray writes: leave the merge to Ray alone
         if job_hook:
-            if job_hook != SIGTERM_SETUP_HOOK:
+            if job_hook != WORKER_SETUP_HOOK:
                 logging.getLogger("e2e_dist.launcher").warning(
                     "the job's runtime_env sets worker_process_setup_hook=%s: SIGTERM will not take "
-                    "a just-in-time checkpoint (that needs %s)", job_hook, SIGTERM_SETUP_HOOK)
+                    "a just-in-time checkpoint (that needs %s)", job_hook, WORKER_SETUP_HOOK)
             return None
-    return {"worker_process_setup_hook": SIGTERM_SETUP_HOOK}
+    return {"worker_process_setup_hook": WORKER_SETUP_HOOK}
 
 
 def init_ray(address: str | None = None, opts: LocalRayOptions | None = None) -> None:
@@ -113,14 +126,14 @@ def init_ray(address: str | None = None, opts: LocalRayOptions | None = None) ->
     if address:
         # The job's own runtime_env (working dir, env vars) applies; ours adds only the SIGTERM
         # hook, and only where Ray merges it without conflict and runs it (see below).
-        ray.init(address=address, log_to_driver=True, runtime_env=_cluster_runtime_env(address))
+        ray.init(address=address, log_to_driver=True, runtime_env=_cluster_runtime_env(address), **_logging_kwargs())
         pin_shared_actors_here()
         return
     # Actors that use the state API (Train V2's placement-group cleaner) find "the" cluster by
     # RAY_ADDRESS; with several clusters on one machine, auto-detection fails.
     # SIGTERM -> just-in-time checkpoint (train/preemption.py). Ray runs the setup hook only from
     # the job-level runtime_env, not from an actor's.
-    runtime_env = {"env_vars": {}, "worker_process_setup_hook": SIGTERM_SETUP_HOOK}
+    runtime_env = {"env_vars": {}, "worker_process_setup_hook": WORKER_SETUP_HOOK}
     opts = opts or LocalRayOptions()
     temp_dir = opts.temp_dir or str(Path(".cache/ray").resolve())
     Path(temp_dir).mkdir(parents=True, exist_ok=True)
@@ -138,9 +151,19 @@ def init_ray(address: str | None = None, opts: LocalRayOptions | None = None) ->
         **ray_compat.local_init_kwargs(node_ip=LOOPBACK, temp_dir=temp_dir),
         runtime_env=runtime_env,
         log_to_driver=True,
-        configure_logging=True,
-        logging_level="WARNING",
+        **_logging_kwargs(),
     )
+
+
+def _logging_kwargs() -> dict:
+    """ray.init's logging: left alone while a run's log file is open (Ray's records then reach it
+    through the root logger; Ray's own setup would put a console handler back before the run can
+    take it away), else Ray's console handler at WARNING."""
+    from e2e_dist import console
+
+    if console.run_log_open():
+        return {"configure_logging": False}
+    return {"configure_logging": True, "logging_level": "WARNING"}
 
 
 def pin_shared_actors_here() -> None:

@@ -33,6 +33,8 @@ def print_run_summary(s: RunSummary) -> None:
     offline = next((d for d in (s.wandb_dir, s.wandb_copy) if d and "offline-run-" in d), None)
     if offline:
         lines.append(f"               upload it: {sync_command(offline)}")
+    if s.log_path:
+        lines.append(f"log file       {s.log_path}")
     print("\n".join(lines))
     if m.get("sample"):
         print("sample:\n" + "-" * 60 + f"\n{m['sample']}\n" + "-" * 60)

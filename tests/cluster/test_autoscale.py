@@ -15,6 +15,7 @@ import pytest
 
 from e2e_dist.cluster import jobs
 from e2e_dist.cluster.local import LocalCluster
+from tests.helpers.console import foreign_lines
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -181,4 +182,6 @@ def test_sweep_submitted_with_its_working_dir_succeeds_on_autoscaled_hosts(s3_se
     rows = [json.loads(line) for line in body.splitlines() if line.strip()]
     assert sorted(r["status"] for r in rows) == ["completed", "completed"]
     assert "data-ablation" in log and "completed" in log  # the sweep's own lines, readable in the job log
+    assert foreign_lines(log) == [], log[-4000:]  # only our lines: libraries' go to the sweep's log file
+    assert len(log.splitlines()) <= 100, len(log.splitlines())
     empty_and_delete_bucket(s3_server.url, bucket)

@@ -15,7 +15,7 @@ import pytest
 from e2e_dist.cli import main
 from e2e_dist.cluster import jobs
 from e2e_dist.cluster.local import LocalCluster
-from e2e_dist.train.ray_env import SIGTERM_SETUP_HOOK, _cluster_runtime_env
+from e2e_dist.train.ray_env import WORKER_SETUP_HOOK, _cluster_runtime_env
 from tests.helpers.processes import alive, bystander
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,7 +110,7 @@ def test_forwarded_env_and_redaction(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "UNRELATED_VAR" not in env
     runtime_env = jobs.build_runtime_env(ROOT, env)
     assert runtime_env["working_dir"] == str(ROOT) and ".venv" in runtime_env["excludes"]
-    assert runtime_env["env_vars"] == env and runtime_env["worker_process_setup_hook"] == SIGTERM_SETUP_HOOK
+    assert runtime_env["env_vars"] == env and runtime_env["worker_process_setup_hook"] == WORKER_SETUP_HOOK
     assert jobs.cluster_entrypoint(["e2e-dist", "sweep", "s.yaml"]) == ["e2e-dist", "sweep", "s.yaml", "--address", "auto"]
     assert jobs.cluster_entrypoint(["e2e-dist", "train", "x", "--address=ray://h:1"])[-1] == "--address=ray://h:1"
     assert jobs.cluster_entrypoint(["python", "x.py"]) == ["python", "x.py"]
@@ -119,7 +119,7 @@ def test_forwarded_env_and_redaction(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_driver_adds_the_hook_only_where_ray_merges_and_runs_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    ours = {"worker_process_setup_hook": SIGTERM_SETUP_HOOK}
+    ours = {"worker_process_setup_hook": WORKER_SETUP_HOOK}
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     assert _cluster_runtime_env("127.0.0.1:6379") == ours  # a driver outside any job
     assert _cluster_runtime_env("ray://127.0.0.1:10001") is None  # Ray Client never runs the hook

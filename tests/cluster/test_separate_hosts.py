@@ -29,9 +29,10 @@ from e2e_dist.cli import main
 from e2e_dist.cluster import jobs
 from e2e_dist.cluster.local import LocalCluster
 from e2e_dist.cluster.netns import netns_unavailable_reason
-from e2e_dist.train.ray_env import SIGTERM_SETUP_HOOK
+from e2e_dist.train.ray_env import WORKER_SETUP_HOOK
 from tests.fixtures.s3 import directory_markers, empty_and_delete_bucket, get_object, list_keys, make_bucket
 from tests.helpers.processes import alive, bystander
+from tests.helpers.console import foreign_lines
 from e2e_dist.tracking.offline_history import read_history
 
 pytestmark = pytest.mark.slow
@@ -88,6 +89,7 @@ def _submit(hosts: LocalCluster, job_id: str, *args: str, env: tuple[str, ...] =
     log = jobs.logs(job_id, hosts.dashboard_url)
     assert rc == 0 and jobs.status(job_id, hosts.dashboard_url).status == "SUCCEEDED", log[-4000:]
     assert "PreemptionWatcher" not in log  # Ray's E-level line about an actor we switch off (ray_env)
+    assert foreign_lines(log) == [], log[-4000:]  # only our lines: libraries' go to the run's log file
     return log
 
 
@@ -240,7 +242,7 @@ def test_submitted_jobs_get_the_sigterm_hook(hosts: LocalCluster) -> None:
             runtime_env={"env_vars": env}),
     }
     assert jobs.client(url).get_job_info(started["submit-plain"]).runtime_env["worker_process_setup_hook"] == \
-        SIGTERM_SETUP_HOOK
+        WORKER_SETUP_HOOK
     for case, job_id in started.items():
         state = jobs.wait(job_id, url, timeout_s=180, poll_s=0.5)
         log = jobs.logs(job_id, url)

@@ -1,0 +1,89 @@
+"""The console shows our lines only; everything libraries print goes to the run's log file."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from e2e_dist import console
+from tests.helpers.console import foreign_lines
+
+CLI = str(Path(sys.executable).parent / "e2e-dist")
+
+
+def test_workers_tag_our_records_and_leave_file_only_details_out():
+    """What a Ray worker prints for the driver to pick out (a fresh process: the tagging is global)."""
+    code = ("import logging; from e2e_dist.console import tag_our_lines, FILE_ONLY; tag_our_lines(); "
+            "log = logging.getLogger('e2e_dist.data'); log.info('committed x'); log.warning('bad file f'); "
+            "log.info('stats', extra=FILE_ONLY); log.debug('noise'); tag_our_lines(); log.info('once')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == ["[e2e-dist] INFO committed x", "[e2e-dist] WARNING bad file f",
+                                        "[e2e-dist] INFO once"]
+    assert console.parse_tagged("[e2e-dist] WARNING bad file f") == (logging.WARNING, "bad file f")
+    assert console.parse_tagged("[e2e-dist] NOTALEVEL x") is None
+    assert console.parse_tagged("(RayTrainWorker pid=1) [e2e-dist] INFO x") is None  # Ray's prefix is not in the data
+
+
+def test_run_log_sends_worker_output_to_the_file_and_our_lines_to_the_console(tmp_path):
+    shown = io.StringIO()
+    path = tmp_path / "logs" / "r.log"
+    lines = ["[2026-12-02 19:44:22,165] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU.",
+             "[e2e-dist] INFO committed /runs/r/step_00000020 (6 files, 7164947 bytes)",
+             "[e2e-dist] WARNING skipping unreadable image /d/x.png: truncated",
+             "Traceback (most recent call last):"]
+    before = (list(logging.getLogger().handlers), logging.getLogger().level, logging.getLogger("ray.data").propagate)
+    with console.RunLog(path, console=shown, verbose=False) as run_log:
+        for pid in (11, 12):  # two ranks say the same
+            run_log.handle_worker_output({"pid": pid, "ip": "127.0.0.1", "actor_name": "RayTrainWorker", "lines": lines})
+        run_log.handle_worker_output({"pid": 13, "ip": "127.0.0.1", "task_name": "MapBatches(decode)",
+                                      "lines": ["[e2e-dist] DEBUG not a console level", "plain"]})
+        logging.getLogger("ray.data").warning("Progress bars disabled")   # a library on the driver
+        logging.getLogger("e2e_dist.launcher").info("log file: %s", path)  # ours, on the driver
+    assert shown.getvalue().splitlines() == ["committed /runs/r/step_00000020 (6 files, 7164947 bytes)",
+                                             "warning: skipping unreadable image /d/x.png: truncated"]
+    text = path.read_text()
+    assert text.count("Setting accelerator to CPU") == 2 and "(RayTrainWorker pid=12, ip=127.0.0.1) Traceback" in text
+    assert "(MapBatches(decode) pid=13, ip=127.0.0.1) plain" in text
+    assert "WARNING ray.data: Progress bars disabled" in text and "INFO e2e_dist.launcher: log file:" in text
+    # after the block: logging as it was (the file handler gone, levels and propagation back)
+    assert (list(logging.getLogger().handlers), logging.getLogger().level, logging.getLogger("ray.data").propagate) == before
+
+
+def test_a_sweep_log_shows_only_warnings_of_workers(tmp_path):
+    shown = io.StringIO()
+    with console.RunLog(tmp_path / "s.log", console=shown, verbose=False, worker_level=logging.WARNING) as run_log:
+        run_log.handle_worker_output({"pid": 1, "ip": "127.0.0.1", "actor_name": "t",
+                                      "lines": ["[e2e-dist] INFO committed a", "[e2e-dist] ERROR trial failed: x"]})
+    assert shown.getvalue() == "error: trial failed: x\n"
+
+
+@pytest.mark.slow
+def test_train_console_holds_only_our_lines_and_the_log_file_the_rest(tmp_path):
+    """`e2e-dist train` as a user runs it (not a terminal: plain lines): every console line is one
+    of ours; what Ray, Ray Data and DeepSpeed printed is in the log file named at start and end."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    (tmp_path / "home").mkdir()
+    env.update(HOME=str(tmp_path / "home"), RAY_AUTH_MODE="disabled", WANDB_MODE="offline", PYTHONIOENCODING="utf-8")
+    args = [CLI, "train", "tiny-text", "--set", f"storage.path={tmp_path}/runs", "--set", "trainer.max_steps=4",
+            "--set", "trainer.log_every=2", "--set", "trainer.ckpt_every=2", "--set", "trainer.eval_batches=1",
+            "--set", "data.max_bytes=100000", "--set", "data.max_files=10"]
+    with tempfile.TemporaryDirectory(prefix="e2econ-", dir="/tmp") as cwd:  # Ray's socket paths stay short
+        proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert foreign_lines(proc.stdout) == [] and foreign_lines(proc.stderr) == [], out
+    assert proc.stdout.count("step 2/4") == 1 and proc.stdout.count("step 4/4") == 1
+    assert proc.stderr.count("committed ") == 2  # rank 0's line, once per checkpoint (not once per rank)
+    log_path = Path(proc.stderr.splitlines()[0].removeprefix("log file: "))
+    assert log_path.parent == tmp_path / "runs" / "tiny-text" / "logs" and f"log file       {log_path}" in proc.stdout
+    logged = log_path.read_text()
+    assert "(RayTrainWorker pid=" in logged and "ray.data" in logged
+    assert "[e2e-dist] INFO committed" in logged  # ours are in the file too
