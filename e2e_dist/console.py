@@ -78,6 +78,10 @@ FILE_ONLY = {"console": False}
 """`log.info(..., extra=FILE_ONLY)`: a detail for the log file, not the console."""
 
 
+def _not_the_accelerator_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Setting accelerator to")
+
+
 def _for_console(record: logging.LogRecord) -> bool:
     return getattr(record, "console", True)
 
@@ -113,6 +117,9 @@ def setup_console(verbose: bool = False) -> None:
         # `submit --follow` would print the job SDK's "WebSocket closed ..." INFO line. A level on
         # the child survives that.
         logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)
+        # DeepSpeed's import says "Setting accelerator to CPU ..." at WARNING on every CPU machine
+        # (export, predict); its logger sets its own level and handler at import, a filter stays.
+        logging.getLogger("DeepSpeed").addFilter(_not_the_accelerator_notice)
     if not root.handlers:
         libs = logging.StreamHandler(sys.stderr)
         libs.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
