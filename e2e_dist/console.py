@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from e2e_dist import ray_compat
+
 TAG = "[e2e-dist] "
 """Marks our records in a worker's output; the driver shows only such lines (without it)."""
 
@@ -35,11 +37,6 @@ LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "dee
 
 _VERBOSE = False
 _ACTIVE: "RunLog | None" = None
-
-
-def verbose() -> bool:
-    """`e2e-dist -v`: libraries' output on the console as well."""
-    return _VERBOSE
 
 
 def run_log_open() -> bool:
@@ -67,7 +64,7 @@ def library_stream() -> TextIO:
 
 
 def ray_started() -> None:
-    """Called once Ray is connected (init_ray's callers): the open RunLog, if any, takes over Ray's
+    """Called by init_ray once it connected Ray: the open RunLog, if any, takes over Ray's
     printing of worker output and the console handlers ray.init just installed."""
     if _ACTIVE is not None:
         _ACTIVE.reroute_libraries()
@@ -239,14 +236,10 @@ class RunLog:
     # ------------------------------------------------------------------ workers' output
     def capture_worker_output(self) -> None:
         """Ray connected: workers' lines go through `handle_worker_output` instead of Ray's printer."""
-        from e2e_dist import ray_compat
-
         printer = ray_compat.route_worker_output(_HANDLER_NAME, self.handle_worker_output, keep_ray_printer=self.verbose)
         self._ray_printer = self._ray_printer or printer  # connected twice (init_ray after __enter__): keep the first
 
     def release_worker_output(self) -> None:
-        from e2e_dist import ray_compat
-
         try:
             ray_compat.unroute_worker_output(_HANDLER_NAME, self._ray_printer)
         except ray_compat.RayCompatError:
@@ -255,8 +248,6 @@ class RunLog:
 
     def handle_worker_output(self, data: dict[str, Any]) -> None:
         """One batch of a Ray process's output lines (Ray's log stream): all to the file, ours to the console."""
-        from e2e_dist import ray_compat
-
         who = data.get("actor_name") or data.get("task_name") or "worker"
         prefix = f"({who} pid={data.get('pid')}, ip={data.get('ip')}) "
         lines = data.get("lines", ())

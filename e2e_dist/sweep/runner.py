@@ -254,7 +254,6 @@ def _run_sweep(spec: SweepSpec, resume: bool, address: str | None, live: bool | 
     from e2e_dist.train.ray_env import init_ray
 
     init_ray(address)  # keeps the dashboard on: Train V2 frees finished trials' placement groups through it
-    console.ray_started()
 
     import ray
 

@@ -148,15 +148,14 @@ def fit_run(cfg: RunConfig, *, resume: bool | None, address: str | None = None,
 
 
 def _fit(cfg: RunConfig, address: str | None, progress, callbacks, fault: str | None, t0: float) -> RunSummary:
-    from e2e_dist import console, storage
+    from e2e_dist import storage
     from e2e_dist.checkpoint import checkpoint_dir_name
     from e2e_dist.data.registry import build_data
     from e2e_dist.tracking.run_location import wandb_run_dir, wandb_stored_dir
     from e2e_dist.train.progress import ProgressDisplay
     from e2e_dist.train.ray_env import init_ray
 
-    init_ray(address)
-    console.ray_started()
+    init_ray(address)  # an open RunLog takes over Ray's worker output here (console.ray_started)
     bundle = build_data(cfg.data, cfg.model, cfg.storage)
     # Validation is small and read at every evaluation: materialize it once in the object store
     # instead of re-running its read tasks each time.

@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from e2e_dist import ray_compat
+from e2e_dist import console, ray_compat
 
 LOOPBACK = "127.0.0.1"
 WORKER_SETUP_HOOK = "e2e_dist.train.ray_env.setup_worker_process"
@@ -127,6 +127,7 @@ def init_ray(address: str | None = None, opts: LocalRayOptions | None = None) ->
         # The job's own runtime_env (working dir, env vars) applies; ours adds only the SIGTERM
         # hook, and only where Ray merges it without conflict and runs it (see below).
         ray.init(address=address, log_to_driver=True, runtime_env=_cluster_runtime_env(address), **_logging_kwargs())
+        console.ray_started()
         pin_shared_actors_here()
         return
     # Actors that use the state API (Train V2's placement-group cleaner) find "the" cluster by
@@ -153,14 +154,13 @@ def init_ray(address: str | None = None, opts: LocalRayOptions | None = None) ->
         log_to_driver=True,
         **_logging_kwargs(),
     )
+    console.ray_started()
 
 
 def _logging_kwargs() -> dict:
     """ray.init's logging: left alone while a run's log file is open (Ray's records then reach it
     through the root logger; Ray's own setup would put a console handler back before the run can
     take it away), else Ray's console handler at WARNING."""
-    from e2e_dist import console
-
     if console.run_log_open():
         return {"configure_logging": False}
     return {"configure_logging": True, "logging_level": "WARNING"}
