@@ -6,6 +6,7 @@ seen accepted by Ray 2.60:
 
 - a missing `cluster_name` (Ray silently uses "default", so two such clusters collide);
 - per node type `min_workers` > `max_workers`;
+- (warning) a file mount that is a single file, which Ray warns about on every command;
 - AWS (validate_aws.py): unknown `provider` keys, the region and zones, every `node_config`
   against EC2's RunInstances shape, GPU counts, world-open ingress; warnings for node types
   without an instance profile;
@@ -114,12 +115,22 @@ def _lint_launcher(raw: dict[str, Any]) -> Findings:
     prepared, ray_problems = _ray_schema(raw)
     config = prepared if prepared is not None else raw
     problems += _worker_bounds(config)
-    warnings: list[str] = []
+    warnings = _single_file_mounts(raw)
     if provider["type"] == "aws":
         problems += aws_errors(raw, config)
         warnings += aws_warnings(raw)
     # ours first: where Ray's schema sees the same field, our line says more
     return Findings(_dedupe(problems + ray_problems + _secret_problems(raw)), warnings)
+
+
+def _single_file_mounts(raw: dict[str, Any]) -> list[str]:
+    """Ray's own check, said once with its fix: every `ray` command warns about a file mount whose
+    local side is a file (its Docker check runs for every provider, as the defaults hold `docker: {}`).
+    Like Ray, relative to the current directory, where `ray up` runs."""
+    mounts = raw.get("file_mounts")
+    return [f"file_mounts.{remote}: {local} is a single file (Ray warns about it on every command); mount a folder"
+            for remote, local in (mounts.items() if isinstance(mounts, dict) else ())
+            if isinstance(local, str) and Path(local).is_file()]
 
 
 def _ray_schema(raw: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:

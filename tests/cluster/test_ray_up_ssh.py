@@ -1,7 +1,8 @@
 """`ray up` -> `ray submit` (a short training run) -> `ray down` with Ray's real cluster launcher.
 
 The cluster config is the shipped cluster/onprem.yaml (Ray's `local` provider: its file mounts,
-token auth, bashrc environment and tagged start/stop commands) pointed at this machine over SSH.
+token auth, the project's install step, bashrc environment and tagged start/stop commands) pointed
+at this machine over SSH. The launcher's output must carry none of Ray's file-mount warnings.
 Another Ray instance runs on the same "machine" and must survive `ray down` (the launcher's own
 teardown is a machine-wide `ray stop`; onprem.yaml narrows it to the cluster's processes).
 Everything runs inside namespaces this test creates (`unshare`):
@@ -28,6 +29,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -82,6 +84,17 @@ def test_ray_up_submit_down_over_ssh() -> None:
         # Token auth was on: the head ran with RAY_AUTH_MODE=token and the shipped token mount.
         assert result["head_auth_mode"] == "token", result
         assert result["token_on_head"], "file_mounts did not put ~/.ray/auth_token on the head"
+        # The shipped install step put the mounted package and the `e2e-dist` command in the venv.
+        assert result["package_on_head"].startswith(result["home"] + "/e2e-dist/e2e_dist/"), result
+        assert result["command_on_head"] == result["home"] + "/venv/bin/e2e-dist", result
+        # Only folders are mounted: Ray warns on every command about a mount that is a single file.
+        for name in ("up", "submit", "down"):
+            warned = [line for line in (work / f"{name}.log").read_text().splitlines() if "refers to a file" in line]
+            assert not warned, f"ray {name}: {warned}"
+        # Train's resource request ({'CPU': 1.0} * workers, every 20 s) is infeasible to the
+        # autoscaler while a node is still starting (the local provider's node type declares no
+        # resources); such autoscaler events go to the run's log file, never to this console.
+        assert "cluster constraint" not in (work / "submit.log").read_text()
         # The training run on the head wrote a committed checkpoint.
         run_dir = work / "runs" / "ssh-smoke"
         manifests = sorted(run_dir.glob("step_*/manifest.json"))
@@ -110,14 +123,27 @@ def _write_cluster_config(work: Path) -> None:
     assert "~/e2e-dist/e2e_dist" in mounts and "~/.ray/auth_token" in mounts, mounts
     cfg["file_mounts"] = {remote: str(ROOT / local) if local.startswith("./") else local
                           for remote, local in mounts.items()}
-    # Setup: this machine already has the venv; no pip. Keep the shipped bashrc step (venv, token
-    # auth, the `ray stop` that stops this cluster only).
-    shipped_env_step = [c for c in cfg["setup_commands"] if "e2e-dist onprem env" in c]
-    assert len(shipped_env_step) == 1, "cluster/onprem.yaml lost its bashrc environment step"
+    # Setup: no network in here, so no pip. A fresh ~/venv sees this checkout's installed
+    # dependencies (what the lock file would install; a plain path line, so the checkout's own
+    # editable install is *not* seen), then the shipped steps: the project's install (package on the
+    # path + `e2e-dist` command) and the bashrc step (venv, token auth, the cluster-only `ray stop`).
+    shipped = cfg["setup_commands"]
+    install_steps = [c for c in shipped if "e2e_dist.pth" in c or "from e2e_dist.cli import main" in c]
+    env_step = [c for c in shipped if "e2e-dist onprem env" in c]
+    assert len(install_steps) == 2, "cluster/onprem.yaml lost its project install steps"
+    assert len(env_step) == 1, "cluster/onprem.yaml lost its bashrc environment step"
+    purelib = "$(~/venv/bin/python -c 'import sysconfig; print(sysconfig.get_path(\"purelib\"))')"
     # DeepSpeed's JIT-built ops: reuse this checkout's cache instead of compiling them again.
     ext = os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    cfg["setup_commands"] = [f"ln -sfn {Path(sys.executable).parents[1]} ~/venv", *shipped_env_step,
-                             f"echo 'export TORCH_EXTENSIONS_DIR={ext}' >> ~/.bashrc"]
+    # The dependencies' commands (ray, ninja, ...) as pip would write them: this venv's interpreter.
+    bin_dir = Path(sys.executable).parent
+    commands = (f"for f in {bin_dir}/*; do n=$(basename $f); case $n in python*|pip*|activate*|Activate*) continue;; esac; "
+                "if head -n1 $f | grep -q '^#!.*python'; then sed '1s|.*|#!'$HOME/venv/bin/python'|' $f > ~/venv/bin/$n "
+                "&& chmod 755 ~/venv/bin/$n; else ln -sf $f ~/venv/bin/$n; fi; done")
+    cfg["setup_commands"] = [
+        f"test -x ~/venv/bin/python || {sys._base_executable} -m venv --without-pip ~/venv",
+        f"echo {sysconfig.get_path('purelib')} > {purelib}/checkout_deps.pth", commands,
+        *install_steps, *env_step, f"echo 'export TORCH_EXTENSIONS_DIR={ext}' >> ~/.bashrc"]
     (work / "cluster.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
@@ -235,8 +261,10 @@ def _inner(work: Path) -> int:
         rc, tail = _run_logged("submit", [ray, "submit", "cluster.yaml", "smoke.py"], work, 360, env)
         result.update(submit_rc=rc, submit_tail=tail)
         status = (work / "head_env.json")
-        result["head_auth_mode"] = json.loads(status.read_text()).get("RAY_AUTH_MODE") if status.exists() else None
-        result["token_on_head"] = json.loads(status.read_text()).get("token") if status.exists() else False
+        head = json.loads(status.read_text()) if status.exists() else {}
+        result.update(head_auth_mode=head.get("RAY_AUTH_MODE"), token_on_head=head.get("token", False),
+                      home=head.get("home"), package_on_head=head.get("package", ""),
+                      command_on_head=head.get("command"))
     rc, tail = _run_logged("down", [ray, "down", "-y", "cluster.yaml"], work, 120, env)
     result.update(down_rc=rc, down_tail=tail)
     time.sleep(2)
@@ -254,9 +282,12 @@ SMOKE_SCRIPT = '''
 import json, os, subprocess, sys
 from pathlib import Path
 work = Path("{storage}").parent
+import shutil
+import e2e_dist
 (work / "head_env.json").write_text(json.dumps({{
     "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE"),
     "token": (Path.home() / ".ray" / "auth_token").is_file(),
+    "home": str(Path.home()), "package": e2e_dist.__file__, "command": shutil.which("e2e-dist"),
 }}))
 cmd = ["e2e-dist", "train", "tiny-text", "--quiet", "--address", "127.0.0.1:6379",
        "--set", "name=ssh-smoke", "--set", "storage.path={storage}",

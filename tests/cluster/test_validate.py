@@ -59,7 +59,7 @@ def test_shipped_aws_config_keeps_its_security_properties() -> None:
     spot = [k for k, v in workers.items() if v["node_config"].get("InstanceMarketOptions")]
     assert spot and all(workers[k]["max_workers"] == 0 for k in spot)  # spot is opt-in
     setup = " ".join(cfg["setup_commands"])
-    assert "torch==2.13.0" in setup and "-r ~/e2e-dist/requirements.lock" in setup and "--no-deps -e" in setup
+    assert "torch==2.13.0" in setup and "-r ~/e2e-dist/requirements/lock.txt" in setup and "from e2e_dist.cli import main" in setup
 
 
 def test_local_autoscale_has_the_same_node_types() -> None:
@@ -116,7 +116,7 @@ BROKEN = [
     ("all-open-v6", "ray-cluster.yaml", _set("provider.security_group.IpPermissions", [_SSH_ONLY, _WORLD_ALL_V6]),
      "provider.security_group.IpPermissions[1]: all ports open to the internet"),
     ("wandb-key-in-setup", "ray-cluster.yaml", _append("setup_commands", "export WANDB_API_KEY=0123456789abcdef"),
-     "setup_commands[7]: literal WANDB_API_KEY value"),
+     "setup_commands[8]: literal WANDB_API_KEY value"),
     ("aws-secret-in-start", "ray-cluster.yaml",
      _append("head_start_ray_commands", "AWS_SECRET_ACCESS_KEY='wJalrXUtnFEMI/K7MDENG' ray status"),
      "head_start_ray_commands[2]: literal AWS_SECRET_ACCESS_KEY value"),
@@ -285,3 +285,17 @@ def test_workers_without_an_instance_profile_are_a_warning(tmp_path: Path, capsy
     out = capsys.readouterr()
     assert out.out.strip() == f"{path}: ok (2 warning(s))"
     assert [ln.split(": ")[1] for ln in out.err.splitlines()] == ["warning", "warning"]
+
+
+def test_single_file_mounts_are_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray warns about a mounted single file on every `ray` command; validate says it once, and the
+    shipped files mount folders only (checked from the repository root, where `ray up` runs)."""
+    monkeypatch.chdir(ROOT)
+    for rel in ("ray-cluster.yaml", "cluster/onprem.yaml"):
+        assert lint_cluster_config(_load(rel)).warnings == [], rel
+    cfg = _load("cluster/onprem.yaml")
+    cfg["file_mounts"]["~/e2e-dist/pyproject.toml"] = "./pyproject.toml"
+    found = lint_cluster_config(cfg)
+    assert found.errors == [] and found.warnings == [
+        "file_mounts.~/e2e-dist/pyproject.toml: ./pyproject.toml is a single file (Ray warns about it on every "
+        "command); mount a folder"]
