@@ -76,8 +76,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from e2e_dist.export import export_checkpoint
 
     info = export_checkpoint(args.checkpoint, args.out, StorageConfig(path=args.checkpoint, endpoint_url=args.endpoint_url))
+    buffers = info.get("num_buffer_values", 0)
     print(f"exported step {info.get('step')} -> {args.out} ({info.get('num_tensors', '?')} tensors, "
-          f"{info.get('num_params', 0):,} parameters)")
+          f"{info.get('num_params', 0):,} parameters" + (f" + {buffers:,} buffer values" if buffers else "") + ")")
     return 0
 
 
@@ -85,17 +86,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from e2e_dist.export import generate_from_export
 
     text = generate_from_export(args.exported, args.prompt, max_new_bytes=args.max_bytes,
-                                temperature=args.temperature, seed=args.seed)
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     print(args.prompt + text)
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from e2e_dist.predict import predict
+    """Every input gets its answer or its one-line error (naming it); exit 1 if any failed."""
+    from e2e_dist.errors import UserError
+    from e2e_dist.predict import load_predictor, predict_one
 
+    model, cfg = load_predictor(args.exported)
+    failed = 0
     for path in args.inputs:
-        print(f"{path}\t{predict(args.exported, path)}")
-    return 0
+        try:
+            print(f"{path}\t{predict_one(model, cfg, path)}", flush=True)
+        except UserError as e:
+            failed += 1
+            print(f"e2e-dist: error: {e}", file=sys.stderr, flush=True)
+    if failed:
+        print(f"e2e-dist: error: {failed} of {len(args.inputs)} input(s) failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -113,7 +124,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_scaling(args: argparse.Namespace) -> int:
-    from e2e_dist.sweep.runner import scaling_cli
+    from e2e_dist.sweep.scaling_report import scaling_cli
 
     return scaling_cli(args)
 
@@ -138,8 +149,27 @@ def _add_run_verbs(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("scaling", help="fit scaling laws to sweep results")
     p.add_argument("results_uri", help="a sweep's directory (local or s3://) holding results.jsonl")
     p.add_argument("--budget", type=float, help="compute budget in FLOPs for the compute-optimal (N, D)")
+    p.add_argument("--holdout", metavar="largest|TRIAL",
+                   help="fit without this trial ('largest': largest D, N or N*D) and report the prediction error on it")
+    p.add_argument("--metric", help="the loss to fit (default: the sweep's own metric, else val_loss)")
+    p.add_argument("--predict", action="append", metavar="N=..,D=..",
+                   help="print the law's prediction with its interval at this point (repeatable)")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint")
     p.set_defaults(func=cmd_scaling)
+
+
+def _number(kind, what: str, ok):
+    """An argparse type: `kind(text)` that must satisfy `ok`, else the one-line usage error naming it."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
 
 
 def _add_model_verbs(sub: argparse._SubParsersAction) -> None:
@@ -150,12 +180,19 @@ def _add_model_verbs(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--endpoint-url", help="S3-compatible endpoint")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("generate", help="sample text from an exported model")
-    p.add_argument("exported")
-    p.add_argument("--prompt", default="def ")
-    p.add_argument("--max-bytes", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("generate", help="sample text from an exported model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("exported", help="an exported text model (.safetensors, local or s3://)")
+    p.add_argument("--prompt", default="def ", help="text to continue")
+    p.add_argument("--max-bytes", type=_number(int, "a positive integer", lambda v: v > 0), default=200,
+                   help="bytes to generate")
+    p.add_argument("--temperature", type=_number(float, "a number >= 0", lambda v: v >= 0), default=0.8,
+                   help="sampling temperature; 0: always the likeliest byte")
+    p.add_argument("--top-k", type=_number(int, "an integer >= 0", lambda v: v >= 0), default=40,
+                   help="sample from the k likeliest bytes; 0: all 256")
+    p.add_argument("--top-p", type=_number(float, "a number in (0, 1]", lambda v: 0 < v <= 1), default=1.0,
+                   help="then from the smallest set of them holding this much probability; 1: no cut")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same text)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("predict", help="image -> class, audio -> transcript, from an exported model")

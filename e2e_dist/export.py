@@ -46,7 +46,7 @@ def export_checkpoint(source_uri: str, out_uri: str, storage_cfg: Any = None) ->
         ckpt, local, skipped = _fetch_source(source_uri, storage_cfg, Path(tmp) / "ckpt")
         cfg = _config_of(ckpt)
         tensors, tied = _materialize(_consolidated_state_dict(local), where=ckpt.uri)
-        _check_against_model(cfg, tensors, tied, where=ckpt.uri)
+        param_names = _check_against_model(cfg, tensors, tied, where=ckpt.uri)
         metadata = {
             "format": "pt", META_FORMAT: EXPORT_FORMAT, META_CONFIG: json.dumps(cfg.to_public_dict()),
             META_TIED: json.dumps(tied), "e2e_dist.step": str(ckpt.step), "e2e_dist.source": redact(ckpt.uri),
@@ -62,7 +62,11 @@ def export_checkpoint(source_uri: str, out_uri: str, storage_cfg: Any = None) ->
             size = _save_local_atomic(tensors, metadata, Path(out_uri), save_file)
     return {
         "source": ckpt.uri, "step": ckpt.step, "out": out_uri, "num_tensors": len(tensors),
-        "num_params": sum(t.numel() for t in tensors.values()), "bytes": size, "tied": tied, "skipped": skipped,
+        # Parameters as training counts them (its summary's "params"); buffers (normalization
+        # statistics) travel in the file too but are not learned.
+        "num_params": sum(t.numel() for k, t in tensors.items() if k in param_names),
+        "num_buffer_values": sum(t.numel() for k, t in tensors.items() if k not in param_names),
+        "bytes": size, "tied": tied, "skipped": skipped,
     }
 
 
@@ -154,12 +158,16 @@ def _materialize(state: dict[str, Any], *, where: str) -> tuple[dict[str, torch.
     return tensors, tied
 
 
-def _check_against_model(cfg: RunConfig, tensors: dict[str, torch.Tensor], tied: dict[str, str], *, where: str) -> None:
-    """Every weight the model has, with its shape, and nothing else (model built on 'meta': no memory)."""
+def _check_against_model(cfg: RunConfig, tensors: dict[str, torch.Tensor], tied: dict[str, str], *,
+                         where: str) -> set[str]:
+    """Every weight the model has, with its shape, and nothing else (model built on 'meta': no
+    memory). Returns the names that are parameters (the rest are buffers)."""
     from e2e_dist.models.registry import build_model
 
     with torch.device("meta"):
-        want = {k: tuple(v.shape) for k, v in build_model(cfg.model, cfg.data).state_dict().items()}
+        model = build_model(cfg.model, cfg.data)
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        param_names = {k for k, _ in model.named_parameters(remove_duplicate=False)}
     have = {k: tuple(v.shape) for k, v in tensors.items()} | {a: tuple(tensors[c].shape) for a, c in tied.items()}
     missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
     if missing or extra:
@@ -168,6 +176,7 @@ def _check_against_model(cfg: RunConfig, tensors: dict[str, torch.Tensor], tied:
     for k, shape in want.items():
         if have[k] != shape:
             raise CheckpointError(f"{where}: weight {k} has shape {list(have[k])}, the model wants {list(shape)}")
+    return param_names
 
 
 def _file_target(out_uri: str, storage_cfg: Any) -> str:
@@ -186,6 +195,10 @@ def _save_local_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        # mkstemp makes the file 0600; an exported model is for sharing: the mode open() would give.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -237,7 +250,7 @@ def _load_local(path: Path, *, shown: str) -> tuple[torch.nn.Module, RunConfig]:
 
 
 def generate_from_export(path_or_uri: str, prompt: str, *, max_new_bytes: int = 200, temperature: float = 0.8,
-                         top_k: int | None = 40, seed: int = 0, storage_cfg: Any = None) -> str:
+                         top_k: int | None = 40, top_p: float = 1.0, seed: int = 0, storage_cfg: Any = None) -> str:
     """Load an exported text model and continue `prompt`: the continuation only (`e2e-dist generate`
     prints the prompt, then this)."""
     model, _ = load_exported(path_or_uri, storage_cfg)
@@ -245,5 +258,5 @@ def generate_from_export(path_or_uri: str, prompt: str, *, max_new_bytes: int = 
         raise UserError(f"{path_or_uri}: a {model.input_kind} model cannot generate text (use `predict`)")
     gen = torch.Generator().manual_seed(seed)
     out = model.generate(prompt.encode("utf-8"), max_new_bytes=max_new_bytes, temperature=temperature,
-                         top_k=top_k, generator=gen)
+                         top_k=top_k, top_p=top_p, generator=gen)
     return out.decode("utf-8", errors="replace")

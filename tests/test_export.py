@@ -132,6 +132,14 @@ def test_export_other_model_kinds_with_buffers(ds, tmp_path, kind):
     summary = export_checkpoint(cfg.run_uri, str(tmp_path / "m.safetensors"))
     model, loaded = load_exported(summary["out"])
     assert loaded.model.kind == kind and summary["num_tensors"] == len(full)
+    # The parameter count is training's (model.num_params()); buffers are counted apart.
+    assert summary["num_params"] == engine.module.num_params()
+    assert summary["num_buffer_values"] == sum(b.numel() for b in engine.module.buffers())
+    assert summary["num_buffer_values"] > 0 or kind != "resnet"  # BatchNorm statistics
+    # An exported model is for sharing: the mode a plain open() gives (umask applied), not 0600.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert Path(summary["out"]).stat().st_mode & 0o777 == 0o666 & ~umask
     state = model.state_dict()
     for k, v in full.items():
         assert state[k].dtype == v.dtype and torch.equal(state[k], v), k

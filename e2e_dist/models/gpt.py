@@ -120,20 +120,40 @@ class ByteGPT(E2EModel):
 
     @torch.no_grad()
     def generate(self, prompt: bytes, max_new_bytes: int = 200, temperature: float = 0.8, top_k: int | None = 40,
-                 generator: torch.Generator | None = None) -> bytes:
-        """Sample a continuation of `prompt`, byte by byte."""
+                 top_p: float = 1.0, generator: torch.Generator | None = None) -> bytes:
+        """Sample a continuation of `prompt`, byte by byte: temperature 0 is greedy (the likeliest
+        byte); otherwise from the `top_k` likeliest bytes (0/None: all), then the smallest set of
+        them holding `top_p` of the probability (1.0: all)."""
+        if temperature < 0 or not 0 < top_p <= 1 or (top_k is not None and top_k < 0) or max_new_bytes < 0:
+            raise ValueError(f"generate: need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_bytes >= 0 "
+                             f"(got {temperature}, {top_p}, {top_k}, {max_new_bytes})")
         device = next(self.parameters()).device
         idx = torch.tensor([[BOS, *prompt]], dtype=torch.long, device=device)
         out = bytearray()
         for _ in range(max_new_bytes):
-            logits = self.logits(idx[:, -self.max_seq_len:])[:, -1, :256].float() / max(temperature, 1e-5)
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            logits = self.logits(idx[:, -self.max_seq_len:])[:, -1, :256].float()
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                nxt = torch.multinomial(_filtered_probs(logits / temperature, top_k, top_p), 1, generator=generator)
             out.append(int(nxt))
             idx = torch.cat([idx, nxt], dim=1)
         return bytes(out)
+
+
+def _filtered_probs(logits: torch.Tensor, top_k: int | None, top_p: float) -> torch.Tensor:
+    """Softmax over the top-k logits, then over the nucleus holding top_p of that mass."""
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Keep a byte while the mass before it is below top_p: the likeliest one always stays.
+        drop = sorted_p.cumsum(dim=-1) - sorted_p >= top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
 
 
 @register_model("gpt")

@@ -35,13 +35,13 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from e2e_dist import storage
 from e2e_dist.config import RunConfig, redact
 from e2e_dist.errors import ConfigError, UserError
+from e2e_dist.sweep.results import SPEC_FILE
 from e2e_dist.sweep.early_stop import (ReportUnlessStopped, StopAtNextReport, await_graceful_stop, begin_trial,
                                        start_board, stop_grace_s)
 from e2e_dist.sweep.spec import SweepSpec, flatten_params, load_sweep
 from e2e_dist.sweep.table import SweepBook, SweepCallback, register_book, trial_index
 
 TUNE_DIR = "_tune"
-SPEC_FILE = "sweep.json"
 WORKER_START_TIMEOUT_S = "900"
 """Train worker groups of a sweep wait for CPUs that other trials still hold (Ray's default is 60 s)."""
 log = logging.getLogger("e2e_dist.sweep")
@@ -336,52 +336,3 @@ def run_sweep_cli(args) -> int:
               f"`--resume` retries them)", file=sys.stderr)
         return 1
     return 0
-
-
-def scaling_cli(args) -> int:
-    """`e2e-dist scaling SWEEP_DIR|results.jsonl [--budget C] [--endpoint-url U]`: fit, print, plot,
-    and log the plot to W&B (a `<sweep>-scaling` run in the sweep's group) when tracking is on."""
-    from e2e_dist.config import StorageConfig
-    from e2e_dist.sweep.scaling import scaling_report
-
-    storage_cfg = StorageConfig(path=args.results_uri, endpoint_url=getattr(args, "endpoint_url", None))
-    report = scaling_report(args.results_uri, budget=args.budget, storage_cfg=storage_cfg)
-    print(report["summary"])
-    print(f"plot: {redact(report['png'])}\nsummary: {redact(report['md'])}, {redact(report['json'])}")
-    where = log_scaling_to_wandb(args.results_uri, report, storage_cfg)
-    if where:
-        print(f"W&B: {where}")
-    return 0
-
-
-def log_scaling_to_wandb(results_uri: str, report: dict[str, Any], storage_cfg) -> str | None:
-    """Log the fit (plot in the summary, parameters, intervals) as the W&B run `<sweep>-scaling`,
-    grouped with the sweep's trials and with their tracking settings (from sweep.json). Returns
-    where the run is, or None when the sweep has no sweep.json or tracking is off."""
-    from e2e_dist.config import validate_run_config
-    from e2e_dist.sweep.scaling import results_file
-    from e2e_dist.tracking import Tracker, resolve_mode
-
-    sweep_dir = results_file(results_uri).rsplit("/", 1)[0]
-    spec_uri = storage.join(sweep_dir, SPEC_FILE)
-    if not storage.exists(spec_uri, storage_cfg):
-        return None
-    record = json.loads(storage.read_text(spec_uri, storage_cfg))
-    name = record["sweep"]["name"]
-    base = dict(record["base"])
-    base["name"] = f"{name}-scaling"
-    base["tracking"] = {**(base.get("tracking") or {}), "group": name}
-    base["storage"] = {**(base.get("storage") or {}), "path": sweep_dir}
-    if storage_cfg.endpoint_url:
-        base["storage"]["endpoint_url"] = storage_cfg.endpoint_url
-    cfg = validate_run_config(base, spec_uri)
-    if resolve_mode(cfg) == "disabled":
-        return None
-    fit = {k: report[k] for k in ("formula", "form", "params", "ci", "ci_level", "n_points", "rmse_log", "d_key",
-                                  "metric", "optimal", "note")}
-    tracker = Tracker.start(cfg, rank=0, resume_step=None, extra_config={"scaling": fit})
-    with tracker:
-        tracker.log_image("scaling/fit", report["png_local"])
-        tracker.log_summary({f"scaling/{k}": v for k, v in report["params"].items()}
-                            | {"scaling/n_points": report["n_points"], "scaling/rmse_log": report["rmse_log"]})
-        return tracker.describe()

@@ -8,47 +8,21 @@ come from a seeded bootstrap (resample points, refit from the best fit). The com
 split of a budget C ~ 6 N D has a closed form:
 
     N_opt = G (C/6)^(beta/(alpha+beta)),  D_opt = (C/6) / N_opt,  G = (alpha A / (beta B))^(1/(alpha+beta))
-
-## The results table a sweep writes: `<storage>/<sweep name>/results.jsonl`
-One JSON object per line, one line per finished trial (the Tuner appends them):
-
-    {"trial": "scaling-grid-t003-1a2b3c",          # the trial's run name
-     "status": "completed",                        # completed | stopped (scheduler) | error
-     "params": {"model.d_model": 64, ...},         # the swept values (flat dotted keys)
-     "metrics": {"val_loss": 1.93,                 # final value of the target metric
-                 "n_params_non_embedding": 98944,  # N
-                 "tokens_seen": 505856,            # D: training tokens consumed (text) ...
-                 "samples_seen": 3952,             # ... or samples (vision, speech)
-                 "train_tokens": 4000000,          # optional: tokens in the training subset
-                 "train_samples": 31250}}          # optional: samples in the training subset
-
-Extra keys are allowed and ignored. Only `completed` trials enter the fit (a trial stopped early
-by ASHA reports a loss of an unfinished schedule).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, get_origin
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from scipy.optimize import least_squares, nnls
 from scipy.special import logsumexp, softmax
 
-from e2e_dist import storage
-from e2e_dist.config import redact
 from e2e_dist.errors import UserError
 
-RESULTS_FILE = "results.jsonl"
-STATUSES = ("completed", "stopped", "error")
-D_KEYS = ("tokens_seen", "samples_seen", "train_tokens", "train_samples")
 HUBER_DELTA = 1e-2  # log-loss units: ~1% off counts fully (the noise of a final loss), gross outliers only linearly
 Form = Literal["joint", "data", "params"]
 # Which parameters each form fits, in the order of the parameter vector.
@@ -84,10 +58,27 @@ class Fit:
     """Root-mean-square log residual of the fit (0.01 ~ 1% error)."""
     boot: np.ndarray | None = field(default=None, repr=False)
     """Bootstrap parameter samples (n_boot x len(params)), in the order of `_NAMES[form]`."""
+    resid: np.ndarray | None = field(default=None, repr=False)
+    """Log residuals of the fit at its points (for prediction intervals)."""
+    unidentified: dict[str, str] = field(default_factory=dict)
+    """Parameters the points do not pin down -> why (interval at a bound, or wider than 10x)."""
 
     @property
     def formula(self) -> str:
         return _FORMULA[self.form]
+
+    def predict_samples(self, n: Any = None, d: Any = None) -> np.ndarray:
+        """The law of every bootstrap refit at (n, d): shape (n_boot, *broadcast shape of n, d)."""
+        assert self.boot is not None, "no bootstrap samples"
+        p = {k: self.boot[:, i] for i, k in enumerate(_NAMES[self.form])}
+        shape = np.broadcast(np.asarray(n if n is not None else 1.0), np.asarray(d if d is not None else 1.0)).shape
+        col = (slice(None),) + (None,) * len(shape)
+        out = np.broadcast_to(p["E"][col], (len(self.boot), *shape)).astype(float)
+        if "A" in p:
+            out = out + p["A"][col] / np.asarray(n, dtype=float)[None] ** p["alpha"][col]
+        if "B" in p:
+            out = out + p["B"][col] / np.asarray(d, dtype=float)[None] ** p["beta"][col]
+        return out
 
     def predict(self, n: Any = None, d: Any = None) -> np.ndarray:
         p = self.params
@@ -183,7 +174,7 @@ def _to_params(theta: np.ndarray, form: str) -> dict[str, float]:
     return {k: float(math.exp(v) if k in ("E", "A", "B") else v) for k, v in zip(_NAMES[form], theta)}
 
 
-def _detect_form(n: np.ndarray, d: np.ndarray) -> Form:
+def detect_form(n: np.ndarray, d: np.ndarray) -> Form:
     vary_n, vary_d = len(np.unique(n)) > 1, len(np.unique(d)) > 1
     if vary_n and vary_d:
         return "joint"
@@ -216,7 +207,7 @@ def fit_scaling(n: Any, d: Any, loss: Any, form: Form | None = None, *, n_boot: 
             raise ScalingError(f"{name} must be finite and > 0 for every point")
     if not len(loss):
         raise ScalingError("no finished trials to fit")
-    form = form or _detect_form(n, d)
+    form = form or detect_form(n, d)
     _check_enough(form, n, d)
     log_n, log_d, log_l = np.log(n), np.log(d), np.log(loss)
     theta, _ = _solve(form, log_n, log_d, log_l, _starts(form, n, d, loss))
@@ -234,6 +225,7 @@ def fit_scaling(n: Any, d: Any, loss: Any, form: Form | None = None, *, n_boot: 
         # Start from the full fit: the bootstrap measures spread around it, not the start grid.
         th, _ = _solve(form, log_n[idx], log_d[idx], log_l[idx], [theta])
         boots.append(th)
+    fit.resid = resid
     if boots:
         b = np.array(boots)
         b_nat = np.where([k in ("E", "A", "B") for k in _NAMES[form]], np.exp(b), b)
@@ -241,7 +233,49 @@ def fit_scaling(n: Any, d: Any, loss: Any, form: Form | None = None, *, n_boot: 
         lo, hi = np.percentile(b_nat, [q, 100 - q], axis=0)
         fit.ci = {k: (float(lo[i]), float(hi[i])) for i, k in enumerate(_NAMES[form])}
         fit.boot, fit.n_boot = b_nat, len(boots)
+        fit.unidentified = _unidentified(form, theta, np.percentile(b, [q, 100 - q], axis=0), log_l, fit.ci)
+    elif n_boot:  # asked for intervals and got none: nothing is known to be pinned down
+        fit.unidentified = {k: "no bootstrap refit succeeded" for k in _NAMES[form]}
     return fit
+
+
+SPAN_LIMIT = 10.0
+"""A parameter whose interval spans more than this factor is not identified by the points."""
+
+
+def _unidentified(form: str, theta: np.ndarray, ci_theta: np.ndarray, log_l: np.ndarray,
+                  ci: dict[str, tuple[float, float]]) -> dict[str, str]:
+    """Which parameters the points leave free, and why: the fit or its interval reaches a bound of
+    the search (the data would take it further), or the interval spans more than SPAN_LIMIT x."""
+    lo_b, hi_b = _bounds(form, log_l)
+    tol = 1e-3 * (hi_b - lo_b)
+    out = {}
+    for i, k in enumerate(_NAMES[form]):
+        lo, hi = ci[k]
+        if min(theta[i], ci_theta[0][i]) <= lo_b[i] + tol[i] or max(theta[i], ci_theta[1][i]) >= hi_b[i] - tol[i]:
+            bound = lo_b[i] if min(theta[i], ci_theta[0][i]) <= lo_b[i] + tol[i] else hi_b[i]
+            shown = math.exp(bound) if k in ("E", "A", "B") else bound
+            out[k] = f"its interval reaches the search bound {shown:.3g}"
+        elif lo <= 0 or hi / lo > SPAN_LIMIT:
+            out[k] = f"its interval spans {hi / lo:.0f}x" if lo > 0 else "its interval reaches 0"
+    return out
+
+
+def predict_interval(fit: Fit, n: Any = None, d: Any = None, *, seed: int = 0) -> tuple[float, float, float]:
+    """(prediction, low, high) at one point: the bootstrap's fits at (n, d), each times a resampled
+    residual of the fit (so the interval covers a new measurement, not only the mean), at fit.ci_level.
+    Residuals are inflated by sqrt(points / (points - parameters)): a fit hugs its own points."""
+    pred = float(fit.predict(n, d))
+    if fit.boot is None or fit.resid is None:
+        return pred, math.nan, math.nan
+    boot = fit.predict_samples(n, d).ravel()
+    dof = max(fit.n_points - len(_NAMES[fit.form]), 1)
+    resid = fit.resid * math.sqrt(fit.n_points / dof)
+    rng = np.random.default_rng(seed)
+    draws = boot * np.exp(rng.choice(resid, size=boot.size))
+    q = (1 - fit.ci_level) / 2 * 100
+    lo, hi = np.percentile(draws, [q, 100 - q])
+    return pred, float(lo), float(hi)
 
 
 def compute_optimal(fit: Fit, budget: float) -> dict[str, Any]:
@@ -250,6 +284,11 @@ def compute_optimal(fit: Fit, budget: float) -> dict[str, Any]:
         raise ScalingError(f"a compute-optimal split needs the joint fit L(N, D); this is {fit.formula}")
     if not (budget > 0 and math.isfinite(budget)):
         raise ScalingError(f"budget must be a positive number of FLOPs, got {budget}")
+    free = [k for k in ("alpha", "beta") if k in fit.unidentified]
+    if free:
+        why = "; ".join(f"{k}: {fit.unidentified[k]}" for k in free)
+        raise ScalingError(f"no compute-optimal split: the exponents decide it and the points do not identify "
+                           f"{' and '.join(free)} ({why})")
 
     def opt(e, a, alpha, b, beta):
         g = (alpha * a / (beta * b)) ** (1 / (alpha + beta))
@@ -266,133 +305,3 @@ def compute_optimal(fit: Fit, budget: float) -> dict[str, Any]:
         out["n_opt_ci"] = tuple(float(x) for x in np.percentile(ns, [q, 100 - q]))
         out["d_opt_ci"] = tuple(float(x) for x in np.percentile(ds, [q, 100 - q]))
     return out
-
-
-# ------------------------------------------------------------------------------ results table
-def _read_text(uri: str, storage_cfg: Any = None) -> str:
-    if not storage.exists(uri, storage_cfg):
-        raise ScalingError(f"results not found: {redact(uri)} (has the sweep finished a trial?)")
-    return storage.read_text(uri, storage_cfg)
-
-
-def results_file(results_uri: str) -> str:
-    """`<sweep dir>/results.jsonl` for a sweep folder; a `.jsonl` URI is taken as it is."""
-    return results_uri if results_uri.endswith(".jsonl") else storage.join(results_uri, RESULTS_FILE)
-
-
-class ResultRow(BaseModel):
-    """One line of results.jsonl (the schema in this module's docstring); extra keys are kept."""
-
-    # strict: a row whose status is not a string or whose params are not an object was not written by
-    # a sweep, and converting it would hide that.
-    model_config = ConfigDict(strict=True, extra="allow")
-
-    trial: str
-    status: str
-    params: dict[str, Any]
-    metrics: dict[str, Any]
-
-    @model_validator(mode="after")
-    def _known_status(self) -> ResultRow:
-        # After the type checks, so a row missing fields reports those first.
-        if self.status not in STATUSES:
-            raise ValueError(f"status {self.status!r} is not one of {', '.join(STATUSES)}")
-        return self
-
-
-def _row_problem(err: ValidationError) -> str:
-    """The first problem of a bad row, as one line that names the field."""
-    first = err.errors(include_url=False)[0]
-    loc, kind = first["loc"], first["type"]
-    if kind == "json_invalid":
-        return f"not valid JSON ({first['ctx']['error']})"
-    if kind == "value_error":
-        return str(first["ctx"]["error"])  # _known_status words its own message
-    if not loc:
-        return f"expected an object, got {type(first['input']).__name__}"
-    wanted = ResultRow.model_fields[str(loc[0])].annotation
-    return f"{loc[0]} missing or not a {(get_origin(wanted) or wanted).__name__}"
-
-
-def load_results(results_uri: str, storage_cfg: Any = None) -> list[dict[str, Any]]:
-    """Read a sweep's results table (a sweep folder or its results.jsonl; local or s3://), checked
-    against the schema in this module's docstring; a bad line is one ScalingError naming it."""
-    uri = results_file(results_uri)
-    rows: list[dict[str, Any]] = []
-    for i, line in enumerate(_read_text(uri, storage_cfg).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(ResultRow.model_validate_json(line).model_dump())
-        except ValidationError as e:
-            raise ScalingError(f"{redact(uri)} line {i}: {_row_problem(e)}") from None
-    return rows
-
-
-def fit_points(rows: list[dict[str, Any]], metric: str = "val_loss", d_key: str = "auto"):
-    """(trial names, N, D, loss, d_key used) of the completed trials. `d_key` auto takes the first of
-    D_KEYS that every trial reports and that varies (a data ablation with equal steps varies only
-    train_tokens); if none varies, the first reported."""
-    done = [r for r in rows if r["status"] == "completed"]
-    if not done:
-        raise ScalingError(f"no completed trials among {len(rows)} in the results")
-    keys = [k for k in D_KEYS if all(k in r["metrics"] for r in done)] if d_key == "auto" else [d_key]
-    if not keys:
-        raise ScalingError(f"trials report none of {', '.join(D_KEYS)} in metrics: no data size D")
-    varying = [k for k in keys if len({r["metrics"].get(k) for r in done}) > 1]
-    d_key = (varying or keys)[0]
-    cols = []
-    for key in ("n_params_non_embedding", d_key, metric):
-        col = []
-        for r in done:
-            v = r["metrics"].get(key)
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise ScalingError(f"trial {r['trial']}: metrics.{key} missing or not a number (got {v!r})")
-            col.append(float(v))
-        cols.append(np.array(col))
-    return [r["trial"] for r in done], cols[0], cols[1], cols[2], d_key
-
-
-def scaling_report(results_uri: str, budget: float | None = None, out_uri: str | None = None, *,
-                   metric: str = "val_loss", d_key: str = "auto", n_boot: int = 200, seed: int = 0,
-                   storage_cfg: Any = None) -> dict[str, Any]:
-    """Fit a finished sweep's results, write scaling_fit.{png,json,md} (next to the results unless
-    `out_uri`), and return the report: `summary` (print-ready text), `formula`, `params`, `ci`,
-    `optimal` (None without a budget or without the joint form; `note` says why), `points`, the
-    written URIs `png`/`json`/`md`, and `png_local`, a local file of the plot (for wandb.Image).
-    `d_key`: which metric is D (see `fit_points`)."""
-    from e2e_dist.sweep import plot  # matplotlib only when a report is made
-
-    uri = results_file(results_uri)
-    names, n, d, loss, d_used = fit_points(load_results(uri, storage_cfg), metric, d_key)
-    fit = fit_scaling(n, d, loss, n_boot=n_boot, seed=seed)
-    optimal, note = None, None
-    if budget is not None:
-        if fit.form == "joint":
-            optimal = compute_optimal(fit, budget)
-        else:
-            note = f"no compute-optimal split: it needs L(N, D), and this sweep only fits {fit.formula}"
-    report: dict[str, Any] = {
-        "results": redact(uri), "metric": metric, "d_key": d_used, "formula": fit.formula, "form": fit.form,
-        "params": fit.params, "ci": {k: list(v) for k, v in fit.ci.items()}, "ci_level": fit.ci_level,
-        "n_points": fit.n_points, "n_boot": fit.n_boot, "seed": seed, "rmse_log": fit.rmse_log,
-        "optimal": optimal, "note": note,
-        "points": [{"trial": t, "N": a, "D": b, "loss": c, "fit": float(fit.predict(a, b))}
-                   for t, a, b, c in zip(names, n.tolist(), d.tolist(), loss.tolist())],
-    }
-    report["summary"] = plot.summary_text(report)
-    out_dir = out_uri.rstrip("/") if out_uri else (uri.rsplit("/", 1)[0] if "/" in uri else ".")
-    report.update(png=storage.join(out_dir, "scaling_fit.png"), json=storage.join(out_dir, "scaling_fit.json"),
-                  md=storage.join(out_dir, "scaling_fit.md"))
-    # Render locally (W&B logs a local file), then store the copy next to the results.
-    png_local = Path(tempfile.mkdtemp(prefix="e2e-dist-scaling-")) / "scaling_fit.png"
-    plot.plot_fit(fit, n, d, loss, png_local, optimal=optimal, d_label=d_used, metric=metric)
-    storage.write_bytes(report["png"], png_local.read_bytes(), storage_cfg)
-    if not storage.is_s3(out_dir):  # the stored file is local already: no second copy
-        shutil.rmtree(png_local.parent)
-        png_local = Path(storage.resolve(report["png"], storage_cfg)[1])
-    report["png_local"] = str(png_local)
-    storage.write_text(report["md"], plot.summary_markdown(report), storage_cfg)
-    storage.write_text(report["json"], json.dumps({k: v for k, v in report.items() if k not in ("summary", "png_local")},
-                                                  indent=2), storage_cfg)
-    return report

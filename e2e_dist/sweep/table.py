@@ -275,13 +275,17 @@ class SweepBook:
         table = Table(title=f"sweep {self.spec.name}: {_counts(self.rows.values())}"
                       + ("" if title == "live" else f" (sorted by {self.spec.metric}, {self.spec.mode})"))
         shown = list(dict.fromkeys(["loss", metric]))  # the target metric may be the train loss itself
-        for col in ["trial", "status", *params.values(), "step", *shown, "seen"]:
+        # The sizes a scaling fit uses: N (non-embedding parameters), D seen (tokens or samples
+        # trained on) and the unique data behind it (the training subset).
+        for col in ["trial", "status", *params.values(), "step", *shown, "N", "D seen", "D unique"]:
             table.add_column(col, justify="left" if col in ("trial", "status") else "right")
         for r in rows:
             m = r.metrics
             table.add_row(r.name, r.state + (f" ({r.error[:40]})" if r.error else ""),
                           *(_short(r.params.get(k)) for k in params), f"{m.get('step', '-')}/{r.max_steps}",
-                          *(_num(m.get(k)) for k in shown), _num(m.get("tokens_seen", m.get("samples_seen")), ","))
+                          *(_num(m.get(k)) for k in shown), _num(m.get("n_params_non_embedding"), ","),
+                          _num(m.get("tokens_seen", m.get("samples_seen")), ","),
+                          _num(m.get("train_tokens", m.get("train_samples")), ","))
         return table
 
 

@@ -59,6 +59,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             preempted = w.reduce_interval(state, checkpointer.stall_s) and not due.last
         if due.eval:
             state.metrics.update(w.evaluate())
+            state.note_eval(state.metrics)
         if due.log or due.eval:
             w.publish(state)
         if preempted:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,9 @@ class RunState:
     loses what it had not flushed when rank 0 is killed, and a restart that resumes from the
     checkpoint does not redo those steps, so it logs them again from here (Tracker.backfill). More
     than one: rank 0 can be killed again before the backfilled rows are flushed."""
+    best_val_loss: float | None = None
+    """The lowest val loss of any evaluation so far, reported as `val_loss_best` (what early
+    stopping would keep: a data ablation's small subsets overfit long before the last step)."""
 
     @property
     def resumed_from(self) -> int | None:
@@ -36,10 +40,19 @@ class RunState:
         self.logged_rows = [*self.logged_rows, {"step": step, **{k: v for k, v in row.items()
                                                                   if isinstance(v, (int, float))}}][-ROWS_CARRIED:]
 
+    def note_eval(self, metrics: dict[str, Any]) -> None:
+        """After an evaluation: update the best val loss and add it to `metrics` as val_loss_best."""
+        v = metrics.get("val_loss")
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            self.best_val_loss = v if self.best_val_loss is None else min(self.best_val_loss, v)
+        if self.best_val_loss is not None:
+            metrics["val_loss_best"] = self.best_val_loss
+
     def client_state(self) -> dict[str, Any]:
         """What DeepSpeed saves next to the engine (`client_state`), the recent W&B rows included."""
         rows = [r for r in self.logged_rows if r["step"] <= self.step]
-        return {"step": self.step, "data": dict(self.data), "units_seen": self.units_seen, "logged_rows": rows}
+        return {"step": self.step, "data": dict(self.data), "units_seen": self.units_seen, "logged_rows": rows,
+                "best_val_loss": self.best_val_loss}
 
     @classmethod
     def from_client_state(cls, state: dict[str, Any], *, micro_batch_size: int, world: int) -> "RunState":
@@ -51,4 +64,5 @@ class RunState:
         rows = state.get("logged_rows")
         if rows is None:  # written before several rows were carried: the one row of its own step
             rows = [{"step": state["step"], **state["logged"]}] if state.get("logged") else []
-        return cls(step=state["step"], data=data, units_seen=state.get("units_seen", 0), logged_rows=list(rows))
+        return cls(step=state["step"], data=data, units_seen=state.get("units_seen", 0), logged_rows=list(rows),
+                   best_val_loss=state.get("best_val_loss"))

@@ -122,7 +122,7 @@ SWEEP_TINY = [  # 2 tiny trials, one 1-CPU worker each: the job machinery is und
     "model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.max_seq_len=64", "data.seq_len=64",
     "data.max_files=20", "trainer.micro_batch_size=8", "trainer.max_steps=4", "trainer.log_every=2",
     "trainer.eval_every=4", "trainer.eval_batches=1", "trainer.ckpt_every=4", "trainer.warmup_steps=1",
-    "search_space.data.fraction={grid: [0.5, 1.0]}", "max_concurrent_trials=2",
+    "search_space.data.max_bytes={grid: [65536, 131072]}", "max_concurrent_trials=2",
     "resources_per_trial.num_workers=1", "resources_per_trial.cpus_per_worker=0.99",
 ]
 

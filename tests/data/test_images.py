@@ -195,7 +195,7 @@ def export_file(tmp_path, cfg, model) -> str:
     return str(path)
 
 
-def test_predict_returns_the_class_label_of_an_image_file(tmp_path, folder):
+def test_predict_returns_the_class_label_of_an_image_file(tmp_path, folder, capsys):
     from e2e_dist.models.registry import build_model
     from e2e_dist.predict import predict
 
@@ -212,3 +212,16 @@ def test_predict_returns_the_class_label_of_an_image_file(tmp_path, folder):
         predict(exported, str(folder / "dog" / "corrupt.png"))
     with pytest.raises(UserError, match="no such file"):
         predict(exported, str(tmp_path / "nope.png"))
+    with pytest.raises(UserError, match="is a directory, not a file"):
+        predict(exported, str(folder))
+    with pytest.raises(UserError) as err:
+        predict(exported, str(folder / "dog" / "corrupt.png"))
+    assert "BytesIO" not in str(err.value) and "\n" not in str(err.value)
+    # Several inputs: each gets its answer or its one-line error, and the exit code says one failed.
+    from e2e_dist.cli import main
+
+    assert main(["predict", exported, str(img), str(tmp_path / "nope.png"), str(folder / "owl" / "03.png")]) == 1
+    out, errors = capsys.readouterr()
+    assert out.splitlines() == [f"{img}\t{label}", f"{img}\t{label}"]
+    assert errors.splitlines() == [f"e2e-dist: error: input: no such file: {tmp_path / 'nope.png'}",
+                                   "e2e-dist: error: 1 of 3 input(s) failed"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import wave
 
 import numpy as np
 import pytest
@@ -243,3 +244,11 @@ def test_predict_transcribes_an_audio_file(tmp_path, corpus):
     assert isinstance(out, str) and out == model.transcribe(x, torch.tensor([x.shape[1]]))[0]
     with pytest.raises(UserError, match="cut.wav.*truncated WAV"):
         predict(str(path), str(corpus / "audio" / "cut.wav"))
+    # A clip far shorter than any word (here 50 samples) is padded with silence, not a traceback.
+    short = tmp_path / "short.wav"
+    with wave.open(str(short), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(cfg.data.sample_rate)
+        w.writeframes(b"\x10\x00" * 50)
+    assert isinstance(predict(str(path), str(short)), str)

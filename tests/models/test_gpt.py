@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from e2e_dist.config import load_run_config
-from e2e_dist.models.gpt import PAD, VOCAB_SIZE, ByteGPT
+from e2e_dist.models.gpt import BOS, PAD, VOCAB_SIZE, ByteGPT, _filtered_probs
 from e2e_dist.models.registry import build_model, model_kinds
 
 
@@ -44,3 +45,21 @@ def test_param_counts_and_generate():
     assert model.num_params() - model.num_params(non_embedding=True) == emb
     out = model.generate(b"ab", max_new_bytes=5, generator=torch.Generator().manual_seed(0))
     assert isinstance(out, bytes) and len(out) == 5
+
+
+def test_generate_greedy_top_k_and_top_p():
+    torch.manual_seed(0)
+    model = ByteGPT(n_layer=1, n_head=2, d_model=16, max_seq_len=32).eval()
+    greedy = model.generate(b"ab", max_new_bytes=8, temperature=0)
+    # Temperature 0 is the argmax at every step, and a tiny nucleus or top-1 keeps only that byte.
+    idx = torch.tensor([[BOS, *b"ab"]])
+    for byte in greedy:
+        assert byte == int(model.logits(idx)[0, -1, :256].argmax())
+        idx = torch.cat([idx, torch.tensor([[byte]])], dim=1)
+    for kw in ({"top_p": 1e-6}, {"top_k": 1}):
+        assert model.generate(b"ab", max_new_bytes=8, generator=torch.Generator().manual_seed(5), **kw) == greedy
+    # A nucleus keeps the likeliest bytes holding top_p of the mass, renormalized.
+    probs = _filtered_probs(torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])), None, 0.7)
+    assert torch.allclose(probs, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="temperature >= 0"):
+        model.generate(b"a", temperature=-0.5)

@@ -1,9 +1,10 @@
 """Sweeps through real Ray Tune: trials are real TorchTrainer + DeepSpeed runs (tiny GPT, 1 worker each,
 two at once on 2 CPUs), W&B offline, read back from the run files.
 
-- a 4-trial data-ablation sweep (the shipped tune_configs/data_ablation.yaml made tiny) finishes,
+- a 5-trial data-ablation sweep (the shipped tune_configs/data_ablation.yaml made tiny) finishes,
   writes results.jsonl, gives every trial its own W&B run, and its data sizes really differ; the
-  scaling fit runs on it; `--resume` of the finished sweep redoes nothing;
+  scaling fit runs on it, and so does its extrapolation check (`--holdout largest`); `--resume`
+  of the finished sweep redoes nothing;
 - ASHA stops a trial with a useless learning rate early and that trial ends cleanly at its next
   report (W&B run finished with `stopped_early`, its checkpoints committed and intact), a broken
   trial is an `error` row (on S3 storage, so Tune state and results live in a bucket), and every
@@ -29,7 +30,7 @@ import pytest
 
 from e2e_dist.data.text import plan_splits, stdlib_files
 from e2e_dist.errors import ConfigError, UserError
-from e2e_dist.sweep.scaling import load_results
+from e2e_dist.sweep.results import load_results
 from e2e_dist.sweep.spec import load_sweep
 from e2e_dist.tracking.offline_history import (find_run_files, read_config, read_history, read_records, read_run,
                                         read_summary)
@@ -45,7 +46,7 @@ TINY = [  # a tiny model and a short run: the sweep machinery is under test, not
     "trainer.eval_every=8", "trainer.eval_batches=2", f"trainer.ckpt_every={STEPS}", "trainer.warmup_steps=2",
     "max_concurrent_trials=2", "resources_per_trial.num_workers=1", "resources_per_trial.cpus_per_worker=0.99",
 ]
-FRACTIONS = [0.125, 0.25, 0.5, 1.0]
+SIZES = [32768, 65536, 131072, 262144, 524288]  # data.max_bytes: unique training bytes
 
 
 def run_files(run_dir: Path) -> dict[str, tuple[int, int]]:
@@ -59,7 +60,7 @@ def run_files(run_dir: Path) -> dict[str, tuple[int, int]]:
 def ablation(ray_local, tmp_path_factory):
     store = tmp_path_factory.mktemp("sweeps")
     spec = load_sweep(TUNE / "data_ablation.yaml", [f"storage.path={store}", *TINY,
-                                                    f"search_space.data.fraction={{grid: {FRACTIONS}}}"])
+                                                    f"search_space.data.max_bytes={{grid: {SIZES}}}"])
     from e2e_dist.sweep.runner import run_sweep
 
     out = io.StringIO()
@@ -70,7 +71,7 @@ def ablation(ray_local, tmp_path_factory):
 def test_sweep_finishes_with_one_wandb_run_per_trial(ablation) -> None:
     spec, rows, printed = ablation
     expected = {cfg.name: (params, cfg) for params, cfg in spec.trial_configs()}
-    assert sorted(r["trial"] for r in rows) == sorted(expected) and len(rows) == 4
+    assert sorted(r["trial"] for r in rows) == sorted(expected) and len(rows) == len(SIZES)
     assert load_results(spec.sweep_uri) == rows  # what run_sweep returns is what results.jsonl holds
     assert (Path(spec.sweep_uri) / "_tune" / "tuner.pkl").is_file()  # Tune's state lives with the sweep
     run_ids = set()
@@ -79,38 +80,39 @@ def test_sweep_finishes_with_one_wandb_run_per_trial(ablation) -> None:
         assert row["status"] == "completed" and row["params"] == params
         m = row["metrics"]
         assert m["step"] == STEPS and m["run_name"] == row["trial"] and m["val_loss"] > 0
+        assert m["val_loss_best"] <= m["val_loss"]  # the sweep's metric: the best of its evaluations
         files = find_run_files(Path(spec.sweep_uri) / row["trial"] / "wandb")
         assert len(files) == 1, files  # one W&B session, one run
         info = read_run(files[0])
         run_ids.add(info.run_id)
         assert info.group == spec.name and info.name == row["trial"]
-        assert f"fraction={params['data.fraction']:.4g}" in info.tags
+        assert f"max_bytes={params['data.max_bytes']}" in info.tags
         config = read_config(files[0])
-        assert config["data"]["fraction"] == params["data.fraction"]  # the swept value in the W&B config
+        assert config["data"]["max_bytes"] == params["data.max_bytes"]  # the swept value in the W&B config
         assert config["tracking"]["group"] == spec.name and config["name"] == row["trial"]
         history = read_history(files[0])
         assert [h["_step"] for h in history] == [4, 8, 12, 16]
         assert history[-1]["val_loss"] == pytest.approx(m["val_loss"], rel=1e-6)  # W&B holds what Tune got
-    assert len(run_ids) == 4  # no two trials share a run
+    assert len(run_ids) == len(SIZES)  # no two trials share a run
 
     # The final table lists the trials best first.
-    by_loss = [r["trial"] for r in sorted(rows, key=lambda r: r["metrics"]["val_loss"])]
-    table = printed[printed.index("sorted by val_loss"):]
+    by_loss = [r["trial"] for r in sorted(rows, key=lambda r: r["metrics"]["val_loss_best"])]
+    table = printed[printed.index("sorted by val_loss_best"):]
     assert [table.index(name) for name in by_loss] == sorted(table.index(name) for name in by_loss)
 
 
 def test_data_ablation_trials_used_their_planned_data(ablation) -> None:
     spec, rows, _ = ablation
-    by_fraction = sorted(rows, key=lambda r: r["params"]["data.fraction"])
+    by_size = sorted(rows, key=lambda r: r["params"]["data.max_bytes"])
     files = stdlib_files()
-    for row in by_fraction:
+    for row in by_size:
         cfg = spec.run_config_for(row["params"])
         plan = plan_splits(files, cfg.data, "stdlib")[0]
         assert row["metrics"]["train_tokens"] == plan.windows * plan.seq_len  # what the subset really held
         assert row["metrics"]["tokens_seen"] == STEPS * 8 * 64  # same compute for every size
-    tokens = [r["metrics"]["train_tokens"] for r in by_fraction]
-    assert tokens == sorted(set(tokens))  # strictly more data for each larger fraction
-    assert tokens[-1] > 4 * tokens[0]  # 1/8 vs all of it (file-granular subsets: not exactly 8x)
+    tokens = [r["metrics"]["train_tokens"] for r in by_size]
+    # The first max_bytes bytes (plus an end-of-file token per whole file), in whole windows.
+    assert all(abs(tok / size - 1) < 0.05 for tok, size in zip(tokens, SIZES)), tokens
 
 
 def test_scaling_on_the_finished_sweep(ablation, tmp_path, capsys) -> None:
@@ -121,7 +123,8 @@ def test_scaling_on_the_finished_sweep(ablation, tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "L(D) = E + B/D^beta" in out and "W&B:" in out
     report = json.loads((Path(spec.sweep_uri) / "scaling_fit.json").read_text())
-    assert report["n_points"] == 4 and report["d_key"] == "train_tokens"
+    # The sweep's own metric (the best evaluation); every trial the same steps, so D is the subset.
+    assert report["n_points"] == len(SIZES) and report["d_key"] == "train_tokens" and report["metric"] == "val_loss_best"
     assert (Path(spec.sweep_uri) / "scaling_fit.png").stat().st_size > 1000
     # The plot went to W&B: a `<sweep>-scaling` run in the sweep's group.
     files = find_run_files(Path(spec.sweep_uri) / f"{spec.name}-scaling" / "wandb")
@@ -129,6 +132,15 @@ def test_scaling_on_the_finished_sweep(ablation, tmp_path, capsys) -> None:
     summary = read_summary(files[0])
     assert summary["scaling/fit"]["_type"] == "image-file"
     assert summary["scaling/beta"] == pytest.approx(report["params"]["beta"])
+
+    # The extrapolation check: fit without the largest subset, predict it, compare.
+    assert main(["scaling", spec.sweep_uri, "--holdout", "largest"]) == 0
+    out = capsys.readouterr().out
+    held = json.loads((Path(spec.sweep_uri) / "scaling_fit.json").read_text())["holdout"]
+    largest = max(rows, key=lambda r: r["params"]["data.max_bytes"])
+    assert held["trial"] == largest["trial"] and held["measured"] == largest["metrics"]["val_loss_best"]
+    assert held["D"] == largest["metrics"]["train_tokens"] and held["extrapolation"].startswith("D 2x")
+    assert f"held out {largest['trial']}: measured" in out and 0 < held["predicted"] < 10
 
     # Too few completed trials for L(D): one clear line, exit code 2.
     few = tmp_path / "few"
@@ -157,7 +169,7 @@ def test_refusals_before_anything_runs(ablation, tmp_path) -> None:
         run_sweep(spec, live=False, out=io.StringIO())
     changed = load_sweep(TUNE / "data_ablation.yaml", [f"storage.path={Path(spec.sweep_uri).parent}", *TINY,
                                                        "trainer.max_steps=17",
-                                                       f"search_space.data.fraction={{grid: {FRACTIONS}}}"])
+                                                       f"search_space.data.max_bytes={{grid: {SIZES}}}"])
     with pytest.raises(ConfigError, match=r"--resume: the sweep changed .*max_steps: 16 -> 17"):
         run_sweep(changed, resume=True, live=False, out=io.StringIO())
     fresh = load_sweep(TUNE / "data_ablation.yaml", [f"storage.path={tmp_path}", *TINY])
@@ -176,7 +188,7 @@ def test_failed_trial_resumes_past_its_pruned_checkpoints(ray_local, tmp_path, m
 
     spec = load_sweep(TUNE / "data_ablation.yaml", [f"storage.path={tmp_path}", *TINY, "trainer.ckpt_every=4",
                                                     "trainer.keep_last=1", "trainer.async_checkpoint=false",
-                                                    "search_space.data.fraction={grid: [0.5]}"])
+                                                    "search_space.data.max_bytes={grid: [131072]}"])
     monkeypatch.setenv("E2E_DIST_FAULT", "crash@14")  # the sweep command's drill reaches its trial
     (failed,) = run_sweep(spec, live=False, out=io.StringIO())
     run_dir = tmp_path / "data-ablation" / failed["trial"]
@@ -277,7 +289,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, req
     store = tmp_path / "runs"
     args = [sys.executable, "-m", "e2e_dist.cli", "sweep", str(TUNE / "data_ablation.yaml"),
             *(f"--set={o}" for o in [f"storage.path={store}", *TINY, "trainer.async_checkpoint=false",
-                                     "search_space.data.fraction={grid: [0.25, 0.5, 1.0]}"])]
+                                     "search_space.data.max_bytes={grid: [65536, 131072, 262144]}"])]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")}  # its own Ray
     env["PYTHONPATH"] = str(ROOT)
     results = store / "data-ablation" / "results.jsonl"

@@ -18,14 +18,9 @@ os.environ.setdefault("MPLCONFIGDIR", str(Path(__file__).resolve().parents[2] / 
 
 from e2e_dist import storage  # noqa: E402
 from e2e_dist.errors import UserError  # noqa: E402
-from e2e_dist.sweep.scaling import (
-    ScalingError,
-    compute_optimal,
-    fit_points,
-    fit_scaling,
-    load_results,
-    scaling_report,
-)
+from e2e_dist.sweep.results import fit_points, load_results  # noqa: E402
+from e2e_dist.sweep.scaling import ScalingError, compute_optimal, fit_scaling, predict_interval  # noqa: E402
+from e2e_dist.sweep.scaling_report import scaling_report  # noqa: E402
 
 # A byte-level LM's plausible law: entropy floor E ~0.8 nats/byte, exponents like Chinchilla's.
 TRUE = {"E": 0.8, "A": 38.0, "alpha": 0.35, "B": 95.0, "beta": 0.3}
@@ -220,3 +215,112 @@ def test_report_from_and_to_s3(s3_bucket: str) -> None:
     assert "| alpha |" in storage.read_text(report["md"])
     with pytest.raises(ScalingError, match=f"results not found: {s3_bucket}/nope/results.jsonl"):
         load_results(f"{s3_bucket}/nope")
+
+
+# ------------------------------------------------------------------ what the fit does not know
+# The shipped data ablation's first design, as measured: flat, not even monotone (issue 14).
+FLAT_D = [40_600, 81_200, 162_000, 325_000, 650_000]
+FLAT_LOSS = [2.664, 2.606, 2.573, 2.605, 2.576]
+
+
+def data_rows(d, loss, n=394_496) -> list[dict]:
+    return [{"trial": f"a-t{i:03d}-abcdef", "status": "completed", "params": {"i": i},
+             "metrics": {"val_loss": float(v), "n_params_non_embedding": n, "tokens_seen": int(b)}}
+            for i, (b, v) in enumerate(zip(d, loss))]
+
+
+def test_a_flat_ablation_is_flagged_and_says_so_everywhere(tmp_path: Path) -> None:
+    fit = fit_scaling(np.full(5, 394_496), FLAT_D, FLAT_LOSS, n_boot=60)
+    assert "beta" in fit.unidentified and "E" in fit.unidentified, fit.unidentified
+    report = scaling_report(str(write_results(tmp_path / "flat", data_rows(FLAT_D, FLAT_LOSS))), n_boot=60)
+    assert any(w.startswith("beta is not identified") for w in report["warnings"]), report["warnings"]
+    assert "NOT IDENTIFIED" in report["summary"] and "warning: beta is not identified" in report["summary"]
+    saved = json.loads((tmp_path / "flat" / "scaling_fit.json").read_text())
+    assert saved["warnings"] == report["warnings"]
+    assert "| beta |" in (md := (tmp_path / "flat" / "scaling_fit.md").read_text()) and "**no**" in md
+
+
+def test_a_well_sampled_law_has_no_warnings() -> None:
+    assert fit_scaling(*joint_points(k=8), n_boot=40).unidentified == {}
+    assert fit_scaling(*data_points(k=30), n_boot=40).unidentified == {}
+
+
+def test_no_compute_optimal_split_from_unidentified_exponents(tmp_path: Path) -> None:
+    """Model sizes over three decades but D over a factor 1.2: beta is free, and so is the split."""
+    rng = np.random.default_rng(3)
+    n, d = (x.ravel() for x in np.meshgrid(np.geomspace(1e4, 1e7, 6), [1.0e8, 1.1e8, 1.2e8]))
+    loss = law(n, d) * (1 + 0.01 * rng.standard_normal(n.size))
+    fit = fit_scaling(n, d, loss, n_boot=40)
+    assert "beta" in fit.unidentified and "alpha" not in fit.unidentified, fit.unidentified
+    with pytest.raises(ScalingError, match="do not identify beta"):
+        compute_optimal(fit, 1e18)
+    rows = [{"trial": f"b-t{i:03d}-abcdef", "status": "completed", "params": {},
+             "metrics": {"val_loss": float(v), "n_params_non_embedding": int(a), "tokens_seen": int(b)}}
+            for i, (a, b, v) in enumerate(zip(n, d, loss))]
+    report = scaling_report(str(write_results(tmp_path / "b", rows)), budget=1e18, n_boot=40)
+    assert report["optimal"] is None and "do not identify beta" in report["note"]
+    assert "compute-optimal for" not in report["summary"] and "do not identify beta" in report["summary"]
+
+
+# ------------------------------------------------------------------------ held out, predicted
+def test_holdout_largest_is_predicted_from_the_others(tmp_path: Path) -> None:
+    d = np.geomspace(1e6, 1e8, 8)
+    loss = (TRUE["E"] + TRUE["B"] / d ** TRUE["beta"]) * (1 + 0.003 * np.random.default_rng(0).standard_normal(8))
+    sweep = write_results(tmp_path / "h", data_rows(d, loss))
+    report = scaling_report(str(sweep), holdout="largest", n_boot=60)
+    held = report["holdout"]
+    assert report["n_points"] == 7 and held["trial"] == "a-t007-abcdef" and held["measured"] == pytest.approx(loss[-1])
+    assert abs(held["error"]) < 0.02 and held["inside"] and held["interval"][0] < held["predicted"] < held["interval"][1]
+    assert held["extrapolation"] == "D 1.93x the largest fitted"
+    assert f"held out a-t007-abcdef: measured {loss[-1]:.4f}" in report["summary"]
+    assert [p["held_out"] for p in report["points"]] == [False] * 7 + [True]
+    assert "a-t007-abcdef (held out)" in (sweep / "scaling_fit.md").read_text()
+    by_name = scaling_report(str(sweep), holdout="a-t003-abcdef", n_boot=20)["holdout"]
+    assert by_name["trial"] == "a-t003-abcdef" and by_name["extrapolation"] is None
+    with pytest.raises(ScalingError, match="--holdout 'nope': not a completed trial"):
+        scaling_report(str(sweep), holdout="nope", n_boot=0)
+    few = write_results(tmp_path / "few", data_rows(d[:4], loss[:4]))
+    with pytest.raises(ScalingError, match=r"needs at least 4 finished trials, got 3 \(after holding out largest\)"):
+        scaling_report(str(few), holdout="largest", n_boot=0)
+
+
+def test_predict_points_with_intervals_and_bad_points(tmp_path: Path) -> None:
+    sweep = write_results(tmp_path / "g", grid_rows(k=4))
+    report = scaling_report(str(sweep), predict=["N=1e6,D=1e8", "n=2e7,d=2e9"], n_boot=60)
+    inside, beyond = report["predictions"]
+    assert inside["predicted"] == pytest.approx(float(law(1e6, 1e8)), rel=0.03)
+    assert inside["interval"][0] < inside["predicted"] < inside["interval"][1] and inside["extrapolation"] is None
+    assert beyond["extrapolation"] == "N 2x the largest fitted; D 2x the largest fitted"
+    assert "predicted val_loss at N = 1.00e+06, D = 1.00e+08:" in report["summary"]
+    lo, hi = predict_interval(fit_scaling(*joint_points(k=6), n_boot=50), 1e5, 1e7)[1:]
+    assert lo < hi
+    for bad, expected in [("N=1e6", "needs D"), ("N=x,D=1e8", "N='x' is not a number"), ("N=-1,D=1e8", "positive"),
+                          ("P=3", "expected N=<parameters>,D=<tokens or samples>")]:
+        with pytest.raises(ScalingError, match=expected):
+            scaling_report(str(sweep), predict=[bad], n_boot=0)
+
+
+# -------------------------------------------------------------------------------- isoFLOP
+def test_isoflop_minima_follow_the_planted_law() -> None:
+    """Approach 2 on exact points of the planted law: each budget's minimum lands near the closed-form
+    optimum (a parabola in log N is the local shape of the valley), and grows with the budget."""
+    from e2e_dist.sweep.isoflop import isoflop_analysis
+
+    truth = fit_scaling(*joint_points(k=5, noise=0.0), n_boot=0)
+    ns, ds = [], []
+    for c in (1e16, 1e17, 1e18):
+        n_opt = compute_optimal(truth, c)["n_opt"]
+        for f in (0.25, 0.5, 1.0, 2.0, 4.0):
+            ns.append(n_opt * f)
+            ds.append(c / 6 / (n_opt * f))
+    n, d = np.array(ns), np.array(ds)
+    iso = isoflop_analysis(n, d, law(n, d))
+    assert [round(m["budget"] / c, 6) for m, c in zip(iso["budgets"], (1e16, 1e17, 1e18))] == [1.0] * 3
+    for m, c in zip(iso["budgets"], (1e16, 1e17, 1e18)):
+        assert m["n_opt"] == pytest.approx(compute_optimal(truth, c)["n_opt"], rel=0.15)
+    closed = TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"])
+    assert iso["increasing"] and iso["exponent"] == pytest.approx(closed, abs=0.05)
+    # Sizes all on one side of the valley: no minimum is claimed.
+    lopsided = isoflop_analysis(n * 30, d / 30, law(n * 30, d / 30))
+    assert all(m["n_opt"] is None and "not bracketed" in m["note"] for m in lopsided["budgets"])
+    assert isoflop_analysis(n[:5], d[:5], law(n[:5], d[:5])) is None  # one budget is no design
