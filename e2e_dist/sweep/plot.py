@@ -15,19 +15,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from e2e_dist.sweep.scaling import Fit
+from e2e_dist.sweep.scaling import Fit, fmt
 
 _GREEK = {"alpha": "α", "beta": "β"}
 MAX_CURVES = 5  # fitted curves per panel; more are unreadable
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 else f"{x:.2e}"
-
-
 def _param_line(name: str, value: float, ci: Any) -> str:
-    rng = f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""
-    return f"{_GREEK.get(name, name)} = {_fmt(value)}{rng}"
+    rng = f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else ""
+    return f"{_GREEK.get(name, name)} = {fmt(value)}{rng}"
 
 
 def _pick(values: np.ndarray, k: int = MAX_CURVES) -> np.ndarray:
@@ -65,11 +61,11 @@ def _panel(ax, fit: Fit, x, y, other, held, x_is_n: bool, xlabel: str, other_lab
             color = sc.cmap(sc.norm(v)) if norm else "tab:red"
             pred = fit.predict(grid, v) if x_is_n else fit.predict(v, grid)
             _band(ax, fit, grid, x_is_n, v, color)
-            ax.plot(grid, pred, color=color, linewidth=1.2, label=f"fit at {other_label.split(' ')[0]}={_fmt(v)}")
+            ax.plot(grid, pred, color=color, linewidth=1.2, label=f"fit at {other_label.split(' ')[0]}={fmt(v)}")
     if held.any():
         ax.scatter(x[held], y[held], marker="X", s=90, color="tab:orange", edgecolor="k", zorder=4,
                    label="held out (not fitted)")
-    ax.axhline(fit.params["E"], color="gray", linestyle=":", label=f"E = {_fmt(fit.params['E'])}")
+    ax.axhline(fit.params["E"], color="gray", linestyle=":", label=f"E = {fmt(fit.params['E'])}")
     # Limits from the trials, not the band: an unidentified fit's band can span a decade.
     span = max(float(y.max() - y.min()), 0.05 * float(y.max()))
     ax.set_ylim(float(y.min()) - 0.4 * span, float(y.max()) + 0.4 * span)
@@ -101,8 +97,8 @@ def plot_fit(fit: Fit, n: np.ndarray, d: np.ndarray, loss: np.ndarray, path: str
     if fit.unidentified:
         title += "\nNOT IDENTIFIED: " + "; ".join(f"{_GREEK.get(k, k)} ({why})" for k, why in fit.unidentified.items())
     if optimal:
-        title += (f"\ncompute-optimal at C={optimal['budget']:.2g} FLOPs: N={_fmt(optimal['n_opt'])}, "
-                  f"D={_fmt(optimal['d_opt'])}, {metric}={_fmt(optimal['loss_opt'])}")
+        title += (f"\ncompute-optimal at C={optimal['budget']:.2g} FLOPs: N={fmt(optimal['n_opt'])}, "
+                  f"D={fmt(optimal['d_opt'])}, {metric}={fmt(optimal['loss_opt'])}")
     width = 85 * len(panels)  # characters per title line at fontsize 9
     fig.suptitle("\n".join(textwrap.fill(line, width) for line in title.splitlines()), fontsize=9)
     path = Path(path)

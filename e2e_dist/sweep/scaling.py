@@ -38,6 +38,11 @@ _FORMULA = {
 }
 
 
+def fmt(x: float) -> str:
+    """A fitted value for people: 3 significant digits, scientific outside [1e-3, 1e4)."""
+    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 else f"{x:.2e}"
+
+
 class ScalingError(UserError):
     """The results cannot be fitted (too few points, missing fields, bad values)."""
 
@@ -70,24 +75,26 @@ class Fit:
     def predict_samples(self, n: Any = None, d: Any = None) -> np.ndarray:
         """The law of every bootstrap refit at (n, d): shape (n_boot, *broadcast shape of n, d)."""
         assert self.boot is not None, "no bootstrap samples"
-        p = {k: self.boot[:, i] for i, k in enumerate(_NAMES[self.form])}
         shape = np.broadcast(np.asarray(n if n is not None else 1.0), np.asarray(d if d is not None else 1.0)).shape
-        col = (slice(None),) + (None,) * len(shape)
-        out = np.broadcast_to(p["E"][col], (len(self.boot), *shape)).astype(float)
-        if "A" in p:
-            out = out + p["A"][col] / np.asarray(n, dtype=float)[None] ** p["alpha"][col]
-        if "B" in p:
-            out = out + p["B"][col] / np.asarray(d, dtype=float)[None] ** p["beta"][col]
-        return out
+        col = (slice(None),) + (None,) * len(shape)  # one row per refit, broadcast over the points
+        p = {k: self.boot[:, i][col] for i, k in enumerate(_NAMES[self.form])}
+        out = _law(p, None if n is None else np.asarray(n, dtype=float)[None],
+                   None if d is None else np.asarray(d, dtype=float)[None])
+        return np.broadcast_to(out, (len(self.boot), *shape)).astype(float)
 
     def predict(self, n: Any = None, d: Any = None) -> np.ndarray:
-        p = self.params
-        out = np.asarray(p["E"], dtype=float)
-        if "A" in p:
-            out = out + p["A"] / np.asarray(n, dtype=float) ** p["alpha"]
-        if "B" in p:
-            out = out + p["B"] / np.asarray(d, dtype=float) ** p["beta"]
-        return out
+        return _law(self.params, None if n is None else np.asarray(n, dtype=float),
+                    None if d is None else np.asarray(d, dtype=float))
+
+
+def _law(p: dict[str, Any], n: Any, d: Any) -> np.ndarray:
+    """E + A/N^alpha + B/D^beta with the terms the form has (p's values may be arrays)."""
+    out = np.asarray(p["E"], dtype=float)
+    if "A" in p:
+        out = out + p["A"] / n ** p["alpha"]
+    if "B" in p:
+        out = out + p["B"] / d ** p["beta"]
+    return out
 
 
 # ------------------------------------------------------------------------------------- fitting
@@ -252,8 +259,9 @@ def _unidentified(form: str, theta: np.ndarray, ci_theta: np.ndarray, log_l: np.
     out = {}
     for i, k in enumerate(_NAMES[form]):
         lo, hi = ci[k]
-        if min(theta[i], ci_theta[0][i]) <= lo_b[i] + tol[i] or max(theta[i], ci_theta[1][i]) >= hi_b[i] - tol[i]:
-            bound = lo_b[i] if min(theta[i], ci_theta[0][i]) <= lo_b[i] + tol[i] else hi_b[i]
+        at_low = min(theta[i], ci_theta[0][i]) <= lo_b[i] + tol[i]
+        if at_low or max(theta[i], ci_theta[1][i]) >= hi_b[i] - tol[i]:
+            bound = lo_b[i] if at_low else hi_b[i]
             shown = math.exp(bound) if k in ("E", "A", "B") else bound
             out[k] = f"its interval reaches the search bound {shown:.3g}"
         elif lo <= 0 or hi / lo > SPAN_LIMIT:

@@ -23,7 +23,8 @@ from e2e_dist import storage
 from e2e_dist.config import redact
 from e2e_dist.sweep.isoflop import isoflop_analysis, isoflop_lines
 from e2e_dist.sweep.results import SPEC_FILE, fit_points, load_results, results_file
-from e2e_dist.sweep.scaling import Fit, ScalingError, compute_optimal, detect_form, fit_scaling, predict_interval
+from e2e_dist.sweep.scaling import (Fit, ScalingError, compute_optimal, detect_form, fit_scaling, fmt,
+                                     predict_interval)
 
 _NEEDS = {"joint": ("N", "D"), "data": ("D",), "params": ("N",)}
 
@@ -158,9 +159,14 @@ def scaling_cli(args) -> int:
     return 0
 
 
+def _spec_uri(results_uri: str) -> str:
+    """The sweep.json next to a sweep's results (its spec and base run)."""
+    return storage.join(results_file(results_uri).rsplit("/", 1)[0], SPEC_FILE)
+
+
 def _sweep_record(results_uri: str, storage_cfg) -> dict[str, Any] | None:
-    """The sweep.json next to the results (the sweep's spec and base run), or None (a bare results file)."""
-    spec_uri = storage.join(results_file(results_uri).rsplit("/", 1)[0], SPEC_FILE)
+    """The sweep's sweep.json, or None (a bare results file)."""
+    spec_uri = _spec_uri(results_uri)
     return json.loads(storage.read_text(spec_uri, storage_cfg)) if storage.exists(spec_uri, storage_cfg) else None
 
 
@@ -173,8 +179,8 @@ def log_scaling_to_wandb(results_uri: str, report: dict[str, Any], storage_cfg, 
 
     if record is None:
         return None
-    sweep_dir = results_file(results_uri).rsplit("/", 1)[0]
-    spec_uri = storage.join(sweep_dir, SPEC_FILE)
+    spec_uri = _spec_uri(results_uri)
+    sweep_dir = spec_uri.rsplit("/", 1)[0]
     name = record["sweep"]["name"]
     base = dict(record["base"])
     base["name"] = f"{name}-scaling"
@@ -199,10 +205,6 @@ def log_scaling_to_wandb(results_uri: str, report: dict[str, Any], storage_cfg, 
 
 
 # ------------------------------------------------------------------------------------ text
-def fmt(x: float) -> str:
-    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 else f"{x:.2e}"
-
-
 def _interval(iv: list[float]) -> str:
     return f"[{fmt(iv[0])}, {fmt(iv[1])}]" if not any(math.isnan(x) for x in iv) else "[no interval]"
 
