@@ -18,6 +18,7 @@ with DeepSpeed ZeRO, W&B tracking and local or S3 checkpoints.
 verbs:
   train       train one run from a YAML config or a preset (tiny-text, tiny-vision, tiny-speech)
   sweep       run a Ray Tune sweep (architectures, data-size ablations) from tune_configs/*.yaml
+  plan        memory per GPU for each ZeRO stage / offload / micro-batch, and the fastest setting that fits
   scaling     fit scaling laws L(N, D) to a finished sweep's results, plot and summarize
   export      consolidate a checkpoint (any ZeRO stage) into one safetensors file
   generate    sample text from an exported text model (plain PyTorch)
@@ -129,6 +130,12 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     return scaling_cli(args)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from e2e_dist.plan.report import plan_cli
+
+    return plan_cli(args)
+
+
 def _add_run_verbs(sub: argparse._SubParsersAction) -> None:
     """train, sweep, scaling: the verbs that run on (or read results of) a Ray cluster."""
     p = sub.add_parser("train", help="train one run", description="Train one run on Ray Train + DeepSpeed.")
@@ -145,6 +152,21 @@ def _add_run_verbs(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
     p.add_argument("--address", help="Ray cluster address (default: start a private local Ray)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("plan", help="what fits a GPU before you pay for one: ZeRO stage, micro-batch, checkpointing",
+                       description="Per-GPU memory (parameters, gradients, optimizer, buffers, activations) of every "
+                                   "ZeRO layout, micro-batch and checkpointing choice, step time at a stated MFU, and "
+                                   "the fastest setting that fits.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_config_args(p)
+    p.add_argument("--gpus", type=_number(int, "a GPU count >= 1", lambda v: v >= 1), default=1, help="GPUs per node")
+    p.add_argument("--nodes", type=_number(int, "a node count >= 1", lambda v: v >= 1), default=1, help="nodes")
+    p.add_argument("--gpu", default="H100", help="card name, for its peak FLOP/s (and memory unless --gpu-mem)")
+    p.add_argument("--gpu-mem", type=_number(float, "GiB > 0", lambda v: v > 0), metavar="GiB",
+                   help="memory per GPU (default: the card's)")
+    p.add_argument("--mfu", type=_number(float, "a fraction in (0, 1]", lambda v: 0 < v <= 1), default=0.4,
+                   help="model FLOPs utilization assumed for step-time estimates")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("scaling", help="fit scaling laws to sweep results")
     p.add_argument("results_uri", help="a sweep's directory (local or s3://) holding results.jsonl")

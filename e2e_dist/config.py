@@ -51,6 +51,9 @@ class DataConfig(Section):
     `spoken-digits`."""
     paths: list[str] = []
     """Files, globs or `s3://` prefixes for sources that read user data."""
+    text_column: str = Field("text", min_length=1)
+    """Text from Parquet / JSONL shards (`*.parquet`, `*.jsonl`, `*.ndjson` under data.paths): the
+    column or field holding each document (UTF-8 strings; other files are read as raw bytes)."""
     seq_len: int = Field(128, ge=8, le=65536)
     """Text: length of each packed byte window (the model's context)."""
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
@@ -199,6 +202,9 @@ class TrainerConfig(Section):
     compile: bool | None = None
     """torch.compile the model under DeepSpeed (`engine.compile()`); None = on for GPU workers, off
     on CPU (where compile time outweighs the gain for the small models people run there)."""
+    check_memory: bool = True
+    """On GPU, refuse at the start a setting that `e2e-dist plan` estimates cannot fit the card (one line
+    naming what to change); false: try anyway (the estimate is conservative, see plan/)."""
     prefetch_batches: int = Field(2, ge=0)
     """Micro-batches Ray Data prepares ahead in background threads (collated, pinned and copied to
     the GPU), so the step never waits on input."""

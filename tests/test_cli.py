@@ -41,5 +41,5 @@ def test_generate_options_are_checked_and_their_defaults_shown(capsys):
 
 def test_every_verb_group_is_registered():
     verbs = cli.build_parser()._subparsers._group_actions[0].choices
-    for verb in ("train", "sweep", "scaling", "export", "generate", "predict", "checkpoints", "data", "presets"):
+    for verb in ("train", "sweep", "plan", "scaling", "export", "generate", "predict", "checkpoints", "data", "presets"):
         assert verb in verbs

@@ -46,6 +46,8 @@ class FileItem:
     """Path relative to the root it was listed from (POSIX): stable across machines, hashed."""
     size: int
     """Bytes, from the listing (no file is opened to learn it)."""
+    mtime: float | None = None
+    """Modification time from the listing (seconds), where known: part of cache keys, never of splits."""
 
 
 # ------------------------------------------------------------------------------------ hashing
@@ -119,17 +121,18 @@ def _list_local(raw: str, field: str, strict: bool) -> list[FileItem]:
     out = []
     for p in files:
         try:
-            size = os.stat(p).st_size
+            st = os.stat(p)
+            size, mtime = st.st_size, st.st_mtime
             readable = os.access(p, os.R_OK)
         except OSError:
-            size, readable = 0, False
+            size, mtime, readable = 0, None, False
         if not readable:
             if strict:
                 raise DataError(f"{field}: cannot read {p} (permission denied or vanished)")
             log.warning("skipping unreadable file %s", p)
             continue
         if size:
-            out.append(FileItem(uri=p, key=os.path.relpath(p, root).replace(os.sep, "/"), size=size))
+            out.append(FileItem(uri=p, key=os.path.relpath(p, root).replace(os.sep, "/"), size=size, mtime=mtime))
     return out
 
 
@@ -194,7 +197,8 @@ def _list_remote(raw: str, storage_cfg: Any, field: str) -> list[FileItem]:
         if root is None:
             info = fs.get_file_info(base)
             if info.type == pafs.FileType.File:
-                return [FileItem(uri=raw, key=base.rsplit("/", 1)[-1], size=info.size)] if info.size else []
+                return [FileItem(uri=raw, key=base.rsplit("/", 1)[-1], size=info.size, mtime=_seconds(info.mtime))
+                        ] if info.size else []
             if info.type == pafs.FileType.NotFound:
                 raise DataError(f"{field}: no such object or prefix: {raw}")
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
@@ -212,8 +216,13 @@ def _list_remote(raw: str, storage_cfg: Any, field: str) -> list[FileItem]:
             continue
         if rx is None and any(part.startswith(".") for part in rel.split("/")):
             continue  # like the local directory walk: hidden entries are not data
-        out.append(FileItem(uri="s3://" + info.path, key=rel, size=info.size))
+        out.append(FileItem(uri="s3://" + info.path, key=rel, size=info.size, mtime=_seconds(info.mtime)))
     return out
+
+
+def _seconds(mtime) -> float | None:
+    """pyarrow's FileInfo.mtime (a datetime, or None) as epoch seconds."""
+    return mtime.timestamp() if mtime is not None else None
 
 
 # ------------------------------------------------------------------------------------ bad items

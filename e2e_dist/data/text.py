@@ -45,6 +45,7 @@ from e2e_dist.data.common import (
     DataError, FileItem, deterministic, list_files, read_range, seeded_order, split_by_hash, walk_files,
 )
 from e2e_dist.console import FILE_ONLY
+from e2e_dist.data.records import as_stream_items, index_shards, read_stream, record_kind
 from e2e_dist.data.registry import DataBundle, register_source
 from e2e_dist.errors import ConfigError
 
@@ -183,16 +184,23 @@ def _read_tokens(uri: str, offset: int, n: int, storage_cfg: Any, strict: bool, 
 
 
 def read_windows(batch: dict, *, seq_len: int, shuffle_seed: int | None, storage: Any, strict: bool,
-                 eos: int, pad: int) -> dict:
+                 eos: int, pad: int, records: dict[str, list] | None = None, column: str = "text") -> dict:
     """Ray Data map_batches fn: chunk plans (JSON) -> their windows {"tokens", "index"}.
 
-    The special ids come in as arguments: importing the model module here would load torch into
-    every Ray Data worker process just for two integers."""
+    records: the checkpoints of record shards (data/records.py) by uri; their stream ranges are read
+    from those, every other uri as raw bytes. The special ids come in as arguments: importing the
+    model module here would load torch into every Ray Data worker process just for two integers."""
+    records = records or {}
+
+    def read(uri: str, off: int, n: int) -> np.ndarray:
+        if uri in records:
+            return read_stream(uri, off, n, column=column, checkpoints=records[uri], storage_cfg=storage, eos=eos)
+        return _read_tokens(uri, off, n, storage, strict, pad)
+
     tokens, index = [], []
     for raw in batch["plan"]:
         plan = json.loads(raw)
-        parts = [np.array([eos], np.uint16) if uri is None else _read_tokens(uri, off, n, storage, strict, pad)
-                 for uri, off, n in plan["runs"]]
+        parts = [np.array([eos], np.uint16) if uri is None else read(uri, off, n) for uri, off, n in plan["runs"]]
         stream = np.concatenate(parts)
         n, w0 = plan["n"], plan["w0"]
         win = stream[np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)]
@@ -213,7 +221,8 @@ def collate(batch: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------ driver side
-def _dataset(plan: StreamPlan, *, shuffle_seed: int | None, storage_cfg: Any, strict: bool, name: str):
+def _dataset(plan: StreamPlan, *, shuffle_seed: int | None, storage_cfg: Any, strict: bool, name: str,
+             records: dict[str, list], column: str):
     import ray
     import ray.data
 
@@ -229,7 +238,8 @@ def _dataset(plan: StreamPlan, *, shuffle_seed: int | None, storage_cfg: Any, st
         batch_size=1,
         batch_format="numpy",
         fn_kwargs={"seq_len": plan.seq_len, "shuffle_seed": shuffle_seed, "storage": storage_cfg, "strict": strict,
-                   "eos": EOS, "pad": PAD},
+                   "eos": EOS, "pad": PAD, "records": {s.uri: records[s.uri] for s in plan.segments if s.uri in records},
+                   "column": column},
         # Reading a few hundred KiB per task is I/O, not compute; on a small machine the training
         # workers hold every CPU, and a 1-CPU read task would then never be scheduled.
         num_cpus=0,
@@ -239,8 +249,11 @@ def _dataset(plan: StreamPlan, *, shuffle_seed: int | None, storage_cfg: Any, st
     return deterministic(ds)
 
 
-def build_text_bundle(files: Sequence[FileItem], data_cfg: Any, storage_cfg: Any, paths_label: str) -> DataBundle:
-    """Plan on the driver, then lazily-read Ray Datasets of windows + exact stats."""
+def build_text_bundle(files: Sequence[FileItem], data_cfg: Any, storage_cfg: Any, paths_label: str,
+                      records: dict[str, list] | None = None) -> DataBundle:
+    """Plan on the driver, then lazily-read Ray Datasets of windows + exact stats.
+    records: checkpoints of the record shards among `files` (their size is their stream's length)."""
+    records = records or {}
     train, val = plan_splits(files, data_cfg, paths_label)
     stats = {
         "train_bytes": train.bytes, "train_windows": train.windows,
@@ -251,8 +264,10 @@ def build_text_bundle(files: Sequence[FileItem], data_cfg: Any, storage_cfg: Any
     }
     log.info("text data %s: %s", paths_label, stats, extra=FILE_ONLY)
     return DataBundle(
-        train=_dataset(train, shuffle_seed=data_cfg.seed, storage_cfg=storage_cfg, strict=data_cfg.strict, name="train"),
-        val=_dataset(val, shuffle_seed=None, storage_cfg=storage_cfg, strict=data_cfg.strict, name="val"),
+        train=_dataset(train, shuffle_seed=data_cfg.seed, storage_cfg=storage_cfg, strict=data_cfg.strict, name="train",
+                       records=records, column=data_cfg.text_column),
+        val=_dataset(val, shuffle_seed=None, storage_cfg=storage_cfg, strict=data_cfg.strict, name="val",
+                     records=records, column=data_cfg.text_column),
         collate=collate,
         stats=stats,
         train_decoded_bytes=train.windows * ((train.seq_len + 1) * 2 + 8),  # uint16 tokens + int64 index
@@ -299,10 +314,18 @@ def warn_if_binary(files: Sequence[FileItem], storage_cfg: Any, field: str = "da
 
 @register_source("text")
 def build_text(data_cfg, *, model_cfg=None, storage_cfg=None) -> DataBundle:
-    """User text: data.paths (files, directories, globs, s3:// prefixes), every file read as bytes."""
+    """User text: data.paths (files, directories, globs, s3:// prefixes); Parquet / JSONL shards give
+    their data.text_column's documents (data/records.py), every other file is read as bytes."""
     files = _text_files(data_cfg, storage_cfg)
-    warn_if_binary(files, storage_cfg)
-    return build_text_bundle(files, data_cfg, storage_cfg, ", ".join(data_cfg.paths))
+    shards = [f for f in files if record_kind(f.uri)]
+    plain = [f for f in files if not record_kind(f.uri)]
+    warn_if_binary(plain, storage_cfg)
+    index = index_shards(shards, data_cfg.text_column, storage_cfg) if shards else {}
+    items = plain + as_stream_items(shards, index)
+    log.info("text data: %d plain file(s), %d record shard(s) (%d documents)", len(plain), len(shards),
+             sum(e["docs"] for e in index.values()), extra=FILE_ONLY)
+    return build_text_bundle(items, data_cfg, storage_cfg, ", ".join(data_cfg.paths),
+                             records={u: e["checkpoints"] for u, e in index.items()})
 
 
 def _text_files(data_cfg, storage_cfg) -> list[FileItem]:

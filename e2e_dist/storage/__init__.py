@@ -27,7 +27,7 @@ from e2e_dist.storage.access import check_access
 from e2e_dist.storage.clients import boto3_client, endpoint_url, region, resolve, s3_filesystem
 from e2e_dist.storage.error_messages import describe_error
 from e2e_dist.storage.files import (
-    delete_file, delete_tree, exists, list_dir, list_files, read_bytes, read_range, read_text, write_bytes,
+    delete_file, delete_tree, exists, list_dir, list_files, open_input_file, read_bytes, read_range, read_text, write_bytes,
     write_text,
 )
 from e2e_dist.storage.ray_fs import marker_free_s3_filesystem, ray_storage_kwargs
@@ -37,7 +37,7 @@ from e2e_dist.storage.transfer import (
 from e2e_dist.storage.uris import S3, is_s3, join, split_s3
 
 __all__ = [
-    "S3", "FileEntry", "StorageError", "boto3_client", "check_access", "delete_file", "delete_tree",
+    "S3", "FileEntry", "StorageError", "boto3_client", "check_access", "delete_file", "delete_tree", "open_input_file",
     "describe_error", "download_dir", "download_file", "endpoint_url", "exists", "is_s3", "join", "list_dir",
     "list_files", "local_files", "marker_free_s3_filesystem", "ray_storage_kwargs", "read_bytes", "read_range",
     "read_text", "region", "resolve", "s3_filesystem", "sha256_file", "split_s3", "upload_dir", "upload_file", "write_bytes", "write_text",

@@ -39,6 +39,16 @@ def read_text(uri: str, storage_cfg: StorageConfig | None = None) -> str:
     return read_bytes(uri, storage_cfg).decode("utf-8")
 
 
+def open_input_file(uri: str, storage_cfg: StorageConfig | None = None):
+    """A seekable pyarrow file for `uri` (local or s3://; ranged GETs on S3). Raises OSError itself,
+    like read_range."""
+    if not is_s3(uri):
+        import pyarrow as pa
+
+        return pa.OSFile(uri, "rb")
+    return cached_s3_filesystem(storage_cfg).open_input_file(uri[len(S3):])
+
+
 def read_range(uri: str, offset: int, length: int, storage_cfg: StorageConfig | None = None) -> bytes:
     """Up to `length` bytes of `uri` (a local path or s3://) from `offset`, fewer if the file is shorter.
 

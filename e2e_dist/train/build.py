@@ -53,6 +53,10 @@ def build_engine(cfg: RunConfig, *, device: torch.device, world: int, load_unive
 
     t = cfg.trainer
     on_gpu = device.type == "cuda"
+    if on_gpu and t.check_memory:
+        from e2e_dist.plan.report import check_fits_on_gpu
+
+        check_fits_on_gpu(cfg, world=world, device=device)
     torch.manual_seed(t.seed)  # the same initial weights on every rank and every run
     model = build_model(cfg.model, cfg.data)
     # Count FLOPs on the real module before DeepSpeed partitions it (ZeRO-3 hides full params).
@@ -66,7 +70,8 @@ def build_engine(cfg: RunConfig, *, device: torch.device, world: int, load_unive
         skip_cpu_shm_comm()
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=build_deepspeed_config(cfg, world_size=world, on_gpu=on_gpu, load_universal=load_universal),
+        config=build_deepspeed_config(cfg, world_size=world, on_gpu=on_gpu, load_universal=load_universal,
+                                      n_params=n_params),
         dist_init_required=False)
     if resolve_compile(cfg, on_gpu):
         engine.compile()

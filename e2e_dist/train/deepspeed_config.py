@@ -26,17 +26,31 @@ def resolve_compile(cfg: RunConfig, on_gpu: bool) -> bool:
     return cfg.trainer.compile if cfg.trainer.compile is not None else on_gpu
 
 
+REDUCE_BUCKET = 5e8
+"""DeepSpeed's default reduce_bucket_size (elements)."""
+
+
+def reduce_bucket_elements(n_params: int | None) -> int:
+    """Elements per gradient-reduction bucket: DeepSpeed's default, but never more than the model.
+
+    ZeRO-1/2 allocate a bucket (two with overlap_comm) of this many elements at every backward and
+    ZeRO-3 one up front, whatever the model's size: 5e8 is 2-4 GiB per GPU, more than a 125M model's
+    whole states (plan/memory.py)."""
+    return int(min(REDUCE_BUCKET, max(n_params, 1_000_000))) if n_params else int(REDUCE_BUCKET)
+
+
 def build_deepspeed_config(cfg: RunConfig, *, world_size: int, on_gpu: bool, load_universal: bool = False,
-                           ) -> dict[str, Any]:
+                           n_params: int | None = None) -> dict[str, Any]:
     """load_universal: the engine will restore a checkpoint's universal form (another world size,
-    stage or offload setting wrote it; checkpoint/universal.py). Saving is unaffected."""
+    stage or offload setting wrote it; checkpoint/universal.py). Saving is unaffected.
+    n_params: the model's size, which caps the reduce buckets (`reduce_bucket_elements`)."""
     t, ds = cfg.trainer, cfg.deepspeed
     accum = t.grad_accum_at(world_size)
     precision = resolve_precision(cfg, on_gpu)
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
         # Overlap gradient reduction with backward and use contiguous buffers (fewer, larger collectives).
-        zero.update(overlap_comm=on_gpu, contiguous_gradients=True, reduce_bucket_size=5e8)
+        zero.update(overlap_comm=on_gpu, contiguous_gradients=True, reduce_bucket_size=reduce_bucket_elements(n_params))
     if ds.zero_stage == 3:
         # Keep small parameters resident (no gather per use) and prefetch the next layer's shards.
         zero.update(stage3_param_persistence_threshold=1e5, stage3_prefetch_bucket_size=5e7,

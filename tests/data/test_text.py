@@ -155,7 +155,7 @@ def test_binary_looking_files_get_one_warning_naming_one(tmp_path, corpus, caplo
     texts = list(corpus.values())[:3]
     for i, data in enumerate(texts):
         (tmp_path / f"{i}.txt").write_bytes(data)
-    monkeypatch.setattr(text, "build_text_bundle", lambda *a: "bundle")  # no Ray: the listing is enough
+    monkeypatch.setattr(text, "build_text_bundle", lambda *a, **kw: "bundle")  # no Ray: the listing is enough
     with caplog.at_level("WARNING", logger="e2e_dist.data"):
         assert text.build_text(cfg(tmp_path)) == "bundle"
     assert not caplog.records  # all text: silent

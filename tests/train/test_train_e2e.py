@@ -3,6 +3,11 @@
 One straight ZeRO-3 run is the reference; a second run of the same config is killed right after
 its step-8 checkpoint commits and resumed with --resume: it must continue at step 10 and end
 with the reference's losses (same data position, LR schedule and optimizer state).
+
+The data is the way corpora come (issue: real workloads): this Python's standard-library sources
+as documents in 3 Parquet shards (row groups of 8) and 2 JSONL shards, read by the `text` source's
+record path (data/records.py). So every kill / restart / resize / SIGTERM test here also proves
+that a resumed run sees exactly the windows of the uninterrupted one, mid-epoch, on record shards.
 """
 
 from __future__ import annotations
@@ -21,11 +26,44 @@ pytestmark = pytest.mark.slow
 STEPS = 16
 
 
+_CORPUS: list[str] = []
+
+
+def record_corpus() -> str:
+    """The test corpus (written once per session): 60 stdlib files as documents, in record shards."""
+    if not _CORPUS:
+        import atexit
+        import shutil
+        import tempfile
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from e2e_dist.data.common import seeded_order
+        from e2e_dist.data.text import stdlib_files
+
+        root = tempfile.mkdtemp(prefix="e2e-records-")
+        atexit.register(shutil.rmtree, root, True)
+        files = [f for f in seeded_order(stdlib_files(), seed=0) if f.size < 20_000][:60]
+        docs = [open(f.uri, encoding="utf-8", errors="replace").read() for f in files]
+        for i in range(5):
+            part = docs[i::5]
+            if i < 3:
+                pq.write_table(pa.table({"text": part, "n": list(range(len(part)))}), f"{root}/part-{i}.parquet",
+                               row_group_size=8)
+            else:
+                with open(f"{root}/part-{i}.jsonl", "w") as f:
+                    f.writelines(json.dumps({"text": d}) + "\n" for d in part)
+        _CORPUS.append(root)
+    return _CORPUS[0]
+
+
 def tiny_cfg(tmp_path, name: str, zero: int, *extra: str):
     return load_run_config("tiny-text", [
+        "data.source=text", f"data.paths=[{record_corpus()}]", "data.max_files=null",
         f"name={name}", f"storage.path={tmp_path}/runs", f"deepspeed.zero_stage={zero}",
         "model.n_layer=2", "model.d_model=64", "model.n_head=2", "model.max_seq_len=64", "data.seq_len=64",
-        "data.max_files=60", "data.max_bytes=400000", "trainer.micro_batch_size=8", f"trainer.max_steps={STEPS}",
+        "data.max_bytes=400000", "trainer.micro_batch_size=8", f"trainer.max_steps={STEPS}",
         "trainer.log_every=4", "trainer.eval_every=8", "trainer.eval_batches=2", "trainer.ckpt_every=8",
         "trainer.warmup_steps=2", "trainer.lr=0.003", "trainer.async_checkpoint=false", *extra,
     ])
@@ -100,7 +138,7 @@ def test_zero3_trains_checkpoints_and_logs(reference_z3):
     assert m["sample"].startswith("def ")
 
 
-@pytest.mark.parametrize("zero", [1, 2])
+@pytest.mark.parametrize("zero", [1])  # ZeRO-2 is the default: most other end-to-end runs use it
 def test_other_zero_stages_learn(ray_local, tmp_path, zero, monkeypatch, capsys):
     from e2e_dist.train.launcher import run_training
 
