@@ -95,13 +95,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     """Every input gets its answer or its one-line error (naming it); exit 1 if any failed."""
     from e2e_dist.errors import UserError
-    from e2e_dist.predict import load_predictor, predict_one
+    from e2e_dist.predict import load_predictor, predict_details
 
     model, cfg = load_predictor(args.exported)
     failed = 0
     for path in args.inputs:
         try:
-            print(f"{path}\t{predict_one(model, cfg, path)}", flush=True)
+            result = predict_details(model, cfg, path)
+            print(f"{path}\t{result.answer}\t{result.details}", flush=True)
         except UserError as e:
             failed += 1
             print(f"e2e-dist: error: {e}", file=sys.stderr, flush=True)
@@ -113,8 +114,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from e2e_dist.data.synth_speech import make_speech_corpus
 
-    info = make_speech_corpus(args.out, n_utterances=args.n, seed=args.seed)
-    print(f"wrote {info} to {args.out}")
+    manifest = make_speech_corpus(args.out, n_utterances=args.n, seed=args.seed)
+    print(f"wrote {args.n} clips and {manifest}")
+    print(f"train on it: e2e-dist train tiny-speech --set data.paths=[{manifest.parent}]")
     return 0
 
 
@@ -217,7 +219,10 @@ def _add_model_verbs(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same text)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("predict", help="image -> class, audio -> transcript, from an exported model")
+    p = sub.add_parser("predict", help="image -> class, audio -> transcript, from an exported model",
+                       description="Each input: a line 'FILE<TAB>ANSWER<TAB>DETAILS' (images: the class, its "
+                                   "probability and the top 3; audio: the transcript and a confidence), or a "
+                                   "one-line error naming it; exit 1 if any failed. README: the inputs accepted.")
     p.add_argument("exported")
     p.add_argument("inputs", nargs="+")
     p.set_defaults(func=cmd_predict)
@@ -230,13 +235,22 @@ def _add_model_verbs(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_checkpoints)
 
 
+SPOKEN_DIGITS_UTTERANCES = 600
+"""The built-in spoken-digits corpus size (data/speech.py checks it is the same number: importing
+it here would load numpy into every command)."""
+
+
 def _add_builtin_verbs(sub: argparse._SubParsersAction) -> None:
     """data, presets: what ships with the package."""
     p = sub.add_parser("data", help="built-in data sets")
     dsub = p.add_subparsers(dest="data_verb", metavar="make-speech", required=True)
-    q = dsub.add_parser("make-speech", help="synthesize the spoken-digits corpus with eSpeak NG (offline)")
+    q = dsub.add_parser("make-speech", help="synthesize the spoken-digits corpus with eSpeak NG (offline)",
+                        description="Write the spoken-digits corpus (WAVs + manifest.jsonl) to OUT; "
+                                    "`train tiny-speech --set data.paths=[OUT]` trains on it.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     q.add_argument("out")
-    q.add_argument("-n", type=int, default=400, help="utterances")
+    q.add_argument("-n", type=_number(int, "a clip count >= 1", lambda v: v >= 1), default=SPOKEN_DIGITS_UTTERANCES,
+                   help="utterances (the built-in corpus `train tiny-speech` makes on its own has this many)")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_data)
 

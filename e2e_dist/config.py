@@ -46,9 +46,10 @@ def absolute_path(path: str) -> str:
 # ----------------------------------------------------------------------------------------- data
 class DataConfig(Section):
     source: str = "stdlib-text"
-    """Data source in the data registry: `text` (files/globs/s3 prefixes), `stdlib-text` (built-in
-    corpus: this Python's standard library sources), `image-folder`, `digits`, `speech-manifest`,
-    `spoken-digits`."""
+    """Data source in the data registry: `text` (files/globs/s3 prefixes; Parquet/JSONL shards give
+    their data.text_column), `stdlib-text` (built-in corpus: this Python's standard library sources),
+    `image-folder` (class folders), `image-parquet` (image bytes + label columns in Parquet shards),
+    `digits`, `speech-manifest`, `spoken-digits`."""
     paths: list[str] = []
     """Files, globs or `s3://` prefixes for sources that read user data."""
     text_column: str = Field("text", min_length=1)
@@ -64,6 +65,10 @@ class DataConfig(Section):
     """Text only: cap on training bytes after `fraction` (a deterministic prefix of the shuffled files)."""
     max_files: int | None = Field(None, gt=0)
     """Cap on the number of input files/items read (keeps tiny runs tiny)."""
+    image_column: str = Field("image", min_length=1)
+    """image-parquet: the column of encoded image bytes (binary, or a struct with a `bytes` field)."""
+    label_column: str = Field("label", min_length=1)
+    """image-parquet: the column of labels (integer classes, or class names: sorted into indices)."""
     image_size: int = Field(32, ge=8, le=1024)
     """Vision: images are resized to image_size x image_size."""
     sample_rate: int = Field(16000, ge=1000, le=96000)

@@ -1,14 +1,16 @@
-"""`e2e-dist predict`: one input file through an exported model, with plain PyTorch (no DeepSpeed, no Ray).
+"""`e2e-dist predict`: input files through an exported model, with plain PyTorch (no DeepSpeed, no Ray).
 
-An image file -> its class label; an audio file -> its transcript. The input is prepared exactly
-as the training data pipeline prepared it (same decode/resize/normalize or decode/resample
-functions, with the sizes from the exported run config), so predictions match what was trained.
+An image file -> its class label with the top classes' probabilities; an audio file -> its
+transcript with a confidence. The input is prepared as the training pipeline prepared it (the
+same decode/resize/normalize or decode/resample functions, sizes from the exported run config),
+after bringing it into the training form where it is not (input_contract.py).
 """
 
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -64,6 +66,16 @@ def _read_input(input_path: str, storage_cfg: Any) -> bytes:
 MIN_AUDIO_SECONDS = 0.1
 """Shorter clips are padded with silence to this: the model's strided convolutions need a few
 hundred samples, and silence decodes to nothing."""
+TOP_K = 3
+"""Classes shown with their probabilities after the answer."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    answer: str
+    """The class label, or the transcript."""
+    details: str
+    """Image: the answer's probability and the top classes; speech: confidence (and windows)."""
 
 
 def load_predictor(exported_file: str, storage_cfg: Any = None) -> tuple[Any, Any]:
@@ -86,27 +98,75 @@ def _why(e: Exception) -> str:
 
 def predict_one(model: Any, cfg: Any, input_path: str, storage_cfg: Any = None) -> str:
     """Class label (image models) or transcript (speech models) of one file; UserError naming it."""
+    return predict_details(model, cfg, input_path, storage_cfg).answer
+
+
+def predict_details(model: Any, cfg: Any, input_path: str, storage_cfg: Any = None) -> Prediction:
+    """The answer for one file with how sure the model is; UserError naming the file. The input is
+    brought into the training form as input_contract.py says, or refused in one line."""
     data = _read_input(input_path, storage_cfg)
     if model.input_kind == "pixels":
-        from e2e_dist.data.images import decode_image
+        return _image_prediction(model, cfg, data, input_path, storage_cfg)
+    return _speech_prediction(model, cfg, data, input_path)
 
-        try:
-            pixels = decode_image(data, cfg.data.image_size, model.in_channels)
-        except Exception as e:  # any decoder failure means the input is not a usable image
-            raise UserError(f"input: cannot decode image {input_path}: {_why(e)}") from None
-        index = int(model.predict(torch.from_numpy(pixels)[None])[0])
-        return class_names(cfg, model.num_classes, storage_cfg)[index]
+
+def _image_prediction(model: Any, cfg: Any, data: bytes, input_path: str, storage_cfg: Any) -> Prediction:
+    import numpy as np
+    from PIL import Image
+
+    from e2e_dist.data.images import image_pixels
+    from e2e_dist.input_contract import OutOfContract, check_image_size, glyph_like_training, open_image
+
+    try:
+        im = open_image(data)
+        check_image_size(im, input_path)
+        if cfg.data.source == "digits":  # glyph models: polarity and framing as the built-in digits have them
+            glyph = glyph_like_training(np.asarray(im.convert("L"), dtype=np.float64) / 255.0, DIGITS_SOURCE_SIDE)
+            im = Image.fromarray(np.round(glyph * 255).astype(np.uint8), mode="L")
+            im = im.resize((DIGITS_SOURCE_SIDE, DIGITS_SOURCE_SIDE), Image.Resampling.BOX)  # as the 8x8 originals
+        pixels = image_pixels(im, cfg.data.image_size, model.in_channels)
+    except OutOfContract as e:
+        raise UserError(f"input: {e}") from None
+    except Exception as e:  # any decoder failure means the input is not a usable image
+        raise UserError(f"input: cannot decode image {input_path}: {_why(e)}") from None
+    with torch.no_grad():
+        probs = torch.softmax(model.logits(torch.from_numpy(pixels)[None]).float(), dim=-1)[0]
+    names = class_names(cfg, model.num_classes, storage_cfg)
+    top = torch.topk(probs, min(TOP_K, len(probs)))
+    ranked = [(names[int(i)], float(p)) for p, i in zip(top.values, top.indices)]
+    return Prediction(ranked[0][0], f"p={ranked[0][1]:.2f}\ttop{len(ranked)}: "
+                      + ", ".join(f"{n} {p:.2f}" for n, p in ranked))
+
+
+DIGITS_SOURCE_SIDE = 8
+"""The built-in digits are 8x8 images (upsampled to data.image_size by the pipeline)."""
+
+
+def _speech_prediction(model: Any, cfg: Any, data: bytes, input_path: str) -> Prediction:
     from e2e_dist.data.speech import decode_audio
+    from e2e_dist.input_contract import OutOfContract, audio_windows
+    from e2e_dist.models.ctc_speech import greedy_decode
 
     try:
         samples = decode_audio(data, cfg.data.sample_rate)
+        windows = audio_windows(samples, cfg.data.sample_rate, cfg.data.max_audio_seconds, MIN_AUDIO_SECONDS)
+    except OutOfContract as e:
+        raise UserError(f"input: {input_path}: {e}") from None
     except ValueError as e:
         raise UserError(f"input: cannot decode audio {input_path}: {_why(e)}") from None
-    audio = torch.from_numpy(samples)[None]
-    shortest = int(MIN_AUDIO_SECONDS * cfg.data.sample_rate)
-    if audio.shape[1] < shortest:
-        audio = torch.nn.functional.pad(audio, (0, shortest - audio.shape[1]))
-    return model.transcribe(audio, torch.tensor([audio.shape[1]]))[0]
+    texts, frame_logp = [], []
+    with torch.no_grad():
+        for w in windows:
+            audio = torch.from_numpy(w)[None]
+            lp, frames = model.log_probs(audio, torch.tensor([audio.shape[1]]))
+            best = lp[0, : int(frames[0])].max(dim=-1)
+            texts.append(greedy_decode(best.indices[None], frames, model.alphabet)[0])
+            frame_logp.append(best.values)
+    # Confidence: the greedy path's per-frame probability, geometric mean over the clip.
+    confidence = float(torch.cat(frame_logp).mean().exp())
+    transcript = " ".join(t for t in texts if t)
+    extra = f"\twindows={len(windows)}" if len(windows) > 1 else ""
+    return Prediction(transcript, f"confidence={confidence:.2f}{extra}")
 
 
 def predict(exported_file: str, input_path: str, storage_cfg: Any = None) -> str:

@@ -16,7 +16,6 @@ whole set is first scanned on the driver, so a bad file stops the run before tra
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from pathlib import Path
@@ -42,15 +41,24 @@ ROWS_PER_BLOCK = 128
 
 # ------------------------------------------------------------------------------ worker side
 def decode_image(data: bytes, size: int, channels: int) -> np.ndarray:
-    """Encoded image bytes -> (channels, size, size) float32 normalized pixels. Raises on bad bytes."""
+    """Encoded image bytes -> (channels, size, size) float32 normalized pixels. Raises on bad bytes.
+
+    Decoding follows input_contract.open_image (EXIF orientation, transparency on white, 16-bit
+    scaled), the same for training and `predict`."""
+    from e2e_dist.input_contract import open_image
+
+    return image_pixels(open_image(data), size, channels)
+
+
+def image_pixels(im, size: int, channels: int) -> np.ndarray:
+    """A decoded PIL image -> (channels, size, size) float32 pixels normalized as in training."""
     from PIL import Image
 
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("L" if channels == 1 else "RGB")  # decodes: truncated/corrupt files raise here
-        im = im.resize((size, size), Image.Resampling.BILINEAR)
-        arr = np.asarray(im, dtype=np.float32) / 255.0
+    im = im.convert("L" if channels == 1 else "RGB")
+    im = im.resize((size, size), Image.Resampling.BILINEAR)
+    arr = np.asarray(im, dtype=np.float32) / 255.0
     arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
     return (arr - PIXEL_MEAN) / PIXEL_STD
 

@@ -283,7 +283,8 @@ build_speech_manifest.check_paths = lambda data_cfg, storage_cfg: list_files(  #
 
 
 SPOKEN_DIGITS_UTTERANCES = 600
-"""Size of the built-in corpus (fixed, with seed 0: every run and machine sees the same clips)."""
+"""Size of the built-in corpus (fixed, with seed 0: every run and machine sees the same clips);
+`data make-speech` writes as many by default (cli.SPOKEN_DIGITS_UTTERANCES, kept equal by a test)."""
 
 
 @register_source("spoken-digits")

@@ -184,22 +184,23 @@ def _read_tokens(uri: str, offset: int, n: int, storage_cfg: Any, strict: bool, 
 
 
 def read_windows(batch: dict, *, seq_len: int, shuffle_seed: int | None, storage: Any, strict: bool,
-                 eos: int, pad: int, records: dict[str, list] | None = None, column: str = "text") -> dict:
+                 eos: int, pad: int, column: str = "text") -> dict:
     """Ray Data map_batches fn: chunk plans (JSON) -> their windows {"tokens", "index"}.
 
-    records: the checkpoints of record shards (data/records.py) by uri; their stream ranges are read
-    from those, every other uri as raw bytes. The special ids come in as arguments: importing the
-    model module here would load torch into every Ray Data worker process just for two integers."""
-    records = records or {}
-
-    def read(uri: str, off: int, n: int) -> np.ndarray:
-        if uri in records:
-            return read_stream(uri, off, n, column=column, checkpoints=records[uri], storage_cfg=storage, eos=eos)
-        return _read_tokens(uri, off, n, storage, strict, pad)
-
+    A plan's `records` holds the checkpoints of the record shards it reads (data/records.py); their
+    stream ranges are read from those, every other uri as raw bytes. The special ids come in as
+    arguments: importing the model module here would load torch into every Ray Data worker process
+    just for two integers."""
     tokens, index = [], []
     for raw in batch["plan"]:
         plan = json.loads(raw)
+        records = plan.get("records", {})
+
+        def read(uri: str, off: int, n: int) -> np.ndarray:
+            if uri in records:
+                return read_stream(uri, off, n, column=column, checkpoints=records[uri], storage_cfg=storage, eos=eos)
+            return _read_tokens(uri, off, n, storage, strict, pad)
+
         parts = [np.array([eos], np.uint16) if uri is None else read(uri, off, n) for uri, off, n in plan["runs"]]
         stream = np.concatenate(parts)
         n, w0 = plan["n"], plan["w0"]
@@ -232,14 +233,17 @@ def _dataset(plan: StreamPlan, *, shuffle_seed: int | None, storage_cfg: Any, st
         # Ray Data would otherwise start a default instance (public address, ~/.ray token auth).
         raise RuntimeError("initialize Ray before building datasets (e2e_dist.train.ray_env.init_ray)")
     chunks = plan.chunks()
+    for c in chunks:  # each read task carries the checkpoints of its own shards only
+        mine = {uri: records[uri] for uri, _, _ in c["runs"] if uri in records}
+        if mine:
+            c["records"] = mine
     items = [{"plan": json.dumps(c)} for c in chunks]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         read_windows,
         batch_size=1,
         batch_format="numpy",
         fn_kwargs={"seq_len": plan.seq_len, "shuffle_seed": shuffle_seed, "storage": storage_cfg, "strict": strict,
-                   "eos": EOS, "pad": PAD, "records": {s.uri: records[s.uri] for s in plan.segments if s.uri in records},
-                   "column": column},
+                   "eos": EOS, "pad": PAD, "column": column},
         # Reading a few hundred KiB per task is I/O, not compute; on a small machine the training
         # workers hold every CPU, and a 1-CPU read task would then never be scheduled.
         num_cpus=0,

@@ -7,7 +7,7 @@ traced back to the file it came from without trusting the pipeline's own bookkee
 from __future__ import annotations
 
 import io
-import json
+import re
 
 import numpy as np
 import pytest
@@ -19,6 +19,7 @@ from e2e_dist.data import images
 from e2e_dist.data.common import DataError
 from e2e_dist.data.registry import build_data
 from e2e_dist.errors import ConfigError, UserError
+from tests.helpers.exports import write_export
 
 CLASSES = ("cat", "dog", "owl")
 PER_CLASS = 12
@@ -183,16 +184,7 @@ def test_s3_folder_reads_the_same_images_as_local(ray_local, s3_server, s3_bucke
 
 
 def export_file(tmp_path, cfg, model) -> str:
-    """An exported file in the format e2e_dist.export writes (weights + config in the metadata)."""
-    from safetensors.torch import save_file
-
-    from e2e_dist import export
-
-    path = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={"format": "pt", export.META_FORMAT: export.EXPORT_FORMAT,
-                        export.META_CONFIG: json.dumps(cfg.to_public_dict())})
-    return str(path)
+    return write_export(tmp_path / "model.safetensors", cfg, model)
 
 
 def test_predict_returns_the_class_label_of_an_image_file(tmp_path, folder, capsys):
@@ -222,6 +214,7 @@ def test_predict_returns_the_class_label_of_an_image_file(tmp_path, folder, caps
 
     assert main(["predict", exported, str(img), str(tmp_path / "nope.png"), str(folder / "owl" / "03.png")]) == 1
     out, errors = capsys.readouterr()
-    assert out.splitlines() == [f"{img}\t{label}", f"{img}\t{label}"]
+    assert [line.split("\t")[:2] for line in out.splitlines()] == [[str(img), label], [str(img), label]]
+    assert all(re.fullmatch(r"p=[01]\.\d\d\ttop3: .+", line.split("\t", 2)[2]) for line in out.splitlines())
     assert errors.splitlines() == [f"e2e-dist: error: input: no such file: {tmp_path / 'nope.png'}",
                                    "e2e-dist: error: 1 of 3 input(s) failed"]

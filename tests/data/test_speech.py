@@ -225,19 +225,14 @@ def test_spoken_digits_source_generates_once_and_reads_through_the_manifest(ray_
 
 
 def test_predict_transcribes_an_audio_file(tmp_path, corpus):
-    from safetensors.torch import save_file
-
-    from e2e_dist import export
     from e2e_dist.models.registry import build_model
     from e2e_dist.predict import predict
+    from tests.helpers.exports import write_export
 
     cfg = load_run_config("tiny-speech", ["model.d_model=16", "model.n_layer=1", "model.conv_channels=8"])
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.data).eval()
-    path = tmp_path / "speech.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={"format": "pt", export.META_FORMAT: export.EXPORT_FORMAT,
-                        export.META_CONFIG: json.dumps(cfg.to_public_dict())})
+    path = write_export(tmp_path / "speech.safetensors", cfg, model)
     clip = corpus / "audio" / "c1.wav"  # 22.05 kHz: predict resamples like training did
     out = predict(str(path), str(clip))
     x = torch.from_numpy(speech.decode_audio(clip.read_bytes(), cfg.data.sample_rate))[None]
@@ -252,3 +247,21 @@ def test_predict_transcribes_an_audio_file(tmp_path, corpus):
         w.setframerate(cfg.data.sample_rate)
         w.writeframes(b"\x10\x00" * 50)
     assert isinstance(predict(str(path), str(short)), str)
+
+
+def test_make_speech_writes_what_train_tiny_speech_reads(ray_local, tmp_path, capsys):
+    """One corpus flow: `data make-speech DIR` (default size = the built-in corpus's), then
+    `train tiny-speech --set data.paths=[DIR]` reads that corpus, not a new one."""
+    from e2e_dist import cli
+
+    assert cli.SPOKEN_DIGITS_UTTERANCES == speech.SPOKEN_DIGITS_UTTERANCES
+    data_verb = cli.build_parser()._subparsers._group_actions[0].choices["data"]
+    make_speech = data_verb._subparsers._group_actions[0].choices["make-speech"]
+    assert f"(default: {speech.SPOKEN_DIGITS_UTTERANCES})" in " ".join(make_speech.format_help().split())
+    out_dir = tmp_path / "spoken"
+    assert cli.main(["data", "make-speech", str(out_dir), "-n", "10"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] == f"train on it: e2e-dist train tiny-speech --set data.paths=[{out_dir}]"
+    cfg = load_run_config("tiny-speech", [printed[-1].split("--set ")[1], "data.val_fraction=0.2"])
+    bundle = build_data(cfg.data, model_cfg=cfg.model)
+    assert bundle.stats["train_rows"] + bundle.stats["val_rows"] == 10

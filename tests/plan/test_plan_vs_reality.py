@@ -1,7 +1,8 @@
 """The plan's memory figures against what a real run holds (CPU: no torch.cuda anywhere).
 
 - Activations: the byte GPT's formula vs the bytes autograd really saves (exact to 1%), and the
-  plan's activation peak vs the process's peak RSS during a forward + backward (0.85x-1.25x).
+  plan's activation peak vs the process's peak RSS (VmHWM, reset before the step) during a
+  forward + backward (0.85x-1.25x).
 - Model states: real DeepSpeed engines (2 ranks over gloo, ZeRO 0-3, fp32 as on CPU) whose tensor
   storages are counted mid-step vs the plan's per-GPU states: never more than 5% above the plan,
   at most 25% below it (the plan is meant to be conservative).
@@ -41,16 +42,22 @@ def test_gpt_formula_is_what_autograd_saves(shape, dtype, nbytes):
 
 
 RSS_PROBE = """
-import gc, json, resource, sys, torch
+import gc, json, sys, torch
 from e2e_dist.models.gpt import ByteGPT
+
+def status(key):  # kB -> bytes, from /proc/self/status
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
+
 L, d, heads, seq, batch, ckpt = json.loads(sys.argv[1])
 torch.manual_seed(0)
 model = ByteGPT(L, heads, d, seq); model.example_len = seq; model.checkpoint_activations = ckpt
 model(model.example_batch(1)).backward()  # parameters' grads allocated, kernels loaded
 data = model.example_batch(batch); gc.collect()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# Reset the peak (VmHWM) to now: getrusage's ru_maxrss would carry the parent's peak across exec.
+open("/proc/self/clear_refs", "w").write("5")
+before = status("VmRSS")
 model(data).backward()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+print(status("VmHWM") - before)
 """
 
 

@@ -71,3 +71,21 @@ def test_plan_cli_bad_input(capsys):
     assert "--gpu 'Voodoo2': unknown card" in capsys.readouterr().err
     assert main(["plan", "gpt-125m", "--gpus", "3"]) == 2
     assert "global_batch_size=256 does not split over 3 GPUs" in capsys.readouterr().err
+
+
+def test_train_start_check_reads_the_card_and_refuses(monkeypatch):
+    """check_fits_on_gpu (called by train/build.py on GPU workers) with the card faked: a 24 GiB A10G."""
+    import torch
+
+    from e2e_dist.plan.report import check_fits_on_gpu
+
+    class Props:
+        name, total_memory = "NVIDIA A10G", 24 * GiB
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: Props.name)
+    check_fits_on_gpu(load_run_config("gpt-125m", []), world=1, device=torch.device("cuda", 0))  # the preset fits
+    too_big = load_run_config("gpt-350m", ["trainer.micro_batch_size=64"])
+    with pytest.raises(ConfigError, match=r"ZeRO-2 with trainer.micro_batch_size=64 needs ~\d+\.\d GiB per GPU .* "
+                                          r"of the 24 GiB card is usable: try --set trainer.micro_batch_size="):
+        check_fits_on_gpu(too_big, world=1, device=torch.device("cuda", 0))

@@ -95,7 +95,9 @@ def test_vision_digits_zero2_reaches_85_percent_then_export_and_predict(ray_loca
     picks = val[:3]
     proc = run_cli("predict", str(exported), *(it.uri for it in picks), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.splitlines() == [f"{it.uri}\t{label}" for it, label in zip(picks, labels[:3])]
+    assert [line.split("\t")[:2] for line in proc.stdout.splitlines()] == [[it.uri, label] for it, label in
+                                                                           zip(picks, labels[:3])]
+    assert all(line.split("\t")[2].startswith("p=") for line in proc.stdout.splitlines())  # + top-3 probabilities
 
 
 # ---------------------------------------------------------------------------------------- speech
@@ -154,4 +156,5 @@ def test_speech_spoken_digits_lowers_cer_then_export_and_predict(ray_local, tmp_
 
     proc = run_cli("predict", str(exported), val[0].uri, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout == f"{val[0].uri}\t{hyps[0]}\n"
+    path, transcript, confidence = proc.stdout.rstrip("\n").split("\t")
+    assert (path, transcript) == (val[0].uri, hyps[0]) and 0 < float(confidence.removeprefix("confidence=")) <= 1
