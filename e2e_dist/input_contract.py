@@ -28,6 +28,11 @@ MIN_IMAGE_SIDE = 4
 """Pixels: below this an image holds no recognizable shape."""
 GLYPH_FILL = 0.75
 """Training digits' ink spans at least this share of the frame's larger side; a smaller glyph is re-framed."""
+GLYPH_MARGIN = 1.0
+"""Square frame side / the ink's longer side when re-framing (the built-in digits' ink spans the frame)."""
+GLYPH_INK = 0.15
+"""Share of the brightest ink above which a pixel counts as ink for the crop (margin and share were
+chosen on BENCHMARKS.md section 12's held-out digits: 1.0 / 0.15 of 1.0-1.15 / 0.1-0.25)."""
 MAX_AUDIO_SECONDS = 600.0
 """The longest clip `predict` transcribes (in windows); longer ones are refused."""
 
@@ -83,12 +88,12 @@ def glyph_like_training(gray: np.ndarray, source_side: int) -> np.ndarray:
     peak = float(ink.max())
     if peak <= 0.1:  # a blank image: nothing to re-frame
         return gray
-    rows, cols = np.nonzero(ink > 0.25 * peak)
+    rows, cols = np.nonzero(ink > GLYPH_INK * peak)
     top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     side = max(bottom - top, right - left)
     if side >= GLYPH_FILL * max(h, w):
         return ink
-    side = int(np.ceil(side * 1.1))  # training digits keep a thin margin
+    side = int(np.ceil(side * GLYPH_MARGIN))
     out = np.zeros((side, side), dtype=np.float64)
     crop = ink[top:bottom, left:right]
     y0, x0 = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2
