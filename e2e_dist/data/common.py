@@ -281,6 +281,46 @@ def decoded_dataset(rows: list[dict], decode: Callable, *, name: str, rows_per_b
     return deterministic(ds)
 
 
+def _per_shard_batch(batch: dict, *, fn: Callable[..., dict], kwargs: dict) -> dict:
+    """Ray Data map_batches fn of `per_shard_in_tasks`: uris -> fn's result as JSON, or the one-line error."""
+    import json
+
+    import numpy as np
+
+    out, errors = [], []
+    for uri in batch["uri"]:
+        try:
+            out.append(json.dumps(fn(str(uri), **kwargs)))
+            errors.append("")
+        except DataError as e:
+            out.append("")
+            errors.append(str(e))
+        except Exception as e:  # a corrupt or unreadable shard: named, and the run stops
+            out.append("")
+            errors.append(f"data.paths: cannot read shard {uri}: {(str(e).splitlines() or [type(e).__name__])[0]}")
+    return {"result": np.array(out, dtype=object), "error": np.array(errors, dtype=object)}
+
+
+def per_shard_in_tasks(uris: Sequence[str], fn: Callable[..., dict], **kwargs: Any) -> list[dict]:
+    """`fn(uri, **kwargs)` (a JSON-able dict) for every shard, in Ray Data tasks (0 CPUs, up to 4 at
+    once: reads, not compute), in `uris` order. DataError naming the first bad shard (by uri) and how
+    many more: fn's DataError as it is, any other exception as "cannot read shard"."""
+    import json
+
+    import ray.data
+
+    if not uris:
+        return []
+    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=len(uris)).map_batches(
+        _per_shard_batch, batch_size=1, batch_format="numpy", fn_kwargs={"fn": fn, "kwargs": kwargs},
+        num_cpus=0, compute=ray.data.TaskPoolStrategy(size=min(4, len(uris))))
+    rows = deterministic(ds).take_all()
+    bad = sorted(r["error"] for r in rows if r["error"])
+    if bad:
+        raise DataError(bad[0] + (f" (and {len(bad) - 1} more bad shards)" if len(bad) > 1 else ""))
+    return [json.loads(r["result"]) for r in rows]
+
+
 def ingest_data_config(datasets_to_split: list[str] | str = "all"):
     """`ray.train.DataConfig` that keeps our datasets' order when Ray Train shards them.
 

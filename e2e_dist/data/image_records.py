@@ -18,14 +18,15 @@ skipped with a warning, or stop the run when `data.strict`.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Sequence
 
 import numpy as np
 
 from e2e_dist.console import FILE_ONLY
-from e2e_dist.data.common import DataError, FileItem, list_files, note_bad_item, seeded_order, split_by_hash
+from e2e_dist.data.common import (
+    DataError, FileItem, list_files, note_bad_item, per_shard_in_tasks, seeded_order, split_by_hash,
+)
 from e2e_dist.data.images import collate, decode_image
 from e2e_dist.data.registry import DataBundle, register_source
 from e2e_dist.errors import ConfigError
@@ -70,21 +71,6 @@ def index_shard(uri: str, image_col: str, label_col: str, storage_cfg: Any) -> d
     return {"uri": uri, "rows": rows, "label_kind": kind, "labels": values}
 
 
-def index_batch(batch: dict, *, image_col: str, label_col: str, storage: Any) -> dict:
-    out, errors = [], []
-    for uri in batch["uri"]:
-        try:
-            out.append(json.dumps(index_shard(str(uri), image_col, label_col, storage)))
-            errors.append("")
-        except DataError as e:
-            out.append("")
-            errors.append(str(e))
-        except Exception as e:
-            out.append("")
-            errors.append(f"data.paths: cannot read shard {uri}: {(str(e).splitlines() or [type(e).__name__])[0]}")
-    return {"index": np.array(out, dtype=object), "error": np.array(errors, dtype=object)}
-
-
 def decode_row_groups(batch: dict, *, size: int, channels: int, image_col: str, label_col: str, classes: list | None,
                       storage: Any, strict: bool) -> dict:
     """Ray Data map_batches fn: {uri, row_group, first, count} -> {pixels, label} of those rows."""
@@ -111,17 +97,8 @@ def decode_row_groups(batch: dict, *, size: int, channels: int, image_col: str, 
 
 
 def _index(files: Sequence[FileItem], data_cfg: Any, storage_cfg: Any) -> list[dict]:
-    import ray.data
-
-    ds = ray.data.from_items([{"uri": f.uri} for f in files], override_num_blocks=len(files)).map_batches(
-        index_batch, batch_size=1, batch_format="numpy", num_cpus=0,
-        fn_kwargs={"image_col": data_cfg.image_column, "label_col": data_cfg.label_column, "storage": storage_cfg},
-        compute=ray.data.TaskPoolStrategy(size=min(4, len(files))))
-    rows = ds.take_all()
-    bad = sorted(r["error"] for r in rows if r["error"])
-    if bad:
-        raise DataError(bad[0] + (f" (and {len(bad) - 1} more bad shards)" if len(bad) > 1 else ""))
-    return [json.loads(r["index"]) for r in rows]
+    return per_shard_in_tasks([f.uri for f in files], index_shard, image_col=data_cfg.image_column,
+                              label_col=data_cfg.label_column, storage_cfg=storage_cfg)
 
 
 def _groups(files: Sequence[FileItem], index: list[dict]) -> list[dict]:

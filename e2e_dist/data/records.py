@@ -24,11 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from e2e_dist.data.common import DataError, FileItem
+from e2e_dist.data.common import DataError, FileItem, per_shard_in_tasks
 from e2e_dist.storage import open_input_file
 
 log = logging.getLogger("e2e_dist.data")
@@ -135,22 +136,6 @@ def index_shard(uri: str, column: str, storage_cfg: Any, checkpoint_every: int =
     return {"uri": uri, "length": length, "docs": docs, "checkpoints": checkpoints}
 
 
-def index_batch(batch: dict, *, column: str, storage: Any, checkpoint_every: int) -> dict:
-    """Ray Data map_batches fn: shard uris -> their index rows as JSON, or the one-line error."""
-    out, errors = [], []
-    for uri in batch["uri"]:
-        try:
-            out.append(json.dumps(index_shard(str(uri), column, storage, checkpoint_every)))
-            errors.append("")
-        except DataError as e:
-            out.append("")
-            errors.append(str(e))
-        except Exception as e:  # a corrupt or unreadable shard: named, and the run stops
-            out.append("")
-            errors.append(f"data.paths: cannot read shard {uri}: {(str(e).splitlines() or [type(e).__name__])[0]}")
-    return {"index": np.array(out, dtype=object), "error": np.array(errors, dtype=object)}
-
-
 def _cache_file(item: FileItem, column: str):
     from e2e_dist.data.images import cache_root
 
@@ -161,8 +146,6 @@ def _cache_file(item: FileItem, column: str):
 def index_shards(files: Sequence[FileItem], column: str, storage_cfg: Any) -> dict[str, dict]:
     """The index of every record shard in `files` (cached ones from the cache, the rest in Ray Data
     tasks); DataError naming the first bad shard (by uri)."""
-    import ray.data
-
     out, todo = {}, []
     for f in files:
         cached = _cache_file(f, column)
@@ -170,26 +153,16 @@ def index_shards(files: Sequence[FileItem], column: str, storage_cfg: Any) -> di
             out[f.uri] = json.loads(cached.read_text())
         else:
             todo.append(f)
-    if todo:
-        ds = ray.data.from_items([{"uri": f.uri} for f in todo], override_num_blocks=len(todo)).map_batches(
-            index_batch, batch_size=1, batch_format="numpy", fn_kwargs={"column": column, "storage": storage_cfg, "checkpoint_every": CHECKPOINT_EVERY},
-            num_cpus=0, compute=ray.data.TaskPoolStrategy(size=min(4, len(todo))))
-        rows = ds.take_all()
-        bad = sorted((r["error"] for r in rows if r["error"]))
-        if bad:
-            more = f" (and {len(bad) - 1} more bad shards)" if len(bad) > 1 else ""
-            raise DataError(bad[0] + more)
-        by_uri = {f.uri: f for f in todo}
-        for r in rows:
-            entry = json.loads(r["index"])
-            out[entry["uri"]] = entry
-            item = by_uri[entry["uri"]]
-            if item.mtime is not None:
-                path = _cache_file(item, column)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(entry))
-                tmp.replace(path)
+    entries = per_shard_in_tasks([f.uri for f in todo], index_shard, column=column, storage_cfg=storage_cfg,
+                                 checkpoint_every=CHECKPOINT_EVERY)
+    for item, entry in zip(todo, entries):
+        out[item.uri] = entry
+        if item.mtime is not None:
+            path = _cache_file(item, column)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # sweep trials may index at once
+            tmp.write_text(json.dumps(entry))
+            tmp.replace(path)
     empty = [u for u, e in out.items() if not e["length"]]
     if empty:
         log.warning("data.text_column %r: %d shard(s) hold no text (e.g. %s)", column, len(empty), empty[0])
