@@ -281,44 +281,56 @@ def decoded_dataset(rows: list[dict], decode: Callable, *, name: str, rows_per_b
     return deterministic(ds)
 
 
+SMALL_INDEX_BYTES = 64 << 20
+"""Shards holding less than this in all are indexed in threads on the driver: starting Ray Data's
+task processes (each importing pyarrow and this package) costs seconds, reading a few MiB does not."""
+
+
+def _per_shard(uri: str, fn: Callable[..., dict], kwargs: dict) -> tuple[dict | None, str]:
+    """fn(uri, **kwargs), or the one-line error naming the shard."""
+    try:
+        return fn(uri, **kwargs), ""
+    except DataError as e:
+        return None, str(e)
+    except Exception as e:  # a corrupt or unreadable shard: named, and the run stops
+        return None, f"data.paths: cannot read shard {uri}: {(str(e).splitlines() or [type(e).__name__])[0]}"
+
+
 def _per_shard_batch(batch: dict, *, fn: Callable[..., dict], kwargs: dict) -> dict:
     """Ray Data map_batches fn of `per_shard_in_tasks`: uris -> fn's result as JSON, or the one-line error."""
     import json
 
     import numpy as np
 
-    out, errors = [], []
-    for uri in batch["uri"]:
-        try:
-            out.append(json.dumps(fn(str(uri), **kwargs)))
-            errors.append("")
-        except DataError as e:
-            out.append("")
-            errors.append(str(e))
-        except Exception as e:  # a corrupt or unreadable shard: named, and the run stops
-            out.append("")
-            errors.append(f"data.paths: cannot read shard {uri}: {(str(e).splitlines() or [type(e).__name__])[0]}")
-    return {"result": np.array(out, dtype=object), "error": np.array(errors, dtype=object)}
+    done = [_per_shard(str(uri), fn, kwargs) for uri in batch["uri"]]
+    return {"result": np.array([json.dumps(r) if r is not None else "" for r, _ in done], dtype=object),
+            "error": np.array([e for _, e in done], dtype=object)}
 
 
-def per_shard_in_tasks(uris: Sequence[str], fn: Callable[..., dict], **kwargs: Any) -> list[dict]:
-    """`fn(uri, **kwargs)` (a JSON-able dict) for every shard, in Ray Data tasks (0 CPUs, up to 4 at
-    once: reads, not compute), in `uris` order. DataError naming the first bad shard (by uri) and how
-    many more: fn's DataError as it is, any other exception as "cannot read shard"."""
+def per_shard_in_tasks(files: Sequence[FileItem], fn: Callable[..., dict], **kwargs: Any) -> list[dict]:
+    """`fn(uri, **kwargs)` (a JSON-able dict) for every shard, in `files` order: in Ray Data tasks (0
+    CPUs, up to 4 at once: reads, not compute), or in threads here when the shards are small (under
+    SMALL_INDEX_BYTES in all). DataError naming the first bad shard (by uri) and how many more: fn's
+    DataError as it is, any other exception as "cannot read shard"."""
     import json
+    from concurrent.futures import ThreadPoolExecutor
 
-    import ray.data
-
-    if not uris:
+    if not files:
         return []
-    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=len(uris)).map_batches(
-        _per_shard_batch, batch_size=1, batch_format="numpy", fn_kwargs={"fn": fn, "kwargs": kwargs},
-        num_cpus=0, compute=ray.data.TaskPoolStrategy(size=min(4, len(uris))))
-    rows = deterministic(ds).take_all()
-    bad = sorted(r["error"] for r in rows if r["error"])
+    if sum(f.size for f in files) < SMALL_INDEX_BYTES:
+        with ThreadPoolExecutor(max_workers=min(4, len(files))) as pool:
+            done = list(pool.map(lambda f: _per_shard(f.uri, fn, kwargs), files))
+    else:
+        import ray.data
+
+        ds = ray.data.from_items([{"uri": f.uri} for f in files], override_num_blocks=len(files)).map_batches(
+            _per_shard_batch, batch_size=1, batch_format="numpy", fn_kwargs={"fn": fn, "kwargs": kwargs},
+            num_cpus=0, compute=ray.data.TaskPoolStrategy(size=min(4, len(files))))
+        done = [(json.loads(r["result"]) if r["result"] else None, r["error"]) for r in deterministic(ds).take_all()]
+    bad = sorted(e for _, e in done if e)
     if bad:
         raise DataError(bad[0] + (f" (and {len(bad) - 1} more bad shards)" if len(bad) > 1 else ""))
-    return [json.loads(r["result"]) for r in rows]
+    return [r for r, _ in done]
 
 
 def ingest_data_config(datasets_to_split: list[str] | str = "all"):

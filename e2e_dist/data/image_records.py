@@ -97,7 +97,7 @@ def decode_row_groups(batch: dict, *, size: int, channels: int, image_col: str, 
 
 
 def _index(files: Sequence[FileItem], data_cfg: Any, storage_cfg: Any) -> list[dict]:
-    return per_shard_in_tasks([f.uri for f in files], index_shard, image_col=data_cfg.image_column,
+    return per_shard_in_tasks(files, index_shard, image_col=data_cfg.image_column,
                               label_col=data_cfg.label_column, storage_cfg=storage_cfg)
 
 

@@ -6,7 +6,7 @@ size is its stream's length: splits, nested size subsets, window numbering and r
 are the plain-text rules unchanged.
 
 To know those lengths without holding the corpus anywhere, an index pass reads every shard once in
-Ray Data tasks (projection: the text column only) and returns, per shard, the stream length and
+Ray Data tasks (in driver threads for a few MiB; projection: the text column only) and returns, per shard, the stream length and
 checkpoints every ~1 MiB of stream (Parquet: row-group starts; JSONL: line starts as file offsets),
 so a window's bytes are later read from the nearest checkpoint, not from the shard's start. The
 index is cached on the driver's machine by (uri, size, mtime, column). The index pass also checks
@@ -153,7 +153,7 @@ def index_shards(files: Sequence[FileItem], column: str, storage_cfg: Any) -> di
             out[f.uri] = json.loads(cached.read_text())
         else:
             todo.append(f)
-    entries = per_shard_in_tasks([f.uri for f in todo], index_shard, column=column, storage_cfg=storage_cfg,
+    entries = per_shard_in_tasks(todo, index_shard, column=column, storage_cfg=storage_cfg,
                                  checkpoint_every=CHECKPOINT_EVERY)
     for item, entry in zip(todo, entries):
         out[item.uri] = entry

@@ -292,7 +292,7 @@ def test_elastic_run_shrinks_when_a_node_is_lost_and_grows_when_one_joins(hosts:
            # Right after a node is lost Ray's resource view may still count it: Train then waits for
            # a 2-worker group until this timeout (300 s in this suite, tests/conftest.py) before it
            # tries the 1 worker that fits.
-           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=30")
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=20")
     cfg = load_run_config("tiny-text", [*sets[:2], f"storage.endpoint_url={s3_server.url}"])
     job = ("elastic-train", url)
     try:

@@ -164,3 +164,22 @@ def test_bad_shards_stop_before_training_with_one_line(ray_local, tmp_path, no_i
         build_data(cfg(tmp_path))
     assert "\n" not in str(e.value)
 
+
+
+def test_large_corpora_are_indexed_in_ray_data_tasks(ray_local, shards, tmp_path, monkeypatch, no_index_cache):
+    """Above SMALL_INDEX_BYTES the index pass runs in Ray Data tasks, not driver threads: the same
+    index, and a bad shard is still one line naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from e2e_dist.data import common
+
+    root = str(next(iter(shards))).rsplit("/", 1)[0]
+    in_threads = rows(build_data(cfg(root)).train)
+    monkeypatch.setenv("E2E_DIST_CACHE", str(tmp_path / "cache2"))  # index again, now in tasks
+    monkeypatch.setattr(common, "SMALL_INDEX_BYTES", 0)
+    in_tasks = rows(build_data(cfg(root)).train)
+    assert (in_threads[0] == in_tasks[0]).all() and (in_threads[1] == in_tasks[1]).all()
+    pq.write_table(pa.table({"body": ["a" * 100]}), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"^data.text_column: no column 'text' in .*bad.parquet \(columns: body\)$"):
+        build_data(cfg(tmp_path))
