@@ -144,14 +144,14 @@ def format_plan(plan: Plan, cfg: RunConfig, config_label: str) -> str:
     else:
         lines += [
             f"recommended: {best.layout.label}, micro-batch {best.micro_batch} x grad accumulation {best.grad_accum}, "
-            f"activation checkpointing {'on' if best.checkpointing else 'off'}: {best.gpu_bytes / GiB:.1f} GiB per GPU; "
+            f"activation checkpointing {'on' if best.checkpointing else 'off'}: {size(best.gpu_bytes).strip()} {unit_name} per GPU; "
             f"~{best.step_s:.2g} s per step, ~{best.units_s:,.0f} {shape.unit_name}/s",
             (f"  e2e-dist train {config_label} {changes}" if (changes := best.set_args(configured_option(plan, cfg).settings()))
              else "  the config as written is this setting"),
         ]
     mine = configured_option(plan, cfg)
     lines.append(f"the config as written ({mine.layout.label}, micro-batch {mine.micro_batch}, checkpointing "
-                 f"{'on' if mine.checkpointing else 'off'}): {mine.gpu_bytes / GiB:.2f} GiB per GPU, "
+                 f"{'on' if mine.checkpointing else 'off'}): {size(mine.gpu_bytes).strip()} {unit_name} per GPU, "
                  f"{'fits' if mine.fits else 'does NOT fit'}")
     lines.append("estimates: model states by DeepSpeed's accounting (its own estimators for ZeRO-2/3: "
                  + ", ".join(f"{o.layout.label} {o.states.deepspeed_gpu / GiB:.2f}" for o in _one_per_layout(plan)
