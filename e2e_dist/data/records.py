@@ -92,7 +92,7 @@ def _docs_jsonl(uri: str, column: str, storage_cfg: Any, offset: int = 0) -> Ite
     with open_input_file(uri, storage_cfg) as raw:
         raw.seek(offset)
         pos = offset
-        for line in io.BufferedReader(raw, buffer_size=1 << 20):
+        for lineno, line in enumerate(io.BufferedReader(raw, buffer_size=1 << 20), start=1):
             start, pos = pos, pos + len(line)
             if not line.strip():
                 continue
@@ -102,18 +102,13 @@ def _docs_jsonl(uri: str, column: str, storage_cfg: Any, offset: int = 0) -> Ite
                 raise DataError(f"data.paths: {uri} at byte {start}: not a JSON line ({e})") from None
             if not isinstance(record, dict) or column not in record:
                 raise DataError(f"data.text_column: no field {column!r} in {uri} at byte {start}"
-                                + ("" if offset else f" (line {_line_of(uri, start, storage_cfg)})"))
+                                + ("" if offset else f" (line {lineno})"))  # numbered from the file's start
             value = record[column]
             if value is not None and not isinstance(value, str):
                 raise DataError(f"data.text_column: field {column!r} in {uri} at byte {start} is "
                                 f"{type(value).__name__}, not a string")
             if value:
                 yield start, value.encode("utf-8")
-
-
-def _line_of(uri: str, offset: int, storage_cfg: Any) -> int:
-    with open_input_file(uri, storage_cfg) as f:
-        return f.read(offset).count(b"\n") + 1
 
 
 def documents(uri: str, column: str, storage_cfg: Any, locator: Any = 0) -> Iterator[tuple[Any, bytes]]:

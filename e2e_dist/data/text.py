@@ -324,7 +324,7 @@ def build_text(data_cfg, *, model_cfg=None, storage_cfg=None) -> DataBundle:
     shards = [f for f in files if record_kind(f.uri)]
     plain = [f for f in files if not record_kind(f.uri)]
     warn_if_binary(plain, storage_cfg)
-    index = index_shards(shards, data_cfg.text_column, storage_cfg) if shards else {}
+    index = index_shards(shards, data_cfg.text_column, storage_cfg)
     items = plain + as_stream_items(shards, index)
     log.info("text data: %d plain file(s), %d record shard(s) (%d documents)", len(plain), len(shards),
              sum(e["docs"] for e in index.values()), extra=FILE_ONLY)

@@ -23,9 +23,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def hardware(*, gpu: str = "H100", gpus_per_node: int = 1, nodes: int = 1, gpu_mem_gib: float | None = None,
              mfu: float = DEFAULT_MFU) -> Hardware:
-    from e2e_dist.train.flops import PEAK_FLOPS_BF16
+    from e2e_dist.train.flops import PEAK_FLOPS_BF16, peak_flops_of
 
-    peak = next((p for key, p in PEAK_FLOPS_BF16 if key.lower() in gpu.lower()), None)
+    peak = peak_flops_of(gpu)
     if peak is None:
         raise ConfigError(f"--gpu {gpu!r}: unknown card (known: {', '.join(k for k, _ in PEAK_FLOPS_BF16)})")
     if gpu_mem_gib is None:
@@ -82,22 +82,33 @@ def global_batch_of(cfg: RunConfig, world: int) -> int:
     return t.global_batch_size or t.micro_batch_size * t.grad_accum * world
 
 
-def plan_for(cfg: RunConfig, hw: Hardware) -> Plan:
-    from e2e_dist.train.deepspeed_config import reduce_bucket_elements, resolve_precision
+def plan_for(cfg: RunConfig, hw: Hardware, layouts=LAYOUTS) -> Plan:
+    from e2e_dist.train.deepspeed_config import resolve_precision
 
-    shape = shape_of(cfg, resolve_precision(cfg, on_gpu=True))
-    return make_plan(shape, hw, global_batch_of(cfg, hw.world), reduce_bucket=reduce_bucket_elements(shape.n_params))
+    return plan_of_shape(shape_of(cfg, resolve_precision(cfg, on_gpu=True)), cfg, hw, layouts)
+
+
+def plan_of_shape(shape: ModelShape, cfg: RunConfig, hw: Hardware, layouts=LAYOUTS) -> Plan:
+    from e2e_dist.train.deepspeed_config import reduce_bucket_elements
+
+    return make_plan(shape, hw, global_batch_of(cfg, hw.world), layouts=layouts,
+                     reduce_bucket=reduce_bucket_elements(shape.n_params))
+
+
+def layout_of(cfg: RunConfig) -> Layout:
+    ds = cfg.deepspeed
+    return Layout(zero_stage=ds.zero_stage, offload_optimizer=ds.offload_optimizer, offload_params=ds.offload_params)
 
 
 def configured_option(plan: Plan, cfg: RunConfig) -> Option:
     """The option the config itself asks for (its layout, micro-batch and checkpointing)."""
-    ds, t = cfg.deepspeed, cfg.trainer
-    want = Layout(zero_stage=ds.zero_stage, offload_optimizer=ds.offload_optimizer, offload_params=ds.offload_params)
+    t = cfg.trainer
+    want = layout_of(cfg)
     found = [o for o in plan.options if o.layout == want and o.micro_batch == t.micro_batch_size
              and o.checkpointing == t.activation_checkpointing]
     if found:
         return found[0]
-    extra = make_plan(plan.shape, plan.hardware, plan.global_batch, layouts=(want,))
+    extra = plan_of_shape(plan.shape, cfg, plan.hardware, layouts=(want,))  # the same bucket cap as the plan
     per_rank = plan.global_batch // plan.hardware.world
     return next((o for o in extra.options if o.micro_batch == min(t.micro_batch_size, per_rank)
                  and o.checkpointing == t.activation_checkpointing), extra.options[0])
@@ -138,7 +149,7 @@ def format_plan(plan: Plan, cfg: RunConfig, config_label: str) -> str:
                 f"{size(o.gpu_bytes)} | {'yes' if o.fits else 'NO':4} {o.step_s:7.2g} {o.units_s:12,.0f}  "
                 f"{s.cpu_per_node / GiB:6.1f}")
     lines.append("")
-    best = plan.best
+    best, mine = plan.best, configured_option(plan, cfg)
     if best is None:
         lines.append(f"nothing fits {hw.gpu_mem_gib:g} GiB per GPU: add GPUs (--gpus/--nodes) or shrink the model")
     else:
@@ -146,10 +157,9 @@ def format_plan(plan: Plan, cfg: RunConfig, config_label: str) -> str:
             f"recommended: {best.layout.label}, micro-batch {best.micro_batch} x grad accumulation {best.grad_accum}, "
             f"activation checkpointing {'on' if best.checkpointing else 'off'}: {size(best.gpu_bytes).strip()} {unit_name} per GPU; "
             f"~{best.step_s:.2g} s per step, ~{best.units_s:,.0f} {shape.unit_name}/s",
-            (f"  e2e-dist train {config_label} {changes}" if (changes := best.set_args(configured_option(plan, cfg).settings()))
+            (f"  e2e-dist train {config_label} {changes}" if (changes := best.set_args(mine.settings()))
              else "  the config as written is this setting"),
         ]
-    mine = configured_option(plan, cfg)
     lines.append(f"the config as written ({mine.layout.label}, micro-batch {mine.micro_batch}, checkpointing "
                  f"{'on' if mine.checkpointing else 'off'}): {size(mine.gpu_bytes).strip()} {unit_name} per GPU, "
                  f"{'fits' if mine.fits else 'does NOT fit'}")
@@ -185,5 +195,8 @@ def check_fits_on_gpu(cfg: RunConfig, *, world: int, device: torch.device) -> No
     props = torch.cuda.get_device_properties(device)
     hw = Hardware(gpus_per_node=world, nodes=1, gpu_mem_gib=props.total_memory / GiB, gpu_name=props.name,
                   peak_flops=peak_flops(device) or 989e12)
-    plan = plan_for(cfg, hw)
-    refuse_if_too_big(plan, configured_option(plan, cfg), cfg.name)
+    # Every rank runs this at start: cost the configured layout only, the others only to name a fix.
+    own = plan_for(cfg, hw, layouts=(layout_of(cfg),))
+    mine = configured_option(own, cfg)
+    if not mine.fits:
+        refuse_if_too_big(plan_of_shape(own.shape, cfg, hw), mine, cfg.name)

@@ -59,7 +59,7 @@ def read_range(uri: str, offset: int, length: int, storage_cfg: StorageConfig | 
         with open(uri, "rb") as f:
             f.seek(offset)
             return f.read(length)
-    with cached_s3_filesystem(storage_cfg).open_input_file(uri[len(S3):]) as f:
+    with open_input_file(uri, storage_cfg) as f:
         return f.read_at(length, offset)
 
 

@@ -102,11 +102,12 @@ def peak_flops(device: torch.device | str) -> float | None:
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, peak in PEAK_FLOPS_BF16:
-        if key in name:
-            return peak
-    return None
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(name: str) -> float | None:
+    """Peak dense bf16 FLOP/s of the card called `name` (substring match, any case), or None."""
+    return next((peak for key, peak in PEAK_FLOPS_BF16 if key.lower() in name.lower()), None)
 
 
 def mfu(flops_per_step: float, step_time_s: float, peak: float | None, num_devices: int = 1) -> float | None:

@@ -15,6 +15,7 @@ from e2e_dist.config import DataConfig, ResNetConfig
 from e2e_dist.data.common import DataError
 from e2e_dist.data.images import decode_image
 from e2e_dist.data.registry import build_data
+from tests.data.test_images import rows
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -50,14 +51,6 @@ def cfg(path, **kw) -> DataConfig:
     return DataConfig(**{"source": "image-parquet", "paths": [str(path)], "image_size": 16, "val_fraction": 0.2, **kw})
 
 
-def all_rows(ds) -> tuple[np.ndarray, np.ndarray]:
-    px, ys = [], []
-    for b in ds.iter_batches(batch_size=128, batch_format="numpy"):
-        px.append(b["pixels"])
-        ys.append(b["label"])
-    return np.concatenate(px), np.concatenate(ys)
-
-
 def test_rows_are_the_shards_images_and_labels(ray_local, digits_shards):
     ints, hf, truth = digits_shards
     expected = {decode_image(b, 16, 1).tobytes(): y for b, y in truth.items()}
@@ -66,7 +59,7 @@ def test_rows_are_the_shards_images_and_labels(ray_local, digits_shards):
         bundle = build_data(cfg(root, **kw), model_cfg=model)
         seen = 0
         for ds in (bundle.train, bundle.val):
-            px, ys = all_rows(ds)
+            px, ys = rows(ds)
             got = [expected[p.tobytes()] for p in px]
             # Class names are sorted: 'eight' = 0, 'five' = 1, ... so map names back to digits.
             labels = ys if not kw else [NAMES.index(sorted(NAMES)[y]) for y in ys]
@@ -81,11 +74,11 @@ def test_subsets_are_nested_and_the_split_is_by_row_group(ray_local, digits_shar
     model = ResNetConfig(in_channels=1, num_classes=10)
     small = build_data(cfg(ints, fraction=0.25), model_cfg=model)
     large = build_data(cfg(ints, fraction=0.5), model_cfg=model)
-    ps, _ = all_rows(small.train)
-    pl, _ = all_rows(large.train)
+    ps, _ = rows(small.train)
+    pl, _ = rows(large.train)
     assert 0 < len(ps) < len(pl) and (pl[: len(ps)] == ps).all()
-    pv_small, _ = all_rows(small.val)
-    pv_large, _ = all_rows(large.val)
+    pv_small, _ = rows(small.val)
+    pv_large, _ = rows(large.val)
     assert (pv_small == pv_large).all()  # the val split does not move with the training fraction
 
 
@@ -103,7 +96,7 @@ def test_s3_shards_read_the_same_rows_as_local(ray_local, digits_shards, s3_serv
     remote = build_data(cfg(f"{s3_bucket}/digits-pq/"), model_cfg=model, storage_cfg=StorageConfig(endpoint_url=s3_server.url))
     local = build_data(cfg(ints), model_cfg=model)
     for a, b in ((remote.train, local.train), (remote.val, local.val)):
-        (pa_, ya), (pb, yb) = all_rows(a), all_rows(b)
+        (pa_, ya), (pb, yb) = rows(a), rows(b)
         assert (pa_ == pb).all() and (ya == yb).all()
 
 
