@@ -24,10 +24,12 @@ demo: setup
 	$(BIN)/e2e-dist train tiny-text --set name=demo
 
 # System packages some tests need (sshd + rsync for `ray up` over SSH, espeak-ng for the spoken
-# corpus). Idempotent; needs root or sudo, as in CI. Without them those tests skip and say why.
+# corpus, fonts for the rendered digits). Idempotent; needs root or sudo, as in CI. Without them
+# those tests skip and say why (digits then render from matplotlib's few fonts).
 system-deps:
 	-bash .ci/install-system-deps.sh
 	-bash .ci/install-speech-deps.sh
+	-bash .ci/install-font-deps.sh
 
 test: setup system-deps
 	$(BIN)/python -m pytest tests -q

@@ -24,7 +24,8 @@ verbs:
   generate    sample text from an exported text model (plain PyTorch)
   predict     classify an image / transcribe audio with an exported model (plain PyTorch)
   checkpoints list a run's checkpoints and whether each is committed
-  data        built-in data: `data make-speech OUT` synthesizes the spoken-digits corpus
+  data        built-in data: `data make-speech OUT` synthesizes the spoken-digits corpus,
+              `data make-digits OUT` writes digit images in every input style from held-out fonts
   cluster     `cluster validate FILE`, `cluster local` (a local multi-node or autoscaling cluster)
   submit      submit `e2e-dist train|sweep ...` as a Ray job to a cluster
   jobs        status | logs | stop | list of Ray jobs
@@ -114,9 +115,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from e2e_dist.data.synth_speech import make_speech_corpus
 
+    if args.data_verb == "make-digits":
+        return cmd_make_digits(args)
+
     manifest = make_speech_corpus(args.out, n_utterances=args.n, seed=args.seed)
     print(f"wrote {args.n} clips and {manifest}")
     print(f"train on it: e2e-dist train tiny-speech --set data.paths=[{manifest.parent}]")
+    return 0
+
+
+def cmd_make_digits(args: argparse.Namespace) -> int:
+    from e2e_dist.data.fonts import digit_fonts, split_fonts
+    from e2e_dist.data.glyph_eval import STYLES, make_digit_styles
+
+    train, held = split_fonts(digit_fonts(), args.held_out, args.seed)
+    fonts = held if args.fonts == "held-out" else train
+    if not fonts:
+        raise UserError(f"--fonts {args.fonts}: no such fonts with --held-out {args.held_out} (try a larger share)")
+    written = make_digit_styles(args.out, fonts, styles=args.styles or STYLES, seed=args.seed)
+    designs = ", ".join(sorted({f.design for f in fonts}))
+    print(f"wrote {len(written)} images: {len(fonts)} {args.fonts} fonts ({designs}) x 10 digits x "
+          f"{len({w[2] for w in written})} styles, as {args.out}/<style>/<digit>/<file>")
+    print(f"judge a model on them: e2e-dist predict EXPORT {args.out}/<style>/*/*")
     return 0
 
 
@@ -243,7 +263,7 @@ it here would load numpy into every command)."""
 def _add_builtin_verbs(sub: argparse._SubParsersAction) -> None:
     """data, presets: what ships with the package."""
     p = sub.add_parser("data", help="built-in data sets")
-    dsub = p.add_subparsers(dest="data_verb", metavar="make-speech", required=True)
+    dsub = p.add_subparsers(dest="data_verb", metavar="make-speech|make-digits", required=True)
     q = dsub.add_parser("make-speech", help="synthesize the spoken-digits corpus with eSpeak NG (offline)",
                         description="Write the spoken-digits corpus (WAVs + manifest.jsonl) to OUT; "
                                     "`train tiny-speech --set data.paths=[OUT]` trains on it.",
@@ -252,6 +272,22 @@ def _add_builtin_verbs(sub: argparse._SubParsersAction) -> None:
     q.add_argument("-n", type=_number(int, "a clip count >= 1", lambda v: v >= 1), default=SPOKEN_DIGITS_UTTERANCES,
                    help="utterances (the built-in corpus `train tiny-speech` makes on its own has this many)")
     q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_data)
+
+    from e2e_dist.data.glyph_eval import STYLES
+
+    q = dsub.add_parser("make-digits", help="digit images in the styles people bring, from held-out fonts",
+                        description="Write digit images (DIR/<style>/<digit>/<file>) rendered from the installed "
+                                    "fonts in every style `predict` accepts, to judge a digit-glyphs model on fonts "
+                                    "it never saw. --held-out and --seed must be the run's data.held_out and "
+                                    "data.seed.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("out")
+    q.add_argument("--fonts", choices=["held-out", "training"], default="held-out",
+                   help="the font designs training leaves out, or the ones it uses")
+    q.add_argument("--held-out", type=_number(float, "a share in [0, 1)", lambda v: 0 <= v < 1), default=0.25,
+                   help="data.held_out of the run")
+    q.add_argument("--seed", type=int, default=0, help="data.seed of the run")
+    q.add_argument("--styles", nargs="+", choices=STYLES, metavar="STYLE", help=f"some of: {', '.join(STYLES)}")
     q.set_defaults(func=cmd_data)
 
     p = sub.add_parser("presets", help="list built-in configs")

@@ -13,7 +13,7 @@ import re
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from e2e_dist.config_files import (  # noqa: F401 - re-exported: their users import them from here
     apply_overrides,
@@ -23,15 +23,10 @@ from e2e_dist.config_files import (  # noqa: F401 - re-exported: their users imp
     read_yaml_with_includes,
     set_dotted,
 )
+from e2e_dist.config_data import DataConfig, Section  # noqa: F401 - re-exported
 from e2e_dist.errors import ConfigError
 
 SECRET_KEYS = re.compile(r"(secret|password|token|api_key|access_key|session_key)", re.I)
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown fields are errors; docstrings under fields are docs."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
 
 def absolute_path(path: str) -> str:
@@ -41,53 +36,6 @@ def absolute_path(path: str) -> str:
     if "://" in path and not path.startswith("file://"):
         return path
     return os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
-
-
-# ----------------------------------------------------------------------------------------- data
-class DataConfig(Section):
-    source: str = "stdlib-text"
-    """Data source in the data registry: `text` (files/globs/s3 prefixes; Parquet/JSONL shards give
-    their data.text_column), `stdlib-text` (built-in corpus: this Python's standard library sources),
-    `image-folder` (class folders), `image-parquet` (image bytes + label columns in Parquet shards),
-    `digits`, `speech-manifest`, `spoken-digits`."""
-    paths: list[str] = []
-    """Files, globs or `s3://` prefixes for sources that read user data."""
-    text_column: str = Field("text", min_length=1)
-    """Text from Parquet / JSONL shards (`*.parquet`, `*.jsonl`, `*.ndjson` under data.paths): the
-    column or field holding each document (UTF-8 strings; other files are read as raw bytes)."""
-    seq_len: int = Field(128, ge=8, le=65536)
-    """Text: length of each packed byte window (the model's context)."""
-    val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
-    """Share of the data held out for validation; chosen deterministically by item hash."""
-    fraction: float = Field(1.0, gt=0.0, le=1.0)
-    """Data-size knob: deterministic subset of the training split (same seed -> same subset)."""
-    max_bytes: int | None = Field(None, gt=0)
-    """Text only: cap on training bytes after `fraction` (a deterministic prefix of the shuffled files)."""
-    max_files: int | None = Field(None, gt=0)
-    """Cap on the number of input files/items read (keeps tiny runs tiny)."""
-    image_column: str = Field("image", min_length=1)
-    """image-parquet: the column of encoded image bytes (binary, or a struct with a `bytes` field)."""
-    label_column: str = Field("label", min_length=1)
-    """image-parquet: the column of labels (integer classes, or class names: sorted into indices)."""
-    image_size: int = Field(32, ge=8, le=1024)
-    """Vision: images are resized to image_size x image_size."""
-    sample_rate: int = Field(16000, ge=1000, le=96000)
-    """Speech: waveforms are resampled to this rate."""
-    max_audio_seconds: float = Field(2.0, gt=0)
-    """Speech: longer clips are cut, shorter padded, to this length."""
-    strict: bool = False
-    """Stop the run on the first unreadable item instead of skipping it with a warning."""
-    seed: int = 0
-    """Seed of the split, the subset and the per-epoch shuffle."""
-    shuffle_buffer_batches: int = Field(8, ge=0)
-    """Per-epoch reshuffle: each worker draws rows at random from a buffer of this many
-    micro-batches, seeded by (seed, epoch), so no two epochs repeat an order and every run (and
-    every resume) repeats the same one. 0 = every epoch repeats the stream's order."""
-    cache_mb: int = Field(1024, ge=0)
-    """A decoded train set estimated at up to this many MiB is read and decoded once, before
-    training, and kept in Ray's object store: later epochs (and every worker, which each read the
-    whole set) take it from memory instead of re-running the read/decode tasks. Larger sets are
-    streamed. 0 = always stream."""
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -125,6 +73,10 @@ class ResNetConfig(Section):
     """Image channels (1 = grayscale, 3 = RGB)."""
     num_classes: int = Field(10, ge=2)
     """Output classes."""
+    input_norm: Literal["none", "standardize", "standardize-polarity"] = "none"
+    """Per-image input normalization inside the model (so `predict` applies it too): `standardize`
+    each image to zero mean, unit deviation; `standardize-polarity` also flips it to a dark
+    background (glyphs in either polarity look alike)."""
 
 
 class CTCSpeechConfig(Section):

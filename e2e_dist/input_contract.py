@@ -7,6 +7,8 @@ Images, for every model (`open_image`, shared with training's `data.images.decod
   paper, not ink on black);
 - 16-bit and 32-bit grayscale are scaled to 8 bits by their range (PIL's `convert("L")` clips them
   to white).
+For models trained on `digit-glyphs` (every polarity, size and framing), `pad_square`: a non-square
+image is padded to a square with its border's colour, so resizing keeps the glyph's shape.
 For models trained on the built-in digits (bright ink on a dark 8x8 frame, filling it), also
 `glyph_like_training`: a light background is inverted, and a glyph that fills less of the frame than
 training glyphs do (letterboxed, small, off-centre) is cropped to its ink and padded square.
@@ -70,6 +72,22 @@ def check_image_size(im, what: str) -> None:
     w, h = im.size
     if min(w, h) < MIN_IMAGE_SIDE:
         raise OutOfContract(f"{what} is {w}x{h} pixels: below {MIN_IMAGE_SIDE} on a side there is nothing to recognize")
+
+
+def pad_square(im):
+    """A PIL image padded (centred) to a square with the median colour of its border."""
+    from PIL import Image
+
+    w, h = im.size
+    if w == h:
+        return im
+    arr = np.asarray(im)
+    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+    fill = tuple(int(v) for v in np.median(border, axis=0)) if arr.ndim == 3 else int(np.median(border))
+    side = max(w, h)
+    square = Image.new(im.mode, (side, side), fill)
+    square.paste(im, ((side - w) // 2, (side - h) // 2))
+    return square
 
 
 def glyph_like_training(gray: np.ndarray, source_side: int) -> np.ndarray:

@@ -27,7 +27,7 @@ def class_names(cfg: Any, num_classes: int, storage_cfg: Any = None) -> list[str
     them: the built-in digits ("0".."9"); the class folders of the run's image folder when it is
     still reachable; else "class <i>".
     """
-    if cfg.data.source == "digits":
+    if cfg.data.source in ("digits", "digit-glyphs"):
         return [str(i) for i in range(num_classes)]
     if cfg.data.source == "image-folder" and cfg.data.paths:
         from e2e_dist.data.images import IMAGE_SUFFIXES, class_of
@@ -115,7 +115,7 @@ def _image_prediction(model: Any, cfg: Any, data: bytes, input_path: str, storag
     from PIL import Image
 
     from e2e_dist.data.images import image_pixels
-    from e2e_dist.input_contract import OutOfContract, check_image_size, glyph_like_training, open_image
+    from e2e_dist.input_contract import OutOfContract, check_image_size, glyph_like_training, open_image, pad_square
 
     try:
         im = open_image(data)
@@ -124,6 +124,8 @@ def _image_prediction(model: Any, cfg: Any, data: bytes, input_path: str, storag
             glyph = glyph_like_training(np.asarray(im.convert("L"), dtype=np.float64) / 255.0, DIGITS_SOURCE_SIDE)
             im = Image.fromarray(np.round(glyph * 255).astype(np.uint8), mode="L")
             im = im.resize((DIGITS_SOURCE_SIDE, DIGITS_SOURCE_SIDE), Image.Resampling.BOX)  # as the 8x8 originals
+        elif cfg.data.source == "digit-glyphs":  # trained on every polarity and framing: only keep the aspect
+            im = pad_square(im)
         pixels = image_pixels(im, cfg.data.image_size, model.in_channels)
     except OutOfContract as e:
         raise UserError(f"input: {e}") from None

@@ -27,7 +27,8 @@ from tests.helpers.exports import write_export
 def digits_model(tmp_path_factory):
     from e2e_dist.models.registry import build_model
 
-    cfg = load_run_config("tiny-vision", ["model.widths=[4, 8]"])
+    cfg = load_run_config("tiny-vision", ["model.widths=[4, 8]", "data.source=digits", "data.image_size=16",
+                                          "model.input_norm=none"])
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.data).eval()
     return write_export(tmp_path_factory.mktemp("vision") / "digits.safetensors", cfg, model)

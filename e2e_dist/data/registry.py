@@ -14,7 +14,7 @@ from typing import Any, Callable
 from e2e_dist.registry import Registry
 
 SOURCES: Registry = Registry("data.source", ["e2e_dist.data.text", "e2e_dist.data.images", "e2e_dist.data.image_records",
-                                             "e2e_dist.data.speech"])
+                                             "e2e_dist.data.glyphs", "e2e_dist.data.speech"])
 
 
 @dataclass(kw_only=True)

@@ -60,16 +60,24 @@ class BasicBlock(nn.Module):
         return F.relu(y + self.shortcut(x))
 
 
+INPUT_NORMS = ("none", "standardize", "standardize-polarity")
+"""none: pixels as the data pipeline normalized them. standardize: each image to zero mean and unit
+deviation (brightness and contrast no longer vary). standardize-polarity: and flipped so its
+background is dark (dark ink on light paper and light ink on dark look the same)."""
+
+
 class ResNet(E2EModel):
     input_kind = "pixels"
     unit_name = "samples"
 
     def __init__(self, widths: list[int], blocks_per_stage: int = 1, stem: str = "conv3", in_channels: int = 1,
-                 num_classes: int = 10, image_size: int = 32):
+                 num_classes: int = 10, image_size: int = 32, input_norm: str = "none"):
         super().__init__()
         if not widths:
             raise ValueError("widths must name at least one stage")
-        self.in_channels, self.num_classes = in_channels, num_classes
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"unknown input_norm {input_norm!r} ({', '.join(INPUT_NORMS)})")
+        self.in_channels, self.num_classes, self.input_norm = in_channels, num_classes, input_norm
         self.image_size = image_size  # example batches (FLOP counting) use the data's image size
         w0 = widths[0]
         if stem == "conv7":
@@ -91,9 +99,22 @@ class ResNet(E2EModel):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def normalize_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Per-image input normalization (see INPUT_NORMS), in fp32; part of the model, so an exported
+        model applies it in `predict` too."""
+        if self.input_norm == "none":
+            return pixels
+        x = pixels.float()
+        x = (x - x.mean(dim=(1, 2, 3), keepdim=True)) / (x.std(dim=(1, 2, 3), keepdim=True) + 1e-3)
+        if self.input_norm == "standardize-polarity":
+            # The median pixel is the background wherever the glyph covers less than half the image.
+            background = x.flatten(1).median(dim=1).values.view(-1, 1, 1, 1)
+            x = torch.where(background > 0, -x, x)
+        return x
+
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) normalized pixels -> (B, num_classes) logits."""
-        x = pixels.to(self.head.weight.dtype)
+        x = self.normalize_input(pixels).to(self.head.weight.dtype)
         x = self.stem(x)
         for block in self.blocks_:
             x = self.run_block(block, x)
@@ -137,4 +158,4 @@ class ResNet(E2EModel):
 @register_model("resnet")
 def build_resnet(cfg, data_cfg=None) -> ResNet:
     return ResNet(list(cfg.widths), cfg.blocks_per_stage, cfg.stem, cfg.in_channels, cfg.num_classes,
-                  image_size=data_cfg.image_size if data_cfg is not None else 32)
+                  image_size=data_cfg.image_size if data_cfg is not None else 32, input_norm=cfg.input_norm)

@@ -137,6 +137,7 @@ def test_a_vision_run_trains_from_parquet_on_s3(ray_local, digits_shards, s3_ser
     cfg = load_run_config("tiny-vision", [
         "name=vision-pq", f"storage.path={tmp_path}/runs", "data.source=image-parquet",
         f"data.paths=[{s3_bucket}/vision-pq/]", f"storage.endpoint_url={s3_server.url}", "trainer.max_steps=60",
+        "data.image_size=16", "model.input_norm=none", "trainer.lr=0.003", "trainer.warmup_steps=10",
         "trainer.eval_every=60", "trainer.ckpt_every=60", "trainer.log_every=20"])
     summary = run_training(cfg, quiet=True)
     m = summary.metrics

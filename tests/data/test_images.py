@@ -159,7 +159,8 @@ def test_digits_written_once_as_png_and_read_as_an_image_folder(ray_local, tmp_p
     mtime = pngs[0].stat().st_mtime_ns
     assert images.write_digits_folder(tmp_path / "digits") == root and pngs[0].stat().st_mtime_ns == mtime
 
-    cfg_ = load_run_config("tiny-vision", [f"data.paths=[{tmp_path / 'digits'}]"])
+    cfg_ = load_run_config("tiny-vision", ["data.source=digits", f"data.paths=[{tmp_path / 'digits'}]",
+                                           "data.image_size=16"])
     bundle = build_data(cfg_.data, model_cfg=cfg_.model)
     assert bundle.stats["train_rows"] + bundle.stats["val_rows"] == 1797 and bundle.stats["num_classes"] == 10
     assert 120 <= bundle.stats["val_rows"] <= 240  # val_fraction 0.1

@@ -96,3 +96,22 @@ def test_trains_under_deepspeed_zero(monkeypatch, stage, precision):
     with torch.no_grad():
         metrics = model.summarize_eval({k: float(v) for k, v in model.eval_sums(batch).items()})
     assert 0.0 <= metrics["val_acc"] <= 1.0 and math.isfinite(metrics["val_loss"])
+
+
+def test_input_norm_makes_brightness_contrast_and_polarity_irrelevant():
+    """standardize: an image and a brighter, lower-contrast copy give the same logits; with
+    -polarity also its negative (dark ink on light paper = light ink on dark), as long as the
+    background is most of the image."""
+    torch.manual_seed(0)
+    glyph = torch.zeros(2, 1, 12, 12)
+    glyph[:, :, 3:9, 5:7] = 1.0  # a bar on a dark background (the background is the median)
+    glyph[1, :, 3:5, 3:9] = 1.0
+    shifted = 0.3 + 0.4 * glyph
+    for norm, same in [("none", False), ("standardize", True), ("standardize-polarity", True)]:
+        model = ResNet([4, 8], 1, "conv3", 1, 3, image_size=12, input_norm=norm).eval()
+        with torch.no_grad():
+            base, brighter, negative = model.logits(glyph), model.logits(shifted), model.logits(-glyph)
+        assert torch.allclose(base, brighter, atol=3e-3) == same, norm  # 3e-3: the deviation's epsilon
+        assert torch.allclose(base, negative, atol=3e-3) == (norm == "standardize-polarity"), norm
+    with pytest.raises(ValueError, match="unknown input_norm 'x'"):
+        ResNet([4], 1, "conv3", 1, 3, input_norm="x")

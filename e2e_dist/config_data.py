@@ -1,0 +1,71 @@
+"""The data section of the run config (and `Section`, the base of every section).
+
+Split from config.py to keep each module small; import both from e2e_dist.config. This module
+must not import Ray, DeepSpeed or torch.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown fields are errors; docstrings under fields are docs."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------- data
+class DataConfig(Section):
+    source: str = "stdlib-text"
+    """Data source in the data registry: `text` (files/globs/s3 prefixes; Parquet/JSONL shards give
+    their data.text_column), `stdlib-text` (built-in corpus: this Python's standard library sources),
+    `image-folder` (class folders), `image-parquet` (image bytes + label columns in Parquet shards),
+    `digits` (scikit-learn's 8x8 digits), `digit-glyphs` (digits rendered from the installed fonts and
+    augmented, plus the scikit-learn digits), `speech-manifest`, `spoken-digits`."""
+    paths: list[str] = []
+    """Files, globs or `s3://` prefixes for sources that read user data."""
+    text_column: str = Field("text", min_length=1)
+    """Text from Parquet / JSONL shards (`*.parquet`, `*.jsonl`, `*.ndjson` under data.paths): the
+    column or field holding each document (UTF-8 strings; other files are read as raw bytes)."""
+    seq_len: int = Field(128, ge=8, le=65536)
+    """Text: length of each packed byte window (the model's context)."""
+    val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    """Share of the data held out for validation; chosen deterministically by item hash."""
+    fraction: float = Field(1.0, gt=0.0, le=1.0)
+    """Data-size knob: deterministic subset of the training split (same seed -> same subset)."""
+    max_bytes: int | None = Field(None, gt=0)
+    """Text only: cap on training bytes after `fraction` (a deterministic prefix of the shuffled files)."""
+    max_files: int | None = Field(None, gt=0)
+    """Cap on the number of input files/items read (keeps tiny runs tiny)."""
+    image_column: str = Field("image", min_length=1)
+    """image-parquet: the column of encoded image bytes (binary, or a struct with a `bytes` field)."""
+    label_column: str = Field("label", min_length=1)
+    """image-parquet: the column of labels (integer classes, or class names: sorted into indices)."""
+    image_size: int = Field(32, ge=8, le=1024)
+    """Vision: images are resized to image_size x image_size."""
+    sample_rate: int = Field(16000, ge=1000, le=96000)
+    """Speech: waveforms are resampled to this rate."""
+    max_audio_seconds: float = Field(2.0, gt=0)
+    """Speech: longer clips are cut, shorter padded, to this length."""
+    held_out: float = Field(0.25, ge=0.0, lt=1.0)
+    """digit-glyphs: share of the font designs kept out of training and validation, so a model can
+    be judged on fonts it never saw (`e2e-dist data make-digits DIR --held-out`)."""
+    variants: int = Field(4, ge=1, le=64)
+    """digit-glyphs: differently augmented copies of each glyph in one epoch."""
+    augment: bool = True
+    """digit-glyphs: augment each copy (size, placement, rotation, slant, frame, resolution, blur,
+    polarity, grey levels, noise, JPEG: data/glyph_augment.py); false: plain centred glyphs."""
+    strict: bool = False
+    """Stop the run on the first unreadable item instead of skipping it with a warning."""
+    seed: int = 0
+    """Seed of the split, the subset and the per-epoch shuffle."""
+    shuffle_buffer_batches: int = Field(8, ge=0)
+    """Per-epoch reshuffle: each worker draws rows at random from a buffer of this many
+    micro-batches, seeded by (seed, epoch), so no two epochs repeat an order and every run (and
+    every resume) repeats the same one. 0 = every epoch repeats the stream's order."""
+    cache_mb: int = Field(1024, ge=0)
+    """A decoded train set estimated at up to this many MiB is read and decoded once, before
+    training, and kept in Ray's object store: later epochs (and every worker, which each read the
+    whole set) take it from memory instead of re-running the read/decode tasks. Larger sets are
+    streamed. 0 = always stream."""
