@@ -118,9 +118,20 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.data_verb == "make-digits":
         return cmd_make_digits(args)
 
-    manifest = make_speech_corpus(args.out, n_utterances=args.n, seed=args.seed)
-    print(f"wrote {args.n} clips and {manifest}")
-    print(f"train on it: e2e-dist train tiny-speech --set data.paths=[{manifest.parent}]")
+    from e2e_dist.data.synth_speech import SPEEDS, split_variants
+
+    train, held = split_variants(args.held_out, args.split_seed)
+    variants = held if args.voices == "held-out" else train
+    if not variants:
+        raise UserError(f"--voices held-out: --held-out {args.held_out} holds out no voice variant")
+    speeds = (args.speed, args.speed) if args.speed else SPEEDS
+    manifest = make_speech_corpus(args.out, n_utterances=args.n, seed=args.seed, variants=variants, speeds=speeds)
+    print(f"wrote {args.n} clips ({args.voices} voices: {len(variants)} variants x 8 accents; "
+          f"{'speed ' + str(args.speed) if args.speed else f'speeds {SPEEDS[0]}-{SPEEDS[1]}'} wpm) and {manifest}")
+    if args.voices == "training":
+        print(f"train on it: e2e-dist train tiny-speech --set data.paths=[{manifest.parent}]")
+    else:
+        print(f"judge a model on it: e2e-dist predict EXPORT {manifest.parent}/wavs/*.wav (transcripts in the manifest)")
     return 0
 
 
@@ -271,7 +282,14 @@ def _add_builtin_verbs(sub: argparse._SubParsersAction) -> None:
     q.add_argument("out")
     q.add_argument("-n", type=_number(int, "a clip count >= 1", lambda v: v >= 1), default=SPOKEN_DIGITS_UTTERANCES,
                    help="utterances (the built-in corpus `train tiny-speech` makes on its own has this many)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0, help="seed of the corpus (texts, voices, prosody, noise)")
+    q.add_argument("--voices", choices=["training", "held-out"], default="training",
+                   help="the voice variants training uses, or the ones it never hears (to judge a model)")
+    q.add_argument("--held-out", type=_number(float, "a share in [0, 1)", lambda v: 0 <= v < 1), default=0.25,
+                   help="data.held_out of the run")
+    q.add_argument("--split-seed", type=int, default=0, help="data.seed of the run (which variants are held out)")
+    q.add_argument("--speed", type=_number(int, "words per minute in 80-450", lambda v: 80 <= v <= 450),
+                   help="every clip at this speed (default: a random speed per clip)")
     q.set_defaults(func=cmd_data)
 
     from e2e_dist.data.glyph_eval import STYLES

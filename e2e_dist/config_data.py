@@ -49,13 +49,15 @@ class DataConfig(Section):
     max_audio_seconds: float = Field(2.0, gt=0)
     """Speech: longer clips are cut, shorter padded, to this length."""
     held_out: float = Field(0.25, ge=0.0, lt=1.0)
-    """digit-glyphs: share of the font designs kept out of training and validation, so a model can
-    be judged on fonts it never saw (`e2e-dist data make-digits DIR --held-out`)."""
+    """digit-glyphs: share of the font designs, spoken-digits: of eSpeak's voice variants, kept out
+    of training and validation, so a model can be judged on fonts / voices it never saw
+    (`e2e-dist data make-digits DIR`, `e2e-dist data make-speech DIR --voices held-out`)."""
     variants: int = Field(4, ge=1, le=64)
-    """digit-glyphs: differently augmented copies of each glyph in one epoch."""
+    """digit-glyphs, spoken-digits: differently augmented copies of each glyph / clip per epoch."""
     augment: bool = True
     """digit-glyphs: augment each copy (size, placement, rotation, slant, frame, resolution, blur,
-    polarity, grey levels, noise, JPEG: data/glyph_augment.py); false: plain centred glyphs."""
+    polarity, grey levels, noise, JPEG: data/glyph_augment.py); spoken-digits: speed, volume,
+    silence, noise (data/speech_augment.py). false: glyphs plain and centred, clips as synthesized."""
     strict: bool = False
     """Stop the run on the first unreadable item instead of skipping it with a warning."""
     seed: int = 0

@@ -57,6 +57,11 @@ def unit_hash(*parts: Any) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
+def row_seed(seed: int, key: str, copy: int) -> int:
+    """The augmentation seed of copy `copy` of item `key` (63 bits, the same on every machine)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}:{copy}".encode()).digest()[:8], "little") >> 1
+
+
 def seeded_order(items: Iterable[T], *, seed: int, key: Callable[[T], str] = lambda it: it.key) -> list[T]:
     """Items in a seeded pseudo-random order that depends only on each item's key."""
     return sorted(items, key=lambda it: (unit_hash("order", seed, key(it)), key(it), getattr(it, "uri", "")))

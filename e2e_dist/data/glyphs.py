@@ -15,7 +15,6 @@ font folders (and a missing one stops the run, naming the font and the node).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from e2e_dist.console import FILE_ONLY
-from e2e_dist.data.common import DataError, decoded_dataset, seeded_order, split_by_hash, take_fraction
+from e2e_dist.data.common import DataError, decoded_dataset, row_seed, seeded_order, split_by_hash, take_fraction
 from e2e_dist.data.images import PIXEL_MEAN, PIXEL_STD, collate
 from e2e_dist.data.registry import DataBundle, register_source
 from e2e_dist.errors import ConfigError
@@ -113,10 +112,6 @@ class _Item:
 
     def __init__(self, kind: str, ref: str, label: int) -> None:
         self.kind, self.ref, self.label, self.key = kind, ref, label, f"{kind}/{ref}/{label}"
-
-
-def row_seed(seed: int, key: str, variant: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}:{variant}".encode()).digest()[:8], "little") >> 1
 
 
 def _rows(items: list[_Item], variants: int, seed: int) -> list[dict]:

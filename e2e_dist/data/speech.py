@@ -34,7 +34,7 @@ import numpy as np
 from e2e_dist.config import CTCSpeechConfig
 from e2e_dist.data.common import (
     DataError, decoded_dataset, is_remote, list_files, note_bad_item, raise_first_bad, read_range, scan_batch,
-    seeded_order, split_by_hash, take_fraction,
+    row_seed, seeded_order, split_by_hash, take_fraction,
 )
 from e2e_dist.console import FILE_ONLY
 from e2e_dist.data.registry import DataBundle, register_source
@@ -114,13 +114,17 @@ def encode_transcript(text: str, alphabet: str) -> list[int]:
 
 
 def decode_clips(batch: dict, *, sample_rate: int, max_samples: int, max_chars: int, alphabet: str, storage: Any,
-                 strict: bool, scan: bool = False) -> dict:
-    """Ray Data map_batches fn: rows {uri, size, text} -> fixed-shape audio/target arrays.
+                 strict: bool, scan: bool = False, augment: bool = False) -> dict:
+    """Ray Data map_batches fn: rows {uri, size, text[, seed]} -> fixed-shape audio/target arrays.
 
-    With scan=True it returns only the bad files ({uri, reason}): the strict pre-check.
+    augment: each row's clip is augmented (data/speech_augment.py) by a generator seeded with the
+    row's `seed`. With scan=True it returns only the bad files ({uri, reason}): the strict pre-check.
     """
+    from e2e_dist.data.speech_augment import augment_clip
+
     audio, audio_len, targets, target_len, bad, cut = [], [], [], [], [], []
-    for uri, n, text in zip(batch["uri"], batch["size"], batch["text"]):
+    seeds = batch["seed"] if augment else [0] * len(batch["uri"])
+    for uri, n, text, seed in zip(batch["uri"], batch["size"], batch["text"], seeds):
         try:
             x = decode_audio(read_range(str(uri), 0, int(n), storage), sample_rate)
         except Exception as e:  # any read/decoder failure (OSError, ValueError, ...) = a bad item
@@ -128,6 +132,8 @@ def decode_clips(batch: dict, *, sample_rate: int, max_samples: int, max_chars: 
             continue
         if scan:
             continue
+        if augment:
+            x = augment_clip(x, np.random.default_rng(int(seed)), sample_rate, max_samples)
         if len(x) > 1.1 * max_samples:  # >10% lost: speech, not just trailing silence, may be gone
             cut.append(str(uri))
         x = x[:max_samples]
@@ -241,8 +247,9 @@ def _dataset(rows: list[dict], name: str, fn_kwargs: dict):
     return decoded_dataset(rows, decode_clips, name=name, rows_per_block=ROWS_PER_BLOCK, fn_kwargs=fn_kwargs)
 
 
-def build_speech_bundle(data_cfg: Any, model_cfg: Any, storage_cfg: Any) -> DataBundle:
-    """Manifests -> split, subset, lazily decoded Ray Datasets of fixed-shape clips + stats."""
+def build_speech_bundle(data_cfg: Any, model_cfg: Any, storage_cfg: Any, *, augment: bool = False) -> DataBundle:
+    """Manifests -> split, subset, lazily decoded Ray Datasets of fixed-shape clips + stats.
+    augment: `data.variants` augmented copies of each training clip (validation stays as recorded)."""
     if not data_cfg.paths:
         raise ConfigError("data.paths: source 'speech-manifest' needs one or more manifest.jsonl files (local or s3://)")
     label = ", ".join(data_cfg.paths)
@@ -261,15 +268,22 @@ def build_speech_bundle(data_cfg: Any, model_cfg: Any, storage_cfg: Any) -> Data
     def rows(items: Sequence[Utterance]) -> list[dict]:
         return [{"uri": u.uri, "size": u.size, "text": u.text} for u in items]
 
+    def augmented_rows(items: Sequence[Utterance]) -> list[dict]:
+        return [{"uri": u.uri, "size": u.size, "text": u.text, "seed": row_seed(data_cfg.seed, u.key, k)}
+                for u in items for k in range(data_cfg.variants)]
+
     if data_cfg.strict:
         raise_first_bad(_dataset(rows(train + val), "scan", {**fn_kwargs, "strict": False, "scan": True}).take_all(),
                         "audio")
-    stats = {"train_rows": len(train), "val_rows": len(val), "train_samples": len(train),
-             "train_bytes": sum(u.size for u in train), "train_chars": sum(len(u.text) for u in train)}
+    train_rows = augmented_rows(train) if augment else rows(train)
+    stats = {"train_rows": len(train_rows), "val_rows": len(val), "train_samples": len(train_rows),
+             "train_clips": len(train), "train_bytes": sum(u.size for u in train),
+             "train_chars": sum(len(u.text) for u in train)}
     log.info("speech data %s: %s", label, stats, extra=FILE_ONLY)
     row_bytes = fn_kwargs["max_samples"] * 4 + fn_kwargs["max_chars"] * 8 + 16  # float32 audio, int64 targets
-    return DataBundle(train=_dataset(rows(train), "train", fn_kwargs), val=_dataset(rows(val), "val", fn_kwargs),
-                      collate=collate, stats=stats, train_decoded_bytes=len(train) * row_bytes)
+    return DataBundle(train=_dataset(train_rows, "train", {**fn_kwargs, "augment": augment}),
+                      val=_dataset(rows(val), "val", fn_kwargs),
+                      collate=collate, stats=stats, train_decoded_bytes=len(train_rows) * row_bytes)
 
 
 @register_source("speech-manifest")
@@ -291,11 +305,20 @@ SPOKEN_DIGITS_UTTERANCES = 600
 def build_spoken_digits(data_cfg, *, model_cfg=None, storage_cfg=None) -> DataBundle:
     """Built-in: eSpeak NG spoken digits, generated once into data.paths[0] or the cache folder."""
     from e2e_dist.data.images import cache_root
-    from e2e_dist.data.synth_speech import ensure_speech_corpus
+    from e2e_dist.data.synth_speech import ensure_speech_corpus, split_variants
 
     if len(data_cfg.paths) > 1 or (data_cfg.paths and "://" in data_cfg.paths[0]):
         raise ConfigError("data.paths: source 'spoken-digits' takes at most one local folder "
                           "(where to write the corpus)")
-    folder = data_cfg.paths[0] if data_cfg.paths else cache_root() / "spoken-digits"
-    manifest = ensure_speech_corpus(folder, SPOKEN_DIGITS_UTTERANCES, seed=0)
-    return build_speech_bundle(data_cfg.model_copy(update={"paths": [str(manifest)]}), model_cfg, storage_cfg)
+    train_variants, held = split_variants(data_cfg.held_out, data_cfg.seed)
+    # The corpus speaks with the training voices only: its folder is named by the held-out split.
+    folder = data_cfg.paths[0] if data_cfg.paths else cache_root() / spoken_digits_folder(data_cfg)
+    manifest = ensure_speech_corpus(folder, SPOKEN_DIGITS_UTTERANCES, seed=0, variants=train_variants)
+    log.info("spoken digits: voice variants held out: %s", " ".join(held) or "none", extra=FILE_ONLY)
+    return build_speech_bundle(data_cfg.model_copy(update={"paths": [str(manifest)]}), model_cfg, storage_cfg,
+                               augment=data_cfg.augment)
+
+
+def spoken_digits_folder(data_cfg: Any) -> str:
+    """The cache folder of the built-in corpus for this held-out split."""
+    return f"spoken-digits-v2-heldout{data_cfg.held_out:g}-seed{data_cfg.seed}"

@@ -28,8 +28,17 @@ from e2e_dist.errors import UserError
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Accents shipped with espeak-ng's own data (no mbrola voices: those need extra packages).
-VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-029", "en-gb-x-rp", "en-us-nyc")
-VARIANTS = ("", "+m1", "+m3", "+m5", "+m7", "+f1", "+f2", "+f3", "+f4", "+klatt")
+VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-029", "en-gb-x-rp", "en-us-nyc", "en-gb-x-gbclan",
+          "en-gb-x-gbcwmd")
+VARIANTS = tuple(f"+{v}" for v in (
+    "m1 m2 m3 m4 m5 m6 m7 m8 f1 f2 f3 f4 f5 klatt klatt2 klatt3 klatt4 klatt5 klatt6 croak adam Alex Alicia "
+    "Andrea Andy Annie antonio aunty belinda benjamin boris caleb david Denis Diogo ed edward edward2 Gene Gene2 "
+    "gustave Henrique Hugo iven iven2 iven3 iven4 Jacky john kaukovalta Lee linda marcelo Marco Mario max Michael "
+    "michel miguel Mike Nguyen pablo paul pedro quincy rob robert steph steph2 steph3 Storm Tweaky zac anika "
+    "AnxiousAndy grandpa grandma norbert sandro shelby travis victor").split())
+"""eSpeak NG's voice variants (timbre, pitch range, breathiness), by file name: all that ship with it
+except the robotic and effect ones (robosoft*, UniRobot, announcer, Demonic, RicishayMax*) and the
+whispers (no voicing at all). A voice is an accent + a variant."""
 SPEEDS = (130, 190)
 """Words per minute, inclusive range."""
 PITCHES = (25, 75)
@@ -67,11 +76,23 @@ def find_espeak() -> str:
     return exe
 
 
-def plan_corpus(n_utterances: int, seed: int, min_words: int = 1, max_words: int = 3) -> list[UtterancePlan]:
-    """What every utterance will be (text, voice, prosody, noise), drawn from one seeded generator."""
-    if n_utterances < 1 or not 1 <= min_words <= max_words:
-        raise ValueError(f"need n_utterances >= 1 and 1 <= min_words <= max_words (got {n_utterances}, "
-                         f"{min_words}, {max_words})")
+def split_variants(share: float, seed: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(training variants, held-out variants): round(share * n) variants, by a seeded hash of their
+    names, never heard in training; a held-out voice is one of them in any accent."""
+    import hashlib
+
+    ranked = sorted(VARIANTS, key=lambda v: hashlib.sha256(f"{seed}:{v}".encode()).hexdigest())
+    held = set(ranked[: min(len(VARIANTS) - 1, round(share * len(VARIANTS)))])
+    return tuple(v for v in VARIANTS if v not in held), tuple(v for v in VARIANTS if v in held)
+
+
+def plan_corpus(n_utterances: int, seed: int, min_words: int = 1, max_words: int = 3, *,
+                variants: tuple[str, ...] = VARIANTS, speeds: tuple[int, int] = SPEEDS) -> list[UtterancePlan]:
+    """What every utterance will be (text, voice, prosody, noise), drawn from one seeded generator:
+    voices from `variants` (in every accent), speeds (words per minute) from the inclusive range."""
+    if n_utterances < 1 or not 1 <= min_words <= max_words or not variants:
+        raise ValueError(f"need n_utterances >= 1, 1 <= min_words <= max_words and some variants (got "
+                         f"{n_utterances}, {min_words}, {max_words}, {len(variants)})")
     rng = np.random.default_rng(seed)
     plans = []
     for i in range(n_utterances):
@@ -79,8 +100,8 @@ def plan_corpus(n_utterances: int, seed: int, min_words: int = 1, max_words: int
         plans.append(UtterancePlan(
             audio=f"wavs/utt-{i:05d}.wav",
             text=" ".join(words),
-            voice=str(rng.choice(VOICES)) + str(rng.choice(VARIANTS)),
-            speed=int(rng.integers(SPEEDS[0], SPEEDS[1] + 1)),
+            voice=str(rng.choice(VOICES)) + str(rng.choice(variants)),
+            speed=int(rng.integers(speeds[0], speeds[1] + 1)),
             pitch=int(rng.integers(PITCHES[0], PITCHES[1] + 1)),
             snr_db=round(float(rng.uniform(*SNR_DB)), 2),
             gain=round(float(rng.uniform(0.3, 0.9)), 3),
@@ -118,7 +139,8 @@ def synthesize(plan: UtterancePlan, out_dir: Path, espeak: str, noise: bool = Tr
 
 def make_speech_corpus(out_dir: str | os.PathLike, n_utterances: int = 600, seed: int = 0, *,
                        min_words: int = 1, max_words: int = 3, noise: bool = True, overwrite: bool = False,
-                       workers: int = 4) -> Path:
+                       workers: int = 4, variants: tuple[str, ...] = VARIANTS,
+                       speeds: tuple[int, int] = SPEEDS) -> Path:
     """Synthesize `n_utterances` spoken digit sequences into `out_dir`; returns the manifest's path.
 
     The corpus is built in a sibling temporary directory and moved into place at the end, so a
@@ -130,7 +152,7 @@ def make_speech_corpus(out_dir: str | os.PathLike, n_utterances: int = 600, seed
         if not overwrite:
             raise SynthesisError(f"{out} already exists and is not empty (choose a new directory or overwrite it)")
     espeak = find_espeak()
-    plans = plan_corpus(n_utterances, seed, min_words, max_words)
+    plans = plan_corpus(n_utterances, seed, min_words, max_words, variants=variants, speeds=speeds)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -152,7 +174,8 @@ def make_speech_corpus(out_dir: str | os.PathLike, n_utterances: int = 600, seed
     return out / MANIFEST
 
 
-def ensure_speech_corpus(out_dir: str | os.PathLike, n_utterances: int = 600, seed: int = 0) -> Path:
+def ensure_speech_corpus(out_dir: str | os.PathLike, n_utterances: int = 600, seed: int = 0, *,
+                         variants: tuple[str, ...] = VARIANTS) -> Path:
     """The manifest of the corpus in `out_dir`, generating it first if it is not there yet.
 
     Safe when several processes race (sweep trials): the loser of the final rename discards its copy.
@@ -161,7 +184,7 @@ def ensure_speech_corpus(out_dir: str | os.PathLike, n_utterances: int = 600, se
     if (out / MANIFEST).is_file():
         return out / MANIFEST
     try:
-        return make_speech_corpus(out, n_utterances, seed)
+        return make_speech_corpus(out, n_utterances, seed, variants=variants)
     except SynthesisError:
         if (out / MANIFEST).is_file():  # another process finished first
             return out / MANIFEST

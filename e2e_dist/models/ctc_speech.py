@@ -1,7 +1,10 @@
-"""Waveform -> characters with CTC: strided 1-D conv front end, transformer encoder, linear head.
+"""Waveform -> characters with CTC: a front end, transformer encoder, linear head.
 
-raw samples (per-utterance normalized) -> convs with strides `conv_strides` (kernel 2*stride,
-GELU; their product is the samples per encoder frame) -> LayerNorm -> linear to d_model ->
+Front end `conv`: raw samples (per-utterance normalized) -> convs with strides `conv_strides`
+(kernel 2*stride, GELU; their product is the samples per encoder frame) -> LayerNorm. Front end
+`mel`: log-mel energies computed inside the model (25 ms windows every 10 ms, fixed filterbank, no
+learned weights: still one network from samples to characters), normalized per clip -> two
+stride-2 convs (40 ms frames) -> LayerNorm. Then linear to d_model ->
 depthwise-conv relative positions -> pre-norm bidirectional transformer blocks
 (`scaled_dot_product_attention` with a key-padding mask) -> linear head over blank (index 0) +
 the alphabet's characters (alphabet[i] is class i + 1). Greedy CTC decoding: best class per
@@ -16,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -86,11 +90,62 @@ class ConvFrontEnd(nn.Module):
             n = torch.div(n + 2 * p - k, s, rounding_mode="floor") + 1
         return n.clamp_min(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lens: torch.Tensor | None = None) -> torch.Tensor:
         x = x.unsqueeze(1)
         for conv in self.convs:
             x = F.gelu(conv(x))
         return self.norm(x.transpose(1, 2))
+
+
+class MelFrontEnd(nn.Module):
+    """Log-mel energies (fixed STFT + triangular mel filterbank) -> two stride-2 convs: (B, N) -> (B, T, channels).
+
+    Measured against `conv` on the spoken digits (single process, same model and optimizer): CTC
+    left its all-blank plateau at ~300 steps instead of > 400, and a step cost a quarter of the time
+    (a 2-s clip is 200 STFT frames instead of 16,000 samples through the first conv).
+    """
+
+    def __init__(self, channels: int, sample_rate: int, n_mels: int = 40):
+        super().__init__()
+        self.hop, self.win = sample_rate // 100, sample_rate * 25 // 1000
+        self.n_fft = 1 << (self.win - 1).bit_length()
+        freqs = np.linspace(0.0, sample_rate / 2, self.n_fft // 2 + 1)
+        top = 2595.0 * np.log10(1.0 + sample_rate / 2 / 700.0)  # the Nyquist frequency in mel
+        edges = 700.0 * (10 ** (np.linspace(0.0, top, n_mels + 2) / 2595.0) - 1)
+        lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+        bank = np.clip(np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)), 0.0, None)
+        window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(self.win) / self.win)  # periodic Hann
+        # Fixed buffers computed with numpy (a model built on the meta device, as export checks
+        # names, still gets real ones), not saved: nothing to learn, shard or export.
+        self.register_buffer("filterbank", torch.from_numpy(bank.astype(np.float32)), persistent=False)
+        self.register_buffer("window", torch.from_numpy(window.astype(np.float32)), persistent=False)
+        self.conv1 = nn.Conv1d(n_mels, channels, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        self.norm = nn.LayerNorm(channels)
+
+    def out_lengths(self, n: torch.Tensor) -> torch.Tensor:
+        frames = torch.div(n, self.hop, rounding_mode="floor") + 1  # centred STFT frames
+        for _ in range(2):
+            frames = torch.div(frames - 1, 2, rounding_mode="floor") + 1
+        return frames.clamp_min(1)
+
+    def forward(self, x: torch.Tensor, lens: torch.Tensor | None = None) -> torch.Tensor:
+        # fp32 whatever the engine's dtype (a bf16 engine casts buffers too): STFT and logs need the range
+        spec = torch.stft(x.float(), self.n_fft, self.hop, self.win, self.window.float(), center=True,
+                          return_complex=True).abs() ** 2
+        logmel = torch.log(self.filterbank.float() @ spec + 1e-6)  # (B, n_mels, frames)
+        # Normalized over the clip's own frames only, padding then zeroed: a clip scores the same
+        # alone (predict) as padded in a batch (training).
+        n = logmel.shape[2]
+        frames = torch.div(lens, self.hop, rounding_mode="floor") + 1 if lens is not None else torch.full(
+            (logmel.shape[0],), n, device=logmel.device)
+        valid = (torch.arange(n, device=logmel.device)[None, :] < frames[:, None]).float()[:, None, :]
+        count = (valid.sum(dim=2, keepdim=True) * logmel.shape[1]).clamp_min(1.0)
+        mean = (logmel * valid).sum(dim=(1, 2), keepdim=True) / count
+        var = (((logmel - mean) * valid) ** 2).sum(dim=(1, 2), keepdim=True) / count
+        logmel = (logmel - mean) * valid / torch.sqrt(var + 1e-5)
+        y = F.gelu(self.conv2(F.gelu(self.conv1(logmel.to(self.conv1.weight.dtype)))))
+        return self.norm(y.transpose(1, 2))
 
 
 class ConvPositions(nn.Module):
@@ -146,13 +201,19 @@ class CTCSpeech(E2EModel):
     unit_name = "samples"
 
     def __init__(self, alphabet: str, conv_channels: int = 64, conv_strides: Sequence[int] = (5, 4, 4, 2),
-                 n_layer: int = 2, n_head: int = 2, d_model: int = 64, example_samples: int = 32000):
+                 n_layer: int = 2, n_head: int = 2, d_model: int = 64, example_samples: int = 32000,
+                 front_end: str = "conv", sample_rate: int = 16000):
         super().__init__()
         if len(set(alphabet)) != len(alphabet) or not alphabet:
             raise ValueError(f"alphabet {alphabet!r} must be non-empty without repeated characters")
         self.alphabet = alphabet
         self.example_samples = example_samples  # clip length used for FLOP counting: the data's
-        self.front = ConvFrontEnd(conv_channels, conv_strides)
+        if front_end == "conv":
+            self.front: nn.Module = ConvFrontEnd(conv_channels, conv_strides)
+        elif front_end == "mel":
+            self.front = MelFrontEnd(conv_channels, sample_rate)
+        else:
+            raise ValueError(f"unknown front_end {front_end!r} (conv, mel)")
         self.in_proj = nn.Linear(conv_channels, d_model)
         self.pos = ConvPositions(d_model)
         self.blocks_ = nn.ModuleList(EncoderBlock(d_model, n_head) for _ in range(n_layer))
@@ -169,7 +230,7 @@ class CTCSpeech(E2EModel):
     def log_probs(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N) samples -> ((B, T, V) float32 log-probabilities, (B,) valid frames)."""
         x = normalize_waveform(audio, audio_lens).to(self.head.weight.dtype)
-        x = self.in_proj(self.front(x))
+        x = self.in_proj(self.front(x, audio_lens))
         T = x.shape[1]
         frames = self.front.out_lengths(audio_lens).clamp_max(T)
         valid = torch.arange(T, device=x.device)[None, :] < frames[:, None]
@@ -240,4 +301,5 @@ class CTCSpeech(E2EModel):
 def build_ctc_speech(cfg, data_cfg=None) -> CTCSpeech:
     samples = int(data_cfg.sample_rate * data_cfg.max_audio_seconds) if data_cfg is not None else 32000
     return CTCSpeech(cfg.alphabet, cfg.conv_channels, list(cfg.conv_strides), cfg.n_layer, cfg.n_head, cfg.d_model,
-                     example_samples=samples)
+                     example_samples=samples, front_end=cfg.front_end,
+                     sample_rate=data_cfg.sample_rate if data_cfg is not None else 16000)

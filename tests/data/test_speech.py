@@ -210,18 +210,65 @@ def test_spoken_digits_source_generates_once_and_reads_through_the_manifest(ray_
     monkeypatch.setattr(speech, "SPOKEN_DIGITS_UTTERANCES", 12)
     cfg = load_run_config("tiny-speech", [f"data.paths=[{tmp_path / 'sd'}]", "data.val_fraction=0.2"])
     bundle = build_data(cfg.data, model_cfg=cfg.model)
-    assert bundle.stats["train_rows"] + bundle.stats["val_rows"] == 12
+    n_train = bundle.stats["train_clips"]
+    assert n_train + bundle.stats["val_rows"] == 12 and bundle.stats["train_rows"] == cfg.data.variants * n_train
     manifest = tmp_path / "sd" / "manifest.jsonl"
     before = manifest.stat().st_mtime_ns
     build_data(cfg.data, model_cfg=cfg.model)
     assert manifest.stat().st_mtime_ns == before  # generated once
     texts = [json.loads(line)["text"] for line in manifest.read_text().splitlines()]
     rows = all_rows(bundle)
-    assert len(rows) == 12
+    assert len(rows) == cfg.data.variants * n_train + bundle.stats["val_rows"]
     for r in rows:
         assert r["audio"].shape == (int(cfg.data.sample_rate * cfg.data.max_audio_seconds),)
         decoded = "".join(ALPHABET[k - 1] for k in r["targets"][: int(r["target_lens"])].tolist())
         assert decoded in texts
+    # The copies of one clip are augmented differently (speed, silence, volume, noise)
+    copies = rows[: cfg.data.variants]
+    assert len({int(r["audio_lens"]) for r in copies} | {float(r["audio"].abs().max()) for r in copies}) > 1
+    # Only training voices speak in the built-in corpus
+    train_variants, held = speech_voices(cfg)
+    assert {json.loads(line)["voice"].split("+")[1] for line in manifest.read_text().splitlines()} <= train_variants
+
+
+def speech_voices(cfg) -> tuple[set[str], set[str]]:
+    from e2e_dist.data.synth_speech import split_variants
+
+    train, held = split_variants(cfg.data.held_out, cfg.data.seed)
+    return {v.lstrip("+") for v in train}, {v.lstrip("+") for v in held}
+
+
+def test_clip_augmentation_is_seeded_and_keeps_every_word() -> None:
+    import numpy as np
+
+    from e2e_dist.data.speech_augment import augment_clip, change_speed
+
+    x = np.sin(np.arange(12000) / 7.0).astype(np.float32) * 0.5
+    a = augment_clip(x, np.random.default_rng(3), 8000, 16000)
+    assert np.array_equal(a, augment_clip(x, np.random.default_rng(3), 8000, 16000))  # a resume hears the same
+    outs = [augment_clip(x, np.random.default_rng(s), 8000, 16000) for s in range(30)]
+    assert all(len(o) <= 16000 and np.abs(o).max() <= 1 for o in outs)
+    assert len({len(o) for o in outs}) > 10  # speeds and silences differ
+    assert len(change_speed(x, 1.25)) == 9600 and len(change_speed(x, 0.8)) == 15000
+    # A clip slowed past the limit keeps its words at the original speed (no word is cut off).
+    long = np.ones(15500, np.float32) * 0.1
+    assert all(len(augment_clip(long, np.random.default_rng(s), 8000, 16000)) <= 16000 for s in range(20))
+
+
+def test_make_speech_held_out_voices_at_one_speed(tmp_path, capsys):
+    from e2e_dist import cli
+
+    cfg = load_run_config("tiny-speech")
+    train, held = speech_voices(cfg)
+    assert held and train and not held & train and len(held) == round(0.25 * (len(held) + len(train)))
+    out_dir = tmp_path / "held"
+    assert cli.main(["data", "make-speech", str(out_dir), "-n", "6", "--voices", "held-out", "--speed", "200"]) == 0
+    assert "judge a model on it" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out_dir / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {r["speed"] for r in rows} == {200} and {r["voice"].split("+")[1] for r in rows} <= held
+    with pytest.raises(SystemExit):
+        cli.main(["data", "make-speech", str(tmp_path / "x"), "--speed", "5"])
+    assert "--speed" in capsys.readouterr().err
 
 
 def test_predict_transcribes_an_audio_file(tmp_path, corpus):
@@ -264,4 +311,4 @@ def test_make_speech_writes_what_train_tiny_speech_reads(ray_local, tmp_path, ca
     assert printed[-1] == f"train on it: e2e-dist train tiny-speech --set data.paths=[{out_dir}]"
     cfg = load_run_config("tiny-speech", [printed[-1].split("--set ")[1], "data.val_fraction=0.2"])
     bundle = build_data(cfg.data, model_cfg=cfg.model)
-    assert bundle.stats["train_rows"] + bundle.stats["val_rows"] == 10
+    assert bundle.stats["train_clips"] + bundle.stats["val_rows"] == 10

@@ -141,3 +141,26 @@ def test_trains_under_deepspeed_zero(monkeypatch, stage, precision):
     with torch.no_grad():
         metrics = model.summarize_eval({k: float(v) for k, v in model.eval_sums(batch).items()})
     assert metrics["val_cer"] >= 0 and metrics["val_wer"] >= 0 and math.isfinite(metrics["val_loss"])
+
+
+def test_mel_front_end_scores_a_clip_alike_alone_and_padded_and_builds_on_meta():
+    """The log-mel features are normalized over the clip's own frames: a clip padded in a batch (as
+    in training) and alone (as in predict) give the same log-probabilities (all but the last frames,
+    where the STFT and convs see the clip's end, to 1e-3). Built on the meta device (export's
+    check), its fixed filterbank is still real; it has no learned weights of its own beyond the convs."""
+    torch.manual_seed(0)
+    model = CTCSpeech(" abc", 16, [4, 4, 4, 2], 1, 2, 16, example_samples=16000, front_end="mel",
+                      sample_rate=8000).eval()
+    clip = torch.randn(1, 9000) * 0.1
+    with torch.no_grad():
+        alone, frames = model.log_probs(clip, torch.tensor([9000]))
+        padded, frames_padded = model.log_probs(torch.cat([clip, torch.zeros(1, 7000)], 1), torch.tensor([9000]))
+    n = int(frames[0])
+    assert int(frames_padded[0]) == n == 29
+    assert torch.allclose(alone[0, : n - 8], padded[0, : n - 8], atol=1e-3)
+    with torch.device("meta"):
+        meta = CTCSpeech(" abc", 16, [4], 1, 2, 16, front_end="mel", sample_rate=8000)
+    assert meta.front.filterbank.device.type == "cpu" and meta.front.conv1.weight.device.type == "meta"
+    assert not any("filterbank" in k or "window" in k for k in model.state_dict())
+    with pytest.raises(ValueError, match="unknown front_end 'x'"):
+        CTCSpeech(" abc", front_end="x")
