@@ -60,9 +60,10 @@ VAL_ACC_MIN, HELD_OUT_ACC_MIN = 0.8, 0.9
 every `make-digits` style (seen: 0.89 and 0.96)."""
 
 
-def test_vision_glyphs_zero2_then_predict_on_held_out_fonts_in_every_style(ray_local, tmp_path):
+def test_vision_glyphs_zero2_then_predict_on_held_out_fonts_in_every_style(ray_local, tmp_path, monkeypatch, capsys):
     """tiny-vision (digit-glyphs: installed fonts + handwritten digits, augmented), shortened to 300
-    steps with 2 augmented copies per glyph (preset: 1,000 steps, 8 copies). Then `predict`:
+    steps with 2 augmented copies per glyph (preset: 1,000 steps, 8 copies), run as the demo runs:
+    a relative storage path, progress lines on the console. Then `predict`:
     - on the validation images, written as PNGs (8-bit: exactly the pixels training saw), it
       reproduces the run's val accuracy: the export is the trained model, prepared as in training;
     - through the CLI, on digits from font designs training never saw, in the 9 styles of
@@ -78,11 +79,21 @@ def test_vision_glyphs_zero2_then_predict_on_held_out_fonts_in_every_style(ray_l
     from e2e_dist.predict import load_predictor, predict_one
     from e2e_dist.train.launcher import run_training
 
+    # A relative storage path, as in the demo: it means the directory the run was started from,
+    # not the workers' own working directory.
+    monkeypatch.chdir(tmp_path)
     cfg = load_run_config("tiny-vision", [
-        "name=vision", f"storage.path={tmp_path}/runs", f"trainer.max_steps={VISION_STEPS}", "data.variants=2",
+        "name=vision", "storage.path=runs", f"trainer.max_steps={VISION_STEPS}", "data.variants=2",
         "trainer.log_every=50", f"trainer.eval_every={VISION_STEPS // 2}", f"trainer.ckpt_every={VISION_STEPS}",
     ])
-    summary = run_training(cfg, quiet=True)
+    assert cfg.storage.path == str(tmp_path / "runs")
+    summary = run_training(cfg)  # progress on: stdout is not a terminal here, so plain lines
+    # Every logged step reaches the console exactly once, however fast the steps go (pushed by
+    # rank 0, drained by the driver, the last one before the run returns).
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[vision] step ")]
+    assert [line.split()[2] for line in progress] == [f"{s}/{VISION_STEPS}" for s in range(50, VISION_STEPS + 1, 50)]
+    assert progress[0].endswith(f"next_ckpt={VISION_STEPS}") and "next_ckpt" not in progress[-1]
+    assert summary.wandb_dir and summary.wandb_dir.startswith(str(tmp_path / "runs"))
     m = summary.metrics
     assert (m["step"], m["world_size"], m["zero_stage"]) == (VISION_STEPS, 2, 2)
     print(f"vision val_acc {m['val_acc']:.3f}; step {m['step_time_s']:.2f} s; run wall {summary.wall_s:.0f} s")
