@@ -1,8 +1,9 @@
 """End to end through a real local Ray, real DeepSpeed engines and 2 gloo workers.
 
-One straight ZeRO-3 run is the reference; a second run of the same config is killed right after
-its step-8 checkpoint commits and resumed with --resume: it must continue at step 10 and end
-with the reference's losses (same data position, LR schedule and optimizer state).
+One straight ZeRO-3 run is the reference. Runs of the same config that are interrupted end with
+the reference's losses (same data position, LR schedule and optimizer state): one with worker
+deaths and a SIGTERM, restarted by Ray Train within the run; one stopped by crashes and resumed
+with --resume on other world sizes and ZeRO stages.
 
 The data is the way corpora come (issue: real workloads): this Python's standard-library sources
 as documents in 3 Parquet shards (row groups of 8) and 2 JSONL shards, read by the `text` source's
@@ -138,47 +139,35 @@ def test_zero3_trains_checkpoints_and_logs(reference_z3):
     assert m["sample"].startswith("def ")
 
 
-def test_three_worker_deaths_recover_to_the_same_result(reference_z3, tmp_path, monkeypatch):
-    """Kill a worker three times in one run (async uploads every 4 steps): Ray Train restarts the
-    group, each restart resumes from the newest *committed* checkpoint, and the run ends exactly
-    where the uninterrupted one did, with one W&B history row per logged step."""
-    from e2e_dist.train.launcher import run_training
-    from e2e_dist.tracking.offline_history import read_summary
-
-    _, ref, _ = reference_z3
-    cfg = tiny_cfg(tmp_path, "crashy-z3", 3, "trainer.ckpt_every=4", "trainer.async_checkpoint=true",
-                   "trainer.max_failures=3")
-    monkeypatch.setenv("E2E_DIST_FAULT", "crash@6:1,crash@11:0,crash@14:1")
-    monkeypatch.setenv("E2E_DIST_FAULT_DIR", str(tmp_path))
-    summary = run_training(cfg, quiet=True)
-    assert sorted(p.name for p in tmp_path.glob("e2e-dist-fault-*")) == [
-        "e2e-dist-fault-crashy-z3-crash-11-0", "e2e-dist-fault-crashy-z3-crash-14-1", "e2e-dist-fault-crashy-z3-crash-6-1"]
-    assert summary.metrics["step"] == STEPS and summary.metrics["tokens_seen"] == ref.metrics["tokens_seen"]
-    assert summary.metrics["val_loss"] == pytest.approx(ref.metrics["val_loss"], rel=2e-3)
-    hist = history(cfg)
-    assert sorted(hist) == [4, 8, 12, 16]
-    files = find_run_files(f"{cfg.storage.path}/{cfg.name}/wandb")
-    summary_rows = read_summary(files[-1])
-    assert summary_rows["restarts/count"] == 3
-
-
-def test_sigterm_takes_a_just_in_time_checkpoint(reference_z3, tmp_path, monkeypatch):
-    """SIGTERM to a worker (a spot reclaim): every rank checkpoints at the next log interval
-    (step 12, between the regular step-8 and step-16 checkpoints), the restart resumes there."""
+def test_worker_deaths_and_a_sigterm_recover_to_the_same_result(reference_z3, tmp_path, monkeypatch):
+    """Three interruptions in one run (async checkpoint uploads every 8 steps): rank 1 dies at step 6
+    (before any checkpoint: the restarted group begins at 0); rank 1 gets SIGTERM at step 10 (a spot
+    reclaim: every rank checkpoints just in time at the next log interval, step 12, between the
+    regular step-8 and step-16 checkpoints, after step 8's upload has committed); rank 0 (the one
+    holding W&B) dies at step 14. Ray Train restarts the group each time, each restart resumes from
+    the newest *committed* checkpoint, and the run ends exactly where the uninterrupted one did,
+    with one W&B history row per logged step."""
     from e2e_dist.checkpoint import list_checkpoints
     from e2e_dist.train.launcher import run_training
     from e2e_dist.tracking.offline_history import read_summary
 
     _, ref, _ = reference_z3
-    cfg = tiny_cfg(tmp_path, "preempt-z3", 3, "trainer.max_failures=1", "trainer.keep_last=3")
-    monkeypatch.setenv("E2E_DIST_FAULT", "sigterm@10:1")
+    cfg = tiny_cfg(tmp_path, "crashy-z3", 3, "trainer.async_checkpoint=true", "trainer.max_failures=3",
+                   "trainer.keep_last=3")
+    monkeypatch.setenv("E2E_DIST_FAULT", "crash@6:1,sigterm@10:1,crash@14:0")
     monkeypatch.setenv("E2E_DIST_FAULT_DIR", str(tmp_path))
     summary = run_training(cfg, quiet=True)
+    assert sorted(p.name for p in tmp_path.glob("e2e-dist-fault-*")) == [
+        "e2e-dist-fault-crashy-z3-crash-14-0", "e2e-dist-fault-crashy-z3-crash-6-1",
+        "e2e-dist-fault-crashy-z3-sigterm-10-1"]
+    assert summary.metrics["step"] == STEPS and summary.metrics["tokens_seen"] == ref.metrics["tokens_seen"]
+    assert summary.metrics["val_loss"] == pytest.approx(ref.metrics["val_loss"], rel=2e-3)
+    assert sorted(history(cfg)) == [4, 8, 12, 16]
     steps = sorted(c.step for c in list_checkpoints(cfg.run_uri, cfg.storage) if c.committed)
     assert steps == [8, 12, 16]  # 12 is the just-in-time one
-    assert summary.metrics["val_loss"] == pytest.approx(ref.metrics["val_loss"], rel=2e-3)
-    files = find_run_files(f"{cfg.storage.path}/{cfg.name}/wandb")
-    assert read_summary(files[-1])["restarts/last_resumed_from_step"] == 12
+    summary_rows = read_summary(find_run_files(f"{cfg.storage.path}/{cfg.name}/wandb")[-1])
+    assert summary_rows["restarts/count"] == 3
+    assert summary_rows["restarts/last_resumed_from_step"] == 12  # the rank-0 death resumed from the SIGTERM's
 
 
 def test_resized_and_restaged_resumes_follow_the_uninterrupted_run(reference_z3, tmp_path, monkeypatch, capsys):
