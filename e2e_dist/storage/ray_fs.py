@@ -68,7 +68,10 @@ class MarkerFreeS3Handler(pafs.FileSystemHandler):
         # Synchronous writes: Ray's copy_files only disables its threads for a plain S3FileSystem
         # destination (pyarrow's background S3 writes can deadlock threaded copies,
         # apache/arrow#32372); with foreground writes each copy thread uploads its own file.
-        self.fs = s3_filesystem(endpoint, background_writes=False)
+        # More patience than our own calls get: Ray Train's controller writes its run snapshot
+        # through this filesystem without retrying, and one timed-out connection then fails the
+        # whole run (seen once in tests: a 5 s connect timeout on a loaded machine mid-resize).
+        self.fs = s3_filesystem(endpoint, background_writes=False, connect_timeout=10.0, max_attempts=6)
 
     def __reduce__(self):
         return MarkerFreeS3Handler, (self.endpoint,)
