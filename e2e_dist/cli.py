@@ -115,9 +115,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from e2e_dist.data.synth_speech import make_speech_corpus
 
-    if args.data_verb == "make-digits":
-        return cmd_make_digits(args)
-
     from e2e_dist.data.synth_speech import SPEEDS, split_variants
 
     train, held = split_variants(args.held_out, args.split_seed)
@@ -273,6 +270,7 @@ it here would load numpy into every command)."""
 
 def _add_builtin_verbs(sub: argparse._SubParsersAction) -> None:
     """data, presets: what ships with the package."""
+    share = _number(float, "a share in [0, 1)", lambda v: 0 <= v < 1)  # --held-out: data.held_out of a run
     p = sub.add_parser("data", help="built-in data sets")
     dsub = p.add_subparsers(dest="data_verb", metavar="make-speech|make-digits", required=True)
     q = dsub.add_parser("make-speech", help="synthesize the spoken-digits corpus with eSpeak NG (offline)",
@@ -285,7 +283,7 @@ def _add_builtin_verbs(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--seed", type=int, default=0, help="seed of the corpus (texts, voices, prosody, noise)")
     q.add_argument("--voices", choices=["training", "held-out"], default="training",
                    help="the voice variants training uses, or the ones it never hears (to judge a model)")
-    q.add_argument("--held-out", type=_number(float, "a share in [0, 1)", lambda v: 0 <= v < 1), default=0.25,
+    q.add_argument("--held-out", type=share, default=0.25,
                    help="data.held_out of the run")
     q.add_argument("--split-seed", type=int, default=0, help="data.seed of the run (which variants are held out)")
     q.add_argument("--speed", type=_number(int, "words per minute in 80-450", lambda v: 80 <= v <= 450),
@@ -302,11 +300,11 @@ def _add_builtin_verbs(sub: argparse._SubParsersAction) -> None:
     q.add_argument("out")
     q.add_argument("--fonts", choices=["held-out", "training"], default="held-out",
                    help="the font designs training leaves out, or the ones it uses")
-    q.add_argument("--held-out", type=_number(float, "a share in [0, 1)", lambda v: 0 <= v < 1), default=0.25,
+    q.add_argument("--held-out", type=share, default=0.25,
                    help="data.held_out of the run")
     q.add_argument("--seed", type=int, default=0, help="data.seed of the run")
     q.add_argument("--styles", nargs="+", choices=STYLES, metavar="STYLE", help=f"some of: {', '.join(STYLES)}")
-    q.set_defaults(func=cmd_data)
+    q.set_defaults(func=cmd_make_digits)
 
     p = sub.add_parser("presets", help="list built-in configs")
     p.set_defaults(func=cmd_presets)

@@ -101,10 +101,11 @@ def glyph_signature(pixels: np.ndarray) -> np.ndarray | None:
     """Ink cropped, padded square, 16x16, blurred, zero-mean unit vector; None for a blank glyph."""
     from PIL import Image, ImageFilter
 
-    rows, cols = np.nonzero(pixels > 60)
-    if rows.size == 0:
+    from e2e_dist.data.glyph_augment import crop_to_ink
+
+    crop = crop_to_ink(pixels, 60)
+    if crop is None:
         return None
-    crop = pixels[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
     side = max(crop.shape)
     square = np.zeros((side, side), np.uint8)
     y, x = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2

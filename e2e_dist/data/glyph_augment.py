@@ -48,14 +48,22 @@ class GlyphAugment:
     """Chance of a JPEG round trip at quality 15-85."""
 
 
+def crop_to_ink(pixels: np.ndarray, threshold: float) -> np.ndarray | None:
+    """The bounding box of the pixels above `threshold`; None when there are none."""
+    rows, cols = np.nonzero(pixels > threshold)
+    if rows.size == 0:
+        return None
+    return pixels[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+
+
 def place(glyph: np.ndarray, rng: np.random.Generator, aug: GlyphAugment) -> np.ndarray:
     """Crop the ink, transform it (stretch, slant, rotate), and place it scaled and shifted on a new canvas."""
     from PIL import Image
 
-    rows, cols = np.nonzero(glyph > 0.05)
-    if rows.size == 0:
+    cropped = crop_to_ink(glyph, 0.05)
+    if cropped is None:
         return glyph
-    ink = Image.fromarray(np.uint8(np.clip(glyph[rows.min():rows.max() + 1, cols.min():cols.max() + 1], 0, 1) * 255))
+    ink = Image.fromarray(np.uint8(np.clip(cropped, 0, 1) * 255))
     w, h = ink.size
     sx = rng.uniform(*aug.stretch)
     ink = ink.resize((max(1, round(w * sx * 2)), h * 2), Image.Resampling.BILINEAR)  # 2x: room for the transforms
@@ -65,9 +73,7 @@ def place(glyph: np.ndarray, rng: np.random.Generator, aug: GlyphAugment) -> np.
     ink = ink.transform((w + 2 * pad, h), Image.Transform.AFFINE, (1, shear, -pad - shear * h / 2, 0, 1, 0),
                         resample=Image.Resampling.BILINEAR)
     ink = ink.rotate(rng.uniform(-aug.rotate_deg, aug.rotate_deg), resample=Image.Resampling.BILINEAR, expand=True)
-    arr = np.asarray(ink, np.float32) / 255.0
-    rows, cols = np.nonzero(arr > 0.05)
-    arr = arr[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    arr = crop_to_ink(np.asarray(ink, np.float32) / 255.0, 0.05)
     side = rng.uniform(*aug.fill) * CANVAS
     scale = side / max(arr.shape)
     nh, nw = max(1, round(arr.shape[0] * scale)), max(1, round(arr.shape[1] * scale))

@@ -24,10 +24,10 @@ def _glyph(font_path: str, digit: int, height: int, rng: np.random.Generator) ->
     from PIL import Image, ImageFont
 
     from e2e_dist.data.fonts import render_centered
+    from e2e_dist.data.glyph_augment import crop_to_ink
 
-    ink = render_centered(ImageFont.truetype(font_path, 96), str(digit), 160).astype(np.float32) / 255.0
-    rows, cols = np.nonzero(ink > 0.05)
-    ink = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    ink = crop_to_ink(render_centered(ImageFont.truetype(font_path, 96), str(digit), 160).astype(np.float32) / 255.0,
+                      0.05)
     width = max(1, round(ink.shape[1] * height / ink.shape[0]))
     return np.asarray(Image.fromarray(np.uint8(ink * 255)).resize((width, height), Image.Resampling.LANCZOS),
                       np.float32) / 255.0

@@ -56,10 +56,12 @@ def _font(name: str, size: int):
 
 
 @lru_cache(maxsize=1)
-def _handwritten() -> np.ndarray:
+def _handwritten() -> tuple[np.ndarray, list[int]]:
+    """scikit-learn's digits: (images 0..1, labels), loaded once per process."""
     from sklearn.datasets import load_digits
 
-    return load_digits().images.astype(np.float32) / 16.0
+    digits = load_digits()
+    return digits.images.astype(np.float32) / 16.0, [int(y) for y in digits.target]
 
 
 def glyph_canvas(kind: str, ref: str, label: int, rng: np.random.Generator) -> np.ndarray:
@@ -72,7 +74,7 @@ def glyph_canvas(kind: str, ref: str, label: int, rng: np.random.Generator) -> n
     if kind == "font":
         return render_centered(_font(ref, int(rng.integers(32, 57))), str(label), CANVAS).astype(np.float32) / 255.0
     side = int(rng.integers(24, 57))
-    small = Image.fromarray(np.uint8(_handwritten()[int(ref)] * 255)).resize((side, side), Image.Resampling.BILINEAR)
+    small = Image.fromarray(np.uint8(_handwritten()[0][int(ref)] * 255)).resize((side, side), Image.Resampling.BILINEAR)
     canvas = np.zeros((CANVAS, CANVAS), np.float32)
     at = (CANVAS - side) // 2
     canvas[at:at + side, at:at + side] = np.asarray(small, np.float32) / 255.0
@@ -144,7 +146,7 @@ def plan_glyphs(data_cfg: Any) -> GlyphPlan:
     """Fonts, held-out designs, the train/val split and every row, on the driver (no image drawn)."""
     train_fonts, held_out = glyph_fonts(data_cfg)
     items = [_Item("font", os.path.basename(f.path), d) for f in train_fonts for d in range(10)]
-    items += [_Item("hand", str(i), int(y)) for i, y in enumerate(_handwritten_labels())]
+    items += [_Item("hand", str(i), int(y)) for i, y in enumerate(_handwritten()[1])]
     items = seeded_order(items, seed=data_cfg.seed)[: data_cfg.max_files or None]
     train_all, val = split_by_hash(items, val_fraction=data_cfg.val_fraction, seed=data_cfg.seed)
     train = take_fraction(train_all, data_cfg.fraction)
@@ -179,9 +181,3 @@ def build_digit_glyphs(data_cfg, *, model_cfg=None, storage_cfg=None) -> DataBun
     return DataBundle(train=dataset(plan.train_rows, "train"), val=dataset(plan.val_rows, "val"), collate=collate,
                       stats=stats,
                       train_decoded_bytes=len(plan.train_rows) * (channels * data_cfg.image_size ** 2 * 4 + 8))
-
-
-def _handwritten_labels() -> list[int]:
-    from sklearn.datasets import load_digits
-
-    return [int(y) for y in load_digits().target]
