@@ -1,21 +1,16 @@
-"""The console shows our lines only; everything libraries print goes to the run's log file."""
+"""The console shows our lines only; everything libraries print goes to the run's log file.
+
+A whole `e2e-dist train` as a user runs it, console and log file: the speech run of
+tests/train/test_modalities_e2e.py; of a submitted job: tests/cluster/test_separate_hosts.py."""
 
 from __future__ import annotations
 
 import io
 import logging
-import os
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
-
-import pytest
 
 from e2e_dist import console
-from tests.helpers.console import foreign_lines
-
-CLI = str(Path(sys.executable).parent / "e2e-dist")
 
 
 def test_workers_tag_our_records_and_leave_file_only_details_out():
@@ -63,27 +58,3 @@ def test_a_sweep_log_shows_only_warnings_of_workers(tmp_path):
         run_log.handle_worker_output({"pid": 1, "ip": "127.0.0.1", "actor_name": "t",
                                       "lines": ["[e2e-dist] INFO committed a", "[e2e-dist] ERROR trial failed: x"]})
     assert shown.getvalue() == "error: trial failed: x\n"
-
-
-@pytest.mark.slow
-def test_train_console_holds_only_our_lines_and_the_log_file_the_rest(tmp_path):
-    """`e2e-dist train` as a user runs it (not a terminal: plain lines): every console line is one
-    of ours; what Ray, Ray Data and DeepSpeed printed is in the log file named at start and end."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
-    (tmp_path / "home").mkdir()
-    env.update(HOME=str(tmp_path / "home"), RAY_AUTH_MODE="disabled", WANDB_MODE="offline", PYTHONIOENCODING="utf-8")
-    args = [CLI, "train", "tiny-text", "--set", f"storage.path={tmp_path}/runs", "--set", "trainer.max_steps=4",
-            "--set", "trainer.log_every=2", "--set", "trainer.ckpt_every=2", "--set", "trainer.eval_batches=1",
-            "--set", "data.max_bytes=100000", "--set", "data.max_files=10"]
-    with tempfile.TemporaryDirectory(prefix="e2econ-", dir="/tmp") as cwd:  # Ray's socket paths stay short
-        proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    assert foreign_lines(proc.stdout) == [] and foreign_lines(proc.stderr) == [], out
-    assert proc.stdout.count("step 2/4") == 1 and proc.stdout.count("step 4/4") == 1
-    assert proc.stderr.count("committed ") == 2  # rank 0's line, once per checkpoint (not once per rank)
-    log_path = Path(proc.stderr.splitlines()[0].removeprefix("log file: "))
-    assert log_path.parent == tmp_path / "runs" / "tiny-text" / "logs" and f"log file       {log_path}" in proc.stdout
-    logged = log_path.read_text()
-    assert "(RayTrainWorker pid=" in logged and "ray.data" in logged
-    assert "[e2e-dist] INFO committed" in logged  # ours are in the file too

@@ -78,10 +78,10 @@ def _panel(ax, fit: Fit, x, y, other, held, x_is_n: bool, xlabel: str, other_lab
 
 def plot_fit(fit: Fit, n: np.ndarray, d: np.ndarray, loss: np.ndarray, path: str | Path, *,
              held_out: np.ndarray | None = None, optimal: dict | None = None, d_label: str = "tokens_seen",
-             metric: str = "val_loss") -> Path:
+             metric: str = "val_loss", caution: str | None = None) -> Path:
     """One panel per fitted variable (loss vs D, loss vs N): the trials, held-out ones marked, each
-    fitted curve with its bootstrap band; the title has the values, their intervals and what the
-    points do not identify."""
+    fitted curve with its bootstrap band; the title has the values, their intervals, what the
+    points do not identify and `caution` (a last line, e.g. which trials were still learning)."""
     held = np.zeros(len(loss), dtype=bool) if held_out is None else np.asarray(held_out, dtype=bool)
     n_lbl, d_lbl = "N (non-embedding params)", f"D ({d_label})"
     panels = {"joint": [(d, n, False, d_lbl, n_lbl), (n, d, True, n_lbl, d_lbl)],
@@ -96,6 +96,8 @@ def plot_fit(fit: Fit, n: np.ndarray, d: np.ndarray, loss: np.ndarray, path: str
     title += "   ".join(_param_line(k, v, fit.ci.get(k)) for k, v in fit.params.items())
     if fit.unidentified:
         title += "\nNOT IDENTIFIED: " + "; ".join(f"{_GREEK.get(k, k)} ({why})" for k, why in fit.unidentified.items())
+    if caution:
+        title += f"\n{caution}"
     if optimal:
         title += (f"\ncompute-optimal at C={optimal['budget']:.2g} FLOPs: N={fmt(optimal['n_opt'])}, "
                   f"D={fmt(optimal['d_opt'])}, {metric}={fmt(optimal['loss_opt'])}")

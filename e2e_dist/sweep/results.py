@@ -11,7 +11,9 @@ One JSON object per line, one line per finished trial (the Tuner appends them):
                  "tokens_seen": 505856,            # D: training tokens consumed (text) ...
                  "samples_seen": 3952,             # ... or samples (vision, speech)
                  "train_tokens": 4000000,          # optional: tokens in the training subset
-                 "train_samples": 31250}}          # optional: samples in the training subset
+                 "train_samples": 31250,           # optional: samples in the training subset
+                 "val_loss_best_step": 900,        # optional: when the best evaluation was seen
+                 "step": 1040}}                    # optional: the trial's last step
 
 Extra keys are allowed and ignored. Only `completed` trials enter the fit (a trial stopped early
 by ASHA reports a loss of an unfinished schedule).
@@ -117,3 +119,21 @@ def fit_points(rows: list[dict[str, Any]], metric: str = "val_loss", d_key: str 
             col.append(float(v))
         cols.append(np.array(col))
     return [r["trial"] for r in done], cols[0], cols[1], cols[2], d_key
+
+
+LATE_BEST_FRACTION = 0.8
+"""A trial whose best evaluation came after this fraction of its steps was still learning when it
+ended: early stopping had nothing to stop, and its loss is what its steps allowed."""
+
+
+def still_learning(rows: list[dict[str, Any]], names: list[str]) -> dict[str, str]:
+    """Trial name -> why, for the named trials whose best val loss came in the last fifth of their
+    steps (rows without `val_loss_best_step` and `step` are not judged)."""
+    by_name = {r["trial"]: r["metrics"] for r in rows}
+    out = {}
+    for name in names:
+        m = by_name[name]
+        best, last = m.get("val_loss_best_step"), m.get("step")
+        if isinstance(best, int) and isinstance(last, int) and last > 0 and best > LATE_BEST_FRACTION * last:
+            out[name] = f"best evaluation at step {best} of {last}"
+    return out

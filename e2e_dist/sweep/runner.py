@@ -278,10 +278,18 @@ def _run_sweep(spec: SweepSpec, resume: bool, address: str | None, live: bool | 
         register_book(key, None)
         ray.kill(board)
     _print_final(book, out, log_path)
-    unfinished = [r.name for r in book.unfinished_rows()]
-    if unfinished:
-        raise SweepInterrupted(rows, unfinished)
+    left = trials_left(spec, len(rows), [r.name for r in book.unfinished_rows()])
+    if left:
+        raise SweepInterrupted(rows, left)
     return rows
+
+
+def trials_left(spec: SweepSpec, finished: int, unfinished: list[str]) -> list[str]:
+    """What a sweep still owes after Tune returned: the trials it started and did not finish, and
+    the ones it never created. Ctrl+C between two trials leaves nothing unfinished that Tune knows
+    of (after SIGINT its fit returns normally, whenever the signal came): only the plan tells."""
+    not_started = max(spec.num_trials() - finished - len(unfinished), 0)
+    return [*unfinished, *(f"(not started {i + 1})" for i in range(not_started))]
 
 
 @contextlib.contextmanager

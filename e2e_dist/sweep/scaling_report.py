@@ -22,7 +22,7 @@ import numpy as np
 from e2e_dist import storage
 from e2e_dist.config import redact
 from e2e_dist.sweep.isoflop import isoflop_analysis, isoflop_lines
-from e2e_dist.sweep.results import SPEC_FILE, fit_points, load_results, results_file
+from e2e_dist.sweep.results import SPEC_FILE, fit_points, load_results, results_file, still_learning
 from e2e_dist.sweep.scaling import (Fit, ScalingError, compute_optimal, detect_form, fit_scaling, fmt,
                                      predict_interval)
 
@@ -71,7 +71,8 @@ def scaling_report(results_uri: str, budget: float | None = None, out_uri: str |
                    d_key: str = "auto", n_boot: int = 200, seed: int = 0, storage_cfg: Any = None) -> dict[str, Any]:
     """Fit a finished sweep's results, write scaling_fit.{png,json,md} (next to the results unless
     `out_uri`), and return the report: `summary` (print-ready text), `formula`, `params`, `ci`,
-    `warnings` (unidentified parameters), `optimal` (None without a budget, without the joint form or
+    `warnings` (unidentified parameters; for L(D), trials still learning when they ended),
+    `still_learning` (trial -> when its best evaluation came), `optimal` (None without a budget, without the joint form or
     with unidentified exponents; `note` says why), `holdout` (the held-out trial: measured, predicted,
     interval, error), `predictions` (one per `predict` point), `isoflop` (approach 2 when the points
     are an isoFLOP design), `points`, the written URIs `png`/`json`/`md`, and `png_local`, a local file
@@ -79,7 +80,8 @@ def scaling_report(results_uri: str, budget: float | None = None, out_uri: str |
     from e2e_dist.sweep import plot  # matplotlib only when a report is made
 
     uri = results_file(results_uri)
-    names, n, d, loss, d_used = fit_points(load_results(uri, storage_cfg), metric, d_key)
+    rows = load_results(uri, storage_cfg)
+    names, n, d, loss, d_used = fit_points(rows, metric, d_key)
     points = [parse_point(p) for p in predict or []]
     form = detect_form(n, d)
     keep = np.ones(len(names), dtype=bool)
@@ -109,12 +111,23 @@ def scaling_report(results_uri: str, budget: float | None = None, out_uri: str |
                 **_predicted(fit, {"N": float(n[i]), "D": float(d[i])}, n[keep], d[keep])}
         held["error"] = held["predicted"] / held["measured"] - 1
         held["inside"] = bool(held["interval"][0] <= held["measured"] <= held["interval"][1])
+    # L(D) asks what each amount of data supports: a trial still learning at its end answers what
+    # its steps allowed instead (the compute floor), and a law through it describes that compute.
+    learning = still_learning(rows, names) if fit.form == "data" else {}
+    if held is not None:
+        held["still_learning"] = learning.get(held["trial"])
+    warnings = [f"{k} is not identified by these points: {why}" for k, why in fit.unidentified.items()]
+    if learning:
+        warnings.append(f"{len(learning)} of {len(names)} trials were still learning when they ended (best "
+                        f"evaluation in the last fifth of their steps: "
+                        + ", ".join(f"D = {fmt(float(d[names.index(t)]))}" for t in learning)
+                        + "): their loss is what their steps allowed, not what their data supports; "
+                        "give the trials more steps to measure L(D) there")
     report: dict[str, Any] = {
         "results": redact(uri), "metric": metric, "d_key": d_used, "formula": fit.formula, "form": fit.form,
         "params": fit.params, "ci": {k: list(v) for k, v in fit.ci.items()}, "ci_level": fit.ci_level,
         "n_points": fit.n_points, "n_boot": fit.n_boot, "seed": seed, "rmse_log": fit.rmse_log,
-        "warnings": [f"{k} is not identified by these points: {why}" for k, why in fit.unidentified.items()],
-        "optimal": optimal, "note": note, "holdout": held,
+        "warnings": warnings, "still_learning": learning, "optimal": optimal, "note": note, "holdout": held,
         "predictions": [_predicted(fit, p, n[keep], d[keep]) for p in points],
         "isoflop": isoflop_analysis(n[keep], d[keep], loss[keep]) if fit.form == "joint" else None,
         "points": [{"trial": t, "N": a, "D": b, "loss": c, "fit": float(fit.predict(a, b)), "held_out": not k}
@@ -126,7 +139,10 @@ def scaling_report(results_uri: str, budget: float | None = None, out_uri: str |
                   md=storage.join(out_dir, "scaling_fit.md"))
     # Render locally (W&B logs a local file), then store the copy next to the results.
     png_local = Path(tempfile.mkdtemp(prefix="e2e-dist-scaling-")) / "scaling_fit.png"
-    plot.plot_fit(fit, n, d, loss, png_local, held_out=~keep, optimal=optimal, d_label=d_used, metric=metric)
+    caution = ("STILL LEARNING AT THEIR END (loss = what their steps allowed): "
+               + ", ".join(f"D={fmt(float(d[names.index(t)]))}" for t in learning)) if learning else None
+    plot.plot_fit(fit, n, d, loss, png_local, held_out=~keep, optimal=optimal, d_label=d_used, metric=metric,
+                  caution=caution)
     storage.write_bytes(report["png"], png_local.read_bytes(), storage_cfg)
     if not storage.is_s3(out_dir):  # the stored file is local already: no second copy
         shutil.rmtree(png_local.parent)
@@ -192,14 +208,17 @@ def log_scaling_to_wandb(results_uri: str, report: dict[str, Any], storage_cfg, 
     if resolve_mode(cfg) == "disabled":
         return None
     fit = {k: report[k] for k in ("formula", "form", "params", "ci", "ci_level", "n_points", "rmse_log", "d_key",
-                                  "metric", "optimal", "note", "warnings", "holdout", "predictions", "isoflop")}
+                                  "metric", "optimal", "note", "warnings", "still_learning", "holdout", "predictions",
+                                  "isoflop")}
     tracker = Tracker.start(cfg, rank=0, resume_step=None, extra_config={"scaling": fit})
     with tracker:
         tracker.log_image("scaling/fit", report["png_local"])
         held = report["holdout"]
         tracker.log_summary({f"scaling/{k}": v for k, v in report["params"].items()}
                             | {"scaling/n_points": report["n_points"], "scaling/rmse_log": report["rmse_log"],
-                               "scaling/unidentified": len(report["warnings"])}
+                               "scaling/unidentified": len({w.split(" ", 1)[0] for w in report["warnings"]}
+                                                               & set(report["params"])),
+                               "scaling/still_learning": len(report.get("still_learning") or {})}
                             | ({"scaling/holdout_error": held["error"]} if held else {}))
         return tracker.describe()
 
@@ -217,8 +236,10 @@ def _prediction_line(p: dict[str, Any], metric: str) -> str:
 
 def _holdout_line(h: dict[str, Any], pct: int) -> str:
     inside = f"inside the {pct}% interval" if h["inside"] else f"OUTSIDE the {pct}% interval"
+    learning = (f" (it was still learning when it ended, {h['still_learning']}: its loss measures its "
+                f"steps, not its data)") if h.get("still_learning") else ""
     return (f"held out {h['trial']}: measured {h['measured']:.4f}, predicted {h['predicted']:.4f} "
-            f"{_interval(h['interval'])}, error {h['error']:+.2%}, {inside}")
+            f"{_interval(h['interval'])}, error {h['error']:+.2%}, {inside}{learning}")
 
 
 def summary_text(report: dict[str, Any]) -> str:
@@ -226,13 +247,13 @@ def summary_text(report: dict[str, Any]) -> str:
     pct = int(round(report["ci_level"] * 100))
     lines = [f"{report['formula']}  fitted to {report['n_points']} completed trials "
              f"(D = {report['d_key']}, log-RMSE {report['rmse_log']:.2%}, {report['n_boot']} bootstrap refits)"]
-    flagged = {w.split(" ", 1)[0] for w in report["warnings"]}
+    flagged = {w.split(" ", 1)[0] for w in report["warnings"]} & set(report["params"])
     for k, v in report["params"].items():
         ci = report["ci"].get(k)
         lines.append(f"  {k:<6}= {fmt(v):>9}" + (f"   {pct}% CI {_interval(ci)}" if ci else "")
                      + ("   NOT IDENTIFIED" if k in flagged else ""))
     lines += [f"warning: {w}" for w in report["warnings"]]
-    if report["warnings"]:
+    if flagged:
         lines.append("warning: read nothing into the flagged values; widen the range of the varied size or add trials")
     opt = report.get("optimal")
     if opt:
@@ -259,7 +280,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
            f"{pct}% percentile intervals from {report['n_boot']} bootstrap refits (seed {report['seed']}); "
            f"log-RMSE {report['rmse_log']:.2%}.", "",
            f"| parameter | fit | {pct}% CI | identified |", "|---|---|---|---|"]
-    flagged = {w.split(" ", 1)[0] for w in report["warnings"]}
+    flagged = {w.split(" ", 1)[0] for w in report["warnings"]} & set(report["params"])
     for k, v in report["params"].items():
         ci = report["ci"].get(k)
         out.append(f"| {k} | {fmt(v)} | " + (_interval(ci) if ci else "—") + f" | {'**no**' if k in flagged else 'yes'} |")
@@ -274,7 +295,9 @@ def summary_markdown(report: dict[str, Any]) -> str:
         if extra:
             out += ["", extra]
     out += ["", "| trial | N | D | loss | fit |", "|---|---|---|---|---|"]
-    out += [f"| {p['trial']}{' (held out)' if p['held_out'] else ''} | {fmt(p['N'])} | {fmt(p['D'])} | "
+    learning = report.get("still_learning") or {}
+    out += [f"| {p['trial']}{' (held out)' if p['held_out'] else ''}{' (still learning)' if p['trial'] in learning else ''}"
+            f" | {fmt(p['N'])} | {fmt(p['D'])} | "
             f"{p['loss']:.4f} | {p['fit']:.4f} |" for p in report["points"]]
     out += ["", "![scaling fit](scaling_fit.png)", ""]
     return "\n".join(out)

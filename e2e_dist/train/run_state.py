@@ -29,6 +29,9 @@ class RunState:
     best_val_loss: float | None = None
     """The lowest val loss of any evaluation so far, reported as `val_loss_best` (what early
     stopping would keep: a data ablation's small subsets overfit long before the last step)."""
+    best_val_step: int | None = None
+    """The step of that evaluation, reported as `val_loss_best_step`: a best found late in the run
+    means the run was still learning when it ended (its loss measures its steps, not its data)."""
 
     @property
     def resumed_from(self) -> int | None:
@@ -41,18 +44,21 @@ class RunState:
                                                                   if isinstance(v, (int, float))}}][-ROWS_CARRIED:]
 
     def note_eval(self, metrics: dict[str, Any]) -> None:
-        """After an evaluation: update the best val loss and add it to `metrics` as val_loss_best."""
+        """After an evaluation: update the best val loss and its step, and add them to `metrics` as
+        val_loss_best and val_loss_best_step."""
         v = metrics.get("val_loss")
-        if isinstance(v, (int, float)) and math.isfinite(v):
-            self.best_val_loss = v if self.best_val_loss is None else min(self.best_val_loss, v)
+        if isinstance(v, (int, float)) and math.isfinite(v) and (self.best_val_loss is None or v < self.best_val_loss):
+            self.best_val_loss, self.best_val_step = v, self.step
         if self.best_val_loss is not None:
             metrics["val_loss_best"] = self.best_val_loss
+            if self.best_val_step is not None:
+                metrics["val_loss_best_step"] = self.best_val_step
 
     def client_state(self) -> dict[str, Any]:
         """What DeepSpeed saves next to the engine (`client_state`), the recent W&B rows included."""
         rows = [r for r in self.logged_rows if r["step"] <= self.step]
         return {"step": self.step, "data": dict(self.data), "units_seen": self.units_seen, "logged_rows": rows,
-                "best_val_loss": self.best_val_loss}
+                "best_val_loss": self.best_val_loss, "best_val_step": self.best_val_step}
 
     @classmethod
     def from_client_state(cls, state: dict[str, Any], *, micro_batch_size: int, world: int) -> "RunState":
@@ -65,4 +71,4 @@ class RunState:
         if rows is None:  # written before several rows were carried: the one row of its own step
             rows = [{"step": state["step"], **state["logged"]}] if state.get("logged") else []
         return cls(step=state["step"], data=data, units_seen=state.get("units_seen", 0), logged_rows=list(rows),
-                   best_val_loss=state.get("best_val_loss"))
+                   best_val_loss=state.get("best_val_loss"), best_val_step=state.get("best_val_step"))

@@ -1,9 +1,11 @@
-"""benchmarks/gpu_mfu.py on CPU with the tiny shape: the whole table, every row measured for real.
+"""benchmarks/gpu_mfu.py on CPU with the tiny shape: the table, every row measured for real.
 
 The script runs in this process (sharing the session's Ray instance) exactly as its command line
 would: plain eager and torch.compile loops, raw DeepSpeed ZeRO-1/2/3 engines on a private one-rank
-gloo group, then our path through Ray Train for ZeRO-2/3. No timing is asserted (2 shared cores):
-only that every row ran and produced a positive throughput.
+gloo group, then our path through Ray Train for ZeRO-2 (its ZeRO-3 row is the same code with
+another stage, and costs the suite a whole Ray Train run: `--rows` leaves it out here, and the
+checks that need it print nothing). No timing is asserted (2 shared cores): only that every row
+ran and produced a positive throughput.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from tests.conftest import ROOT
 
 EXPECTED = ["plain eager", "plain torch.compile", "raw DeepSpeed ZeRO-1", "raw DeepSpeed ZeRO-2",
-            "raw DeepSpeed ZeRO-3", "e2e-dist Ray Train ZeRO-2", "e2e-dist Ray Train ZeRO-3"]
+            "raw DeepSpeed ZeRO-3", "e2e-dist Ray Train ZeRO-2"]
 
 
 def load_script():
@@ -38,6 +40,7 @@ def test_tiny_table_has_every_row(ray_local, tmp_path, capsys, monkeypatch):
     out = tmp_path / "table.json"
     # --nice 0: leave this test process's scheduling priority alone
     rc = bench.main(["--shape", "tiny", "--steps", "4", "--window", "2", "--warmup", "1", "--nice", "0",
+                     "--rows", "eager,compile,ds1,ds2,ds3,ours2",
                      "--storage", str(tmp_path / "runs"), "--json", str(out)])
     printed = capsys.readouterr().out
     res = json.loads(out.read_text())
@@ -50,10 +53,13 @@ def test_tiny_table_has_every_row(ray_local, tmp_path, capsys, monkeypatch):
         assert f"| {r['name']} | {r['tokens_per_s']:,.0f} |" in printed  # the printed table holds it too
     assert res["flops_per_step"] > 0 and res["tokens_per_step"] == 4 * 64
     assert not res["compile_ours"]  # CPU default: our rows uncompiled, so no "+ compile" raw rows
-    assert all(c["ratio"] > 0 for c in res["checks"])
-    # Our rows trained through Ray Train and committed their final checkpoints in the given storage.
+    ratios = {c["what"].split(" (")[0]: c["ratio"] for c in res["checks"]}
+    assert all(r > 0 for w, r in ratios.items() if "ZeRO-2" in w), ratios
+    assert all(r is None for w, r in ratios.items() if "ZeRO-3" in w), ratios  # that row did not run
+    assert "ours ZeRO-2 tokens/s vs plain torch.compile" in printed and "ours ZeRO-3" not in printed
+    # Our row trained through Ray Train and committed its final checkpoint in the given storage.
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
-    assert len(runs) == 2 and all((tmp_path / "runs" / r / "step_00000008" / "manifest.json").is_file() for r in runs)
+    assert len(runs) == 1 and all((tmp_path / "runs" / r / "step_00000008" / "manifest.json").is_file() for r in runs)
     assert torch.get_num_threads() == threads  # the script restored this process's thread count
     # ... and left no stale process-group state behind: a DeepSpeed engine still builds and steps here
     from e2e_dist.config import RunConfig

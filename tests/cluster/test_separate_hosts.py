@@ -3,8 +3,8 @@ own network and PID namespace with its own address, temp dir and HOME; the S3 se
 this machine's loopback) is reached by the nodes over their network at the gateway address.
 
 Through it: a 2-worker DeepSpeed ZeRO-2 run with one rank on each node, submitted as a Ray job,
-checkpoints to s3:// with both ranks' shards and its W&B files next to the run; `--resume` on the
-same cluster continues it. Jobs stop / logs / secret forwarding and the SIGTERM hook of submitted
+checkpoints to s3:// with both ranks' shards and its W&B files next to the run, elastic: it
+shrinks when a node is lost and grows when one joins. Jobs stop / logs / secret forwarding and the SIGTERM hook of submitted
 jobs; stopping the cluster ends exactly what it started and removes its namespaces.
 
 Needs root (network namespaces); skipped with the reason otherwise. CI runs it as root.
@@ -77,76 +77,6 @@ def test_nodes_are_separate_hosts(hosts: LocalCluster) -> None:
     # nothing of the cluster listens in this machine's own network namespace
     mine = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in hosts.pids()]
     assert mine == []
-
-
-def _submit(hosts: LocalCluster, job_id: str, *args: str, env: tuple[str, ...] = ()) -> str:
-    """`e2e-dist submit --follow` of `e2e-dist train ...`; returns the job's logs. The nodes run the
-    installed package, as the nodes of ray-cluster.yaml do (a job with the repository as its
-    working dir: test_autoscale.py)."""
-    rc = main(["submit", "--address", hosts.dashboard_url, "--follow", "--timeout", "420", "--no-working-dir",
-               "--submission-id", job_id, *[a for e in env for a in ("--env", e)], "--",
-               "e2e-dist", "train", "tiny-text", "--quiet", *args])
-    log = jobs.logs(job_id, hosts.dashboard_url)
-    assert rc == 0 and jobs.status(job_id, hosts.dashboard_url).status == "SUCCEEDED", log[-4000:]
-    assert "PreemptionWatcher" not in log  # Ray's E-level line about an actor we switch off (ray_env)
-    assert foreign_lines(log) == [], log[-4000:]  # only our lines: libraries' go to the run's log file
-    return log
-
-
-def test_two_node_zero2_run_on_s3_then_resume(hosts: LocalCluster, s3_server, tmp_path: Path) -> None:
-    from ray.util.state import list_actors
-
-    from e2e_dist import checkpoint as ckpt
-    from e2e_dist.config import load_run_config
-    from e2e_dist.tracking import wandb_run_id
-
-    bucket = make_bucket(s3_server.url, prefix="hosts")
-    try:
-        run = ["--set", "name=hosts-z2", "--set", f"storage.path={bucket}/runs",
-               "--set", f"storage.endpoint_url={hosts.s3_endpoint}", "--set", "deepspeed.zero_stage=2",
-               "--set", "trainer.num_workers=2", "--set", "trainer.cpus_per_worker=1",
-               "--set", "trainer.log_every=2", "--set", "trainer.eval_every=4", "--set", "trainer.eval_batches=1",
-               "--set", "trainer.ckpt_every=4", "--set", "data.max_bytes=100000", "--set", "data.max_files=10"]
-        env = ("WANDB_MODE=offline", f"E2E_DIST_CACHE={os.environ['E2E_DIST_CACHE']}")
-        log = _submit(hosts, "hosts-train", *run, "--set", "trainer.max_steps=4", env=env)
-        # one Train worker per node (1 CPU each)
-        workers = list_actors(address=hosts.dashboard_url, filters=[("class_name", "=", "RayTrainWorker")],
-                              limit=100, raise_on_missing_output=False)
-        assert {w.node_id for w in workers} == {n.node_id for n in _alive_nodes(hosts.dashboard_url)}
-
-        cfg = load_run_config("tiny-text", ["name=hosts-z2", f"storage.path={bucket}/runs",
-                                            f"storage.endpoint_url={s3_server.url}"])
-        found, _ = ckpt.find_latest_committed(cfg.run_uri, cfg.storage, verify_checksums=True)
-        assert found is not None and found.step == 4
-        manifest = json.loads(ckpt_manifest(cfg, found.uri))
-        assert (manifest["world_size"], manifest["zero_stage"]) == (2, 2)
-        for rank in (0, 1):
-            assert any(f"zero_pp_rank_{rank}_" in f["path"] and "optim_states" in f["path"] for f in manifest["files"])
-        # W&B: written on rank 0's node (a stable folder there), copied next to the run in the bucket
-        assert f"W&B files      {cfg.run_uri}/wandb/offline-run-" in log and "wandb sync" in log
-
-        log = _submit(hosts, "hosts-resume", *run, "--set", "trainer.max_steps=6", "--resume", env=env)
-        assert "resumed from the committed checkpoint of step 4" in log
-        # Two jobs of Ray Train + our commits and pruning: not one zero-byte 'dir/' object (a plain
-        # boto3 download of the bucket would trip on it)
-        assert directory_markers(s3_server.url, bucket) == []
-        found, _ = ckpt.find_latest_committed(cfg.run_uri, cfg.storage, verify_checksums=True)
-        assert found.step == 6
-        # one W&B run over both jobs, no step twice, read back from the copies in the bucket
-        steps = []
-        for i, rel in enumerate(list_keys(s3_server.url, cfg.run_uri + "/wandb")):
-            if rel.endswith(f"/run-{wandb_run_id(cfg)}.wandb"):
-                (copy := tmp_path / f"{i}.wandb").write_bytes(get_object(s3_server.url, f"{cfg.run_uri}/wandb/{rel}"))
-                steps += [r["_step"] for r in read_history(copy)]
-        assert sorted(steps) == [2, 4, 6]
-    finally:
-        empty_and_delete_bucket(s3_server.url, bucket)
-
-
-def ckpt_manifest(cfg, uri: str) -> str:
-    from e2e_dist import storage
-
-    return storage.read_text(f"{uri}/manifest.json", cfg.storage)
 
 
 def _wait_status(job_id: str, url: str, wanted: set[str], timeout_s: float = 120) -> str:
@@ -266,14 +196,20 @@ def _wait_for(what: str, check, timeout_s: float = 240, job: tuple[str, str] | N
     raise AssertionError(f"timed out waiting for {what} after {timeout_s:.0f}s:\n{tail}")
 
 
-def test_elastic_run_shrinks_when_a_node_is_lost_and_grows_when_one_joins(hosts: LocalCluster, s3_server,
-                                                                          tmp_path: Path) -> None:
-    """`trainer.num_workers=[1, 2]` on head + 1 worker node (1 CPU each), checkpoints on S3. Rank 0
-    stalls (a `hold` fault) after step 15, the step-10 checkpoint committed by 2 workers; the worker
-    node is then taken away: Ray Train restarts the group with the 1 worker that fits, which resumes
-    from step 10 resharded and commits step 20 alone; it stalls again after step 25, a new node
-    joins, the group grows back to 2 at the next resize check and finishes step 40 from step 20.
-    One W&B run, every logged step exactly once."""
+def test_two_node_zero2_elastic_run_shrinks_when_a_node_is_lost_and_grows_when_one_joins(
+        hosts: LocalCluster, s3_server, tmp_path: Path) -> None:
+    """A ZeRO-2 run submitted as a Ray job with `trainer.num_workers=[1, 2]` on head + 1 worker
+    node (1 CPU each: one worker per node), checkpoints and W&B files on S3. Rank 0 stalls (a
+    `hold` fault) after step 15, the step-10 checkpoint committed by both nodes' workers (both
+    ranks' shards); the worker node is then taken away: Ray Train restarts the group with the 1
+    worker that fits, which resumes from step 10 resharded and commits step 20 alone; it stalls
+    again after step 25, a new node joins, the group grows back to 2 at the next resize check and
+    finishes step 40 from step 20. One W&B run, every logged step exactly once, read back from its
+    copy next to the run in the bucket; the job's log holds only our lines; not one zero-byte
+    'dir/' object in the bucket (a plain boto3 download of it would trip on one). (`--resume` of a
+    run on S3 by a later process, W&B files fetched back from the bucket: tests/train/test_s3_e2e.py.)"""
+    from ray.util.state import list_actors
+
     from e2e_dist import checkpoint as ckpt
     from e2e_dist.config import load_run_config
     from e2e_dist.tracking import wandb_run_id
@@ -282,10 +218,10 @@ def test_elastic_run_shrinks_when_a_node_is_lost_and_grows_when_one_joins(hosts:
     url = hosts.dashboard_url
     faults = tmp_path / "faults"  # one filesystem for every node, as a drill's shared folder would be
     sets = ["name=elastic", f"storage.path={bucket}/runs", f"storage.endpoint_url={hosts.s3_endpoint}",
-            "trainer.num_workers=[1, 2]", "trainer.resize_check_s=2", "trainer.max_failures=4",
-            "trainer.global_batch_size=16", "trainer.micro_batch_size=8", "trainer.cpus_per_worker=1",
-            "trainer.max_steps=40", "trainer.log_every=5", "trainer.eval_every=20", "trainer.eval_batches=1",
-            "trainer.ckpt_every=10", "trainer.async_checkpoint=false", "trainer.keep_last=5",
+            "deepspeed.zero_stage=2", "trainer.num_workers=[1, 2]", "trainer.resize_check_s=2",
+            "trainer.max_failures=4", "trainer.global_batch_size=16", "trainer.micro_batch_size=8",
+            "trainer.cpus_per_worker=1", "trainer.max_steps=40", "trainer.log_every=5", "trainer.eval_every=20",
+            "trainer.eval_batches=1", "trainer.ckpt_every=10", "trainer.async_checkpoint=false", "trainer.keep_last=5",
             "data.max_bytes=100000", "data.max_files=10"]
     env = ("WANDB_MODE=offline", f"E2E_DIST_CACHE={os.environ['E2E_DIST_CACHE']}",
            "E2E_DIST_FAULT=hold@15:0,hold@25:0", f"E2E_DIST_FAULT_DIR={faults}",
@@ -309,7 +245,15 @@ def test_elastic_run_shrinks_when_a_node_is_lost_and_grows_when_one_joins(hosts:
 
         t0 = time.monotonic()
         _wait_for("rank 0 holding at step 15", lambda: held(15), job=job)
-        assert committed(10).manifest["world_size"] == 2
+        # one Train worker per node, and both ranks' ZeRO-2 shards in the checkpoint they committed
+        workers = list_actors(address=url, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                              limit=100, raise_on_missing_output=False)
+        assert sorted(w.node_id for w in workers) == sorted(n.node_id for n in _alive_nodes(url)), workers
+        step10 = committed(10)
+        assert (step10.manifest["world_size"], step10.manifest["zero_stage"]) == (2, 2)
+        for rank in (0, 1):
+            assert any(f"zero_pp_rank_{rank}_" in f["path"] and "optim_states" in f["path"]
+                       for f in step10.manifest["files"])
         print(f"{time.monotonic() - t0:.0f}s: holding at 15; removing the worker node")
         hosts.remove_worker(hosts.nodes[1])  # the worker node is lost
         step20 = _wait_for("step 20 committed by the shrunken group", lambda: committed(20), timeout_s=300, job=job)
@@ -324,10 +268,15 @@ def test_elastic_run_shrinks_when_a_node_is_lost_and_grows_when_one_joins(hosts:
         print(log[-8000:] if os.environ.get("E2E_SHOW_JOB_LOG") else "")
         assert state == "SUCCEEDED", log[-4000:]
 
+        assert "PreemptionWatcher" not in log  # Ray's E-level line about an actor we switch off (ray_env)
+        assert foreign_lines(log) == [], log[-4000:]  # only our lines: libraries' go to the run's log file
+        # W&B: written on rank 0's node (a stable folder there), copied next to the run in the bucket
+        assert f"W&B files      {cfg.run_uri}/wandb/offline-run-" in log and "wandb sync" in log
         infos = {i.step: i for i in ckpt.list_checkpoints(cfg.run_uri, cfg.storage) if i.committed}
         assert {s: infos[s].manifest["world_size"] for s in (10, 20, 30, 40)} == {10: 2, 20: 1, 30: 2, 40: 2}
         assert "resharding step 10: written by 2 worker(s), ZeRO-2, resumed on 1 worker(s), ZeRO-2" in log
         assert "resharding step 20: written by 1 worker(s), ZeRO-2, resumed on 2 worker(s), ZeRO-2" in log
+        assert directory_markers(s3_server.url, bucket) == []
         rows = []
         for i, rel in enumerate(list_keys(s3_server.url, cfg.run_uri + "/wandb")):
             if rel.endswith(f"/run-{wandb_run_id(cfg)}.wandb"):

@@ -11,7 +11,8 @@ two at once on 2 CPUs), W&B offline, read back from the run files.
   trial is an `error` row (on S3 storage, so Tune state and results live in a bucket), and every
   placement group is freed after;
 - `e2e-dist sweep` interrupted with Ctrl+C (SIGINT) after a finished trial resumes with
-  `--resume` without touching the finished ones.
+  `--resume` without touching the finished ones; a trial that then fails after keep-N pruning
+  continues from its newest committed checkpoint on the next `--resume`.
 """
 
 from __future__ import annotations
@@ -126,6 +127,11 @@ def test_scaling_on_the_finished_sweep(ablation, tmp_path, capsys) -> None:
     report = json.loads((Path(spec.sweep_uri) / "scaling_fit.json").read_text())
     # The sweep's own metric (the best evaluation); every trial the same steps, so D is the subset.
     assert report["n_points"] == len(SIZES) and report["d_key"] == "train_tokens" and report["metric"] == "val_loss_best"
+    # When each trial found its best evaluation (steps 8 and 16): a best at the last step means the
+    # trial was still learning when it ended, and the report names it.
+    best = {r["trial"]: r["metrics"]["val_loss_best_step"] for r in rows}
+    assert set(best.values()) <= {8, 16} and all(r["metrics"]["step"] == STEPS for r in rows), best
+    assert sorted(report["still_learning"]) == sorted(t for t, s in best.items() if s == STEPS)
     assert (Path(spec.sweep_uri) / "scaling_fit.png").stat().st_size > 1000
     # The plot went to W&B: a `<sweep>-scaling` run in the sweep's group.
     files = find_run_files(Path(spec.sweep_uri) / f"{spec.name}-scaling" / "wandb")
@@ -175,36 +181,16 @@ def test_refusals_before_anything_runs(ablation, tmp_path) -> None:
         run_sweep(fresh, resume=True, live=False, out=io.StringIO())
 
 
-# ----------------------------------------------------------------- a failed trial, run again
-def test_failed_trial_resumes_past_its_pruned_checkpoints(ray_local, tmp_path, monkeypatch) -> None:
-    """A trial dies after keep-N pruning deleted its older checkpoints; `--resume` runs it again and
-    it continues from its newest committed checkpoint. (Ray's run snapshot still lists the pruned
-    ones; left in place, Ray 2.60 refuses to start the run: the same driver as `e2e-dist train`,
-    fit_run, removes it.)"""
-    from e2e_dist.sweep.runner import run_sweep
-    from e2e_dist.train.faults import fault_marker_dir
+def test_a_sweep_owes_the_trials_tune_never_started() -> None:
+    """Ctrl+C between two trials (seen in the interrupt test below) leaves no trial unfinished in
+    Tune's view; the sweep still owes the ones it never created, so it is interrupted, not done."""
+    from e2e_dist.sweep.runner import trials_left
 
-    spec = load_sweep(TUNE / "data_ablation.yaml", [f"storage.path={tmp_path}", *TINY, "trainer.ckpt_every=4",
-                                                    "trainer.keep_last=1", "trainer.async_checkpoint=false",
-                                                    "search_space.data.max_bytes={grid: [131072]}"])
-    monkeypatch.setenv("E2E_DIST_FAULT", "crash@14")  # the sweep command's drill reaches its trial
-    (failed,) = run_sweep(spec, live=False, out=io.StringIO())
-    run_dir = tmp_path / "data-ablation" / failed["trial"]
-    assert failed["status"] == "error" and "failed" in failed["error"], failed
-    assert sorted(p.name for p in run_dir.glob("step_*")) == ["step_00000012"]  # 4 and 8 pruned
-    assert "step_00000004" in (run_dir / "checkpoint_manager_snapshot.json").read_text()
-
-    monkeypatch.delenv("E2E_DIST_FAULT")
-    try:
-        (row,) = run_sweep(spec, resume=True, live=False, out=io.StringIO())
-    finally:
-        shutil.rmtree(fault_marker_dir(str(run_dir)), ignore_errors=True)
-    assert row["status"] == "completed" and row["metrics"]["step"] == STEPS, row
-    files = find_run_files(run_dir / "wandb")
-    summary = read_summary(files[-1])
-    assert summary["restarts/last_resumed_from_step"] == 12, summary  # continued, not started over
-    steps = [h["_step"] for f in files for h in read_history(f)]
-    assert sorted(set(steps)) == [4, 8, 12, 16] and steps.count(STEPS) == 1
+    spec = load_sweep(TUNE / "data_ablation.yaml", [*TINY, f"search_space.data.max_bytes={{grid: {SIZES}}}"])
+    assert trials_left(spec, 4, []) == []
+    assert trials_left(spec, 1, []) == ["(not started 1)", "(not started 2)", "(not started 3)"]
+    assert trials_left(spec, 2, ["t2"]) == ["t2", "(not started 1)"]
+    assert trials_left(spec, 3, ["t3"]) == ["t3"]
 
 
 # ------------------------------------------------------------------------------------------ ASHA
@@ -279,16 +265,25 @@ scheduler: {{type: asha, max_t: {max_steps // 4}, grace_period: 1, reduction_fac
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
 
 
-# ------------------------------------------------------------------------------------ interrupt
+# ----------------------------------------------------------------------- interrupt, fail, resume
 def test_interrupted_sweep_resumes_without_redoing_finished_trials(ray_local, tmp_path, request) -> None:
     """The real CLI in a subprocess, a driver of the session's Ray cluster (`--address`, as on a
-    real cluster), one trial at a time: SIGINT once the first trial is finished (the second is then
-    starting), then `--resume`."""
+    real cluster), one trial at a time, checkpoints every 4 steps with keep_last=1:
+    1. SIGINT once the first trial is finished (the second is then starting): exit 130;
+    2. `--resume` with a drill that kills the second trial at step 14, after keep-N pruning deleted
+       its older checkpoints: an `error` row, exit 1;
+    3. `--resume` again: the failed trial continues from its newest committed checkpoint (Ray's run
+       snapshot still lists the pruned ones; left in place, Ray 2.60 refuses to start the run: the
+       same driver as `e2e-dist train`, fit_run, removes it).
+    The finished trial is never run again."""
+    from e2e_dist.train.faults import fault_marker_dir
+
     cwd = Path(tempfile.mkdtemp(prefix="e2es-", dir="/tmp"))
     store = tmp_path / "runs"
     args = [sys.executable, "-m", "e2e_dist.cli", "sweep", str(TUNE / "data_ablation.yaml"),
             "--address", f"127.0.0.1:{os.environ['RAY_GCS_SERVER_PORT']}",
             *(f"--set={o}" for o in [f"storage.path={store}", *TINY, "trainer.async_checkpoint=false",
+                                     "trainer.ckpt_every=4", "trainer.keep_last=1",
                                      "search_space.data.max_bytes={grid: [65536, 131072]}", "max_concurrent_trials=1"])]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")}
     env["PYTHONPATH"] = str(ROOT)
@@ -315,15 +310,32 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(ray_local, tm
     assert [r["status"] for r in done] == ["completed"], done
     before = {r["trial"]: run_files(store / "data-ablation" / r["trial"]) for r in done}
 
-    second = subprocess.run([*args, "--resume"], cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
-    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    def unchanged() -> None:  # not one file of the finished trial (checkpoints, W&B) touched
+        assert {r["trial"]: run_files(store / "data-ablation" / r["trial"]) for r in done} == before
+
+    second = subprocess.run([*args, "--resume"], cwd=cwd, env={**env, "E2E_DIST_FAULT": "crash@14"},
+                            capture_output=True, text=True, timeout=400)
+    rows = load_results(str(store / "data-ablation"))
+    (failed,) = [r for r in rows if r["trial"] not in before]
+    run_dir = store / "data-ablation" / failed["trial"]
+    request.addfinalizer(lambda: shutil.rmtree(fault_marker_dir(str(run_dir)), ignore_errors=True))
+    assert second.returncode == 1 and "1 trial(s) failed" in second.stdout + second.stderr, \
+        (second.stdout + second.stderr)[-3000:]
+    assert failed["status"] == "error" and "failed" in failed["error"], failed
+    assert sorted(p.name for p in run_dir.glob("step_*")) == ["step_00000012"]  # 4 and 8 pruned
+    assert "step_00000004" in (run_dir / "checkpoint_manager_snapshot.json").read_text()
+    unchanged()
+
+    third = subprocess.run([*args, "--resume"], cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+    assert third.returncode == 0, (third.stdout + third.stderr)[-3000:]
     final = load_results(str(store / "data-ablation"))
     assert len(final) == 2 and all(r["status"] == "completed" and r["metrics"]["step"] == STEPS for r in final)
-    # The finished trials were not run again: not one of their files (checkpoints, W&B) changed.
-    assert {r["trial"]: run_files(store / "data-ablation" / r["trial"]) for r in done} == before
+    unchanged()
     assert [r for r in final if r["trial"] in before] == done
-    # The interrupted trial ended with one W&B run whose history reaches the last step exactly once.
-    (last,) = [r for r in final if r["trial"] not in before]
-    files = find_run_files(store / "data-ablation" / last["trial"] / "wandb")
+    # The interrupted, then failed trial ended with one W&B run whose history reaches the last step
+    # exactly once, and it continued from step 12 instead of starting over.
+    files = find_run_files(run_dir / "wandb")
     steps = [h["_step"] for f in files for h in read_history(f)]
-    assert len({read_run(f).run_id for f in files}) == 1 and steps.count(STEPS) == 1 and max(steps) == STEPS
+    assert len({read_run(f).run_id for f in files}) == 1 and steps.count(STEPS) == 1, steps
+    assert sorted(set(steps)) == [4, 8, 12, 16]
+    assert read_summary(files[-1])["restarts/last_resumed_from_step"] == 12

@@ -262,6 +262,48 @@ def test_no_compute_optimal_split_from_unidentified_exponents(tmp_path: Path) ->
     assert "compute-optimal for" not in report["summary"] and "do not identify beta" in report["summary"]
 
 
+# The shipped data ablation as measured (BENCHMARKS.md section 9): 1040 steps each, best evaluation
+# kept, and the step of that best evaluation (read from the trials' W&B histories).
+SHIPPED_D = [32_768, 65_536, 131_072, 262_144, 524_288, 1_048_576, 2_097_152]
+SHIPPED_LOSS = [2.522, 2.286, 2.003, 1.899, 1.776, 1.693, 1.706]
+SHIPPED_BEST_STEP = [200, 400, 700, 1000, 1040, 1040, 1040]
+
+
+def test_trials_still_learning_at_their_end_are_named_in_an_l_of_d_fit(tmp_path: Path) -> None:
+    """A trial whose best evaluation came in the last fifth of its steps measured its compute, not
+    its data: the report says which (text, JSON, markdown, plot title), and so does a held-out one."""
+    rows = data_rows(SHIPPED_D, SHIPPED_LOSS)
+    for row, best in zip(rows, SHIPPED_BEST_STEP):
+        row["metrics"].update(val_loss_best_step=best, step=1040)
+    del rows[0]["metrics"]["val_loss_best_step"]  # results of before the field: not judged
+    sweep = write_results(tmp_path / "s", rows)
+    report = scaling_report(str(sweep), holdout="largest", n_boot=40)
+    assert report["still_learning"] == {r["trial"]: f"best evaluation at step {b} of 1040"
+                                        for r, b in zip(rows[3:], SHIPPED_BEST_STEP[3:])}
+    (caution,) = [w for w in report["warnings"] if "still learning" in w]
+    assert caution.startswith("4 of 7 trials were still learning when they ended") and "D = 2.62e+05" in caution
+    assert f"warning: {caution}" in report["summary"]
+    assert report["holdout"]["still_learning"] == "best evaluation at step 1040 of 1040"
+    assert "it was still learning when it ended" in report["summary"].splitlines()[-1]
+    saved = json.loads((sweep / "scaling_fit.json").read_text())
+    assert saved["still_learning"] == report["still_learning"] and caution in saved["warnings"]
+    assert "a-t003-abcdef (still learning)" in (sweep / "scaling_fit.md").read_text()
+    # The flagged-values advice belongs to flagged parameters only.
+    flagged = [w for w in report["warnings"] if "is not identified" in w]
+    assert ("read nothing into the flagged values" in report["summary"]) == bool(flagged)
+
+    # Trials that found their best early (all but the last here) are not named; nor is anything
+    # in a law of N (a model-size sweep asks another question).
+    for row in rows:
+        row["metrics"]["val_loss_best_step"] = 600
+    rows[-1]["metrics"]["val_loss_best_step"] = 1040
+    one = scaling_report(str(write_results(tmp_path / "one", rows)), n_boot=0)
+    assert list(one["still_learning"]) == [rows[-1]["trial"]] and "1 of 7 trials" in one["summary"]
+    sizes = [dict(r, metrics={**r["metrics"], "n_params_non_embedding": 10_000 * 2 ** i, "tokens_seen": 2_000_000})
+             for i, r in enumerate(rows)]
+    assert scaling_report(str(write_results(tmp_path / "n", sizes)), n_boot=0)["still_learning"] == {}
+
+
 # ------------------------------------------------------------------------ held out, predicted
 def test_holdout_largest_is_predicted_from_the_others(tmp_path: Path) -> None:
     d = np.geomspace(1e6, 1e8, 8)

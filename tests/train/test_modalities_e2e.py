@@ -144,38 +144,62 @@ SPEECH_CER_MAX, HELD_OUT_CER_MAX = 0.2, 0.3
 and 0.15, run wall 58 s; the preset's 1,000 steps: 0.026 and 0.07-0.13, BENCHMARKS.md section 12)."""
 
 
-def test_speech_spoken_digits_lowers_cer_then_predict_on_held_out_voices(ray_local, tmp_path):
+def test_speech_spoken_digits_lowers_cer_then_predict_on_held_out_voices(tmp_path):
     """tiny-speech (log-mel front end in the model, 62 training voice variants, augmented copies made
-    in Ray Data), shortened to 300 steps with 2 copies per clip (preset: 1,000 steps, 4 copies).
+    in Ray Data), shortened to 300 steps with 2 copies per clip (preset: 1,000 steps, 4 copies),
+    run as a user runs it: `e2e-dist train` in a fresh process with its own local Ray, output not
+    a terminal (plain lines). Every console line is one of ours, each progress line once; what Ray,
+    Ray Data and DeepSpeed printed is in the log file named at start and end.
 
     Then `predict`: on every validation clip (never trained on, not augmented) it reproduces the
-    run's val CER; through the CLI, on clips of voice variants training never heard, at 120, 160
-    and 200 words per minute, the CER stays under HELD_OUT_CER_MAX.
+    run's val CER (read back from the run's W&B files); through the CLI, on clips of voice variants
+    training never heard, at 120, 160 and 200 words per minute, the CER stays under HELD_OUT_CER_MAX.
     """
+    import os
+    import tempfile
+
     from e2e_dist.data.images import cache_root
     from e2e_dist.data.speech import read_manifests, spoken_digits_folder
     from e2e_dist.data.synth_speech import make_speech_corpus, split_variants
     from e2e_dist.export import export_checkpoint
     from e2e_dist.models.ctc_speech import edit_distance
     from e2e_dist.predict import load_predictor, predict_one
-    from e2e_dist.train.launcher import run_training
+    from e2e_dist.tracking.offline_history import read_summary
+    from tests.helpers.console import foreign_lines
 
-    cfg = load_run_config("tiny-speech", [
-        "name=speech", f"storage.path={tmp_path}/runs", f"trainer.max_steps={SPEECH_STEPS}", "data.variants=2",
-        "trainer.log_every=50", f"trainer.eval_every={SPEECH_STEPS // 2}", f"trainer.ckpt_every={SPEECH_STEPS}",
-    ])
-    summary = run_training(cfg, quiet=True)  # generates the corpus into $E2E_DIST_CACHE on first use
-    m = summary.metrics
+    sets = ["name=speech", f"storage.path={tmp_path}/runs", f"trainer.max_steps={SPEECH_STEPS}", "data.variants=2",
+            "trainer.log_every=50", f"trainer.eval_every={SPEECH_STEPS // 2}", f"trainer.ckpt_every={SPEECH_STEPS}"]
+    cfg = load_run_config("tiny-speech", sets)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    (tmp_path / "home").mkdir()
+    env.update(HOME=str(tmp_path / "home"), RAY_AUTH_MODE="disabled", WANDB_MODE="offline", PYTHONIOENCODING="utf-8")
+    with tempfile.TemporaryDirectory(prefix="e2econ-", dir="/tmp") as cwd:  # Ray's socket paths stay short
+        # the corpus is generated into $E2E_DIST_CACHE on first use
+        proc = subprocess.run([CLI, "train", "tiny-speech", *(a for kv in sets for a in ("--set", kv))],
+                              capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert foreign_lines(proc.stdout) == [] and foreign_lines(proc.stderr) == [], out
+    progress = [line.split()[2] for line in proc.stdout.splitlines() if line.startswith("[speech] step ")]
+    assert progress == [f"{s}/{SPEECH_STEPS}" for s in range(50, SPEECH_STEPS + 1, 50)]  # each once
+    assert proc.stderr.count("committed ") == 1  # rank 0's line (not once per rank)
+    log_path = Path(proc.stderr.splitlines()[0].removeprefix("log file: "))
+    assert log_path.parent == tmp_path / "runs" / "speech" / "logs" and f"log file       {log_path}" in proc.stdout
+    logged = log_path.read_text()
+    assert "(RayTrainWorker pid=" in logged and "ray.data" in logged
+    assert "[e2e-dist] INFO committed" in logged  # ours are in the file too
+
+    m = read_summary(find_run_files(f"{tmp_path}/runs/speech/wandb")[-1])  # the run's final metrics
     assert (m["step"], m["world_size"], m["zero_stage"]) == (SPEECH_STEPS, 2, 2)
     hist = history(cfg)
     cers = {s: row["val_cer"] for s, row in sorted(hist.items()) if "val_cer" in row}
-    print(f"speech val CER by step: {cers}; step {m['step_time_s']:.2f} s; run wall {summary.wall_s:.0f} s")
+    print(f"speech val CER by step: {cers}; step {m['step_time_s']:.2f} s; run {m['_runtime']:.0f} s")
     assert m["val_cer"] == pytest.approx(cers[SPEECH_STEPS])
     assert m["val_cer"] <= SPEECH_CER_MAX and m["val_cer"] < cers[min(cers)], cers
     assert m["train_rows"] == 2 * m["train_clips"]  # two augmented copies of each clip
 
     exported = tmp_path / "speech.safetensors"
-    export_checkpoint(summary.run_uri, str(exported))  # the run dir: its newest committed checkpoint
+    export_checkpoint(f"{tmp_path}/runs/speech", str(exported))  # the run dir: its newest committed checkpoint
 
     # Every validation clip through `predict`: the run's CER again.
     manifest = cache_root() / spoken_digits_folder(cfg.data) / "manifest.jsonl"

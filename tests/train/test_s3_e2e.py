@@ -4,7 +4,7 @@ moto's S3 server over HTTP on 127.0.0.1 (spoken to with boto3/pyarrow exactly as
 One 12-step ZeRO-3 run writes to `s3://<bucket>/runs` (checkpoints at steps 4, 8 and 12;
 keep_last=2 deletes step 4 once step 12 has committed). The tests then look at what the bucket
 holds, export its ZeRO-3 checkpoint and sample from the export in a separate `e2e-dist generate`
-process, resume the run, and resume it again after corrupting its newest checkpoint. The resume
+process, and resume the run after corrupting its newest checkpoint. The resume
 tests read the run's state from storage each time (they do not assume which of them ran first);
 they append to the shared run, so the read-only tests come first in this file.
 The CLI error tests need no Ray at all: they must fail before Ray is started.
@@ -199,51 +199,37 @@ def test_export_of_zero3_checkpoint_from_s3_equals_trained_weights(s3_run, tmp_p
 
 
 # ------------------------------------------------------------------------------ resume from S3
-def test_resume_from_s3_continues_step_count_and_tokens(s3_run, tmp_path):
-    """--resume of a run whose oldest checkpoint keep-N already deleted: continues at the newest
-    committed step, with the token count and W&B run carried over -- also on a machine that never
-    saw the run's W&B files (they come back from `<run>/wandb/` in the bucket)."""
+def test_resume_from_s3_skips_a_corrupt_newest_checkpoint_and_continues(s3_run, tmp_path, capfd):
+    """--resume of a run whose oldest checkpoint keep-N already deleted and whose newest one is
+    corrupt (same size, wrong bytes: only the checksum can tell), on a machine that never saw the
+    run's W&B files (they come back from `<run>/wandb/` in the bucket): it continues from the
+    previous commit with the token count and the W&B run carried over, and says what it skipped."""
     import shutil
 
-    from e2e_dist.train.launcher import run_training
-
-    base = s3_run.cfg
-    start = committed_steps(base)[-1]
-    shutil.move(wandb_dir(base), tmp_path / "wandb-of-the-first-node")  # as if rank 0 ran elsewhere before
-    cfg = base.model_copy(update={"trainer": base.trainer.model_copy(update={"max_steps": start + CKPT_EVERY})})
-    resumed = run_training(cfg, resume=True, quiet=True)
-    m = resumed.metrics
-    assert m["step"] == start + CKPT_EVERY
-    assert m["tokens_seen"] == (start + CKPT_EVERY) * TOKENS_PER_STEP  # continued, not restarted from 0
-    assert resumed.checkpoint_uri == f"{cfg.run_uri}/step_{start + CKPT_EVERY:08d}"
-    assert committed_steps(cfg) == [start, start + CKPT_EVERY]  # keep_last=2 pruned only after the commit
-    summary = last_wandb_summary(cfg)
-    assert summary["restarts/last_resumed_from_step"] == start
-    hist = wandb_history(cfg)  # one W&B run, no step twice, the new step appended
-    assert start + CKPT_EVERY in hist and max(hist) == start + CKPT_EVERY
-
-
-def test_corrupt_newest_checkpoint_in_s3_is_skipped_on_resume(s3_run, capfd):
-    """Same size, wrong bytes: only the checksum can tell. Resume falls back to the previous commit."""
     from e2e_dist import checkpoint as ckpt
     from e2e_dist.train.launcher import run_training
 
     base, endpoint = s3_run.cfg, s3_run.endpoint
-    older, newest = committed_steps(base)[-2:]
+    older, newest = committed_steps(base)
+    assert (older, newest) == (STEPS - CKPT_EVERY, STEPS)  # step 4 already pruned
     victim = f"{base.run_uri}/step_{newest:08d}/ds/zero_pp_rank_1_mp_rank_00_optim_states.pt"
     blob = get_object(endpoint, victim)
     bucket, _, key = victim.removeprefix("s3://").partition("/")
     _boto3_client(endpoint).put_object(Bucket=bucket, Key=key, Body=bytes(b ^ 0xFF for b in blob[:4096]) + blob[4096:])
     found, skipped = ckpt.find_latest_committed(base.run_uri, base.storage, verify_checksums=True)
     assert found.step == older and len(skipped) == 1 and "corrupt" in skipped[0]
+    shutil.move(wandb_dir(base), tmp_path / "wandb-of-the-first-node")  # as if rank 0 ran elsewhere before
 
     target = newest + CKPT_EVERY
     cfg = base.model_copy(update={"trainer": base.trainer.model_copy(update={"max_steps": target})})
     capfd.readouterr()
     resumed = run_training(cfg, resume=True, quiet=True)
-    assert resumed.metrics["step"] == target
-    assert resumed.metrics["tokens_seen"] == target * TOKENS_PER_STEP
+    m = resumed.metrics
+    assert m["step"] == target and resumed.checkpoint_uri == f"{cfg.run_uri}/step_{target:08d}"
+    assert m["tokens_seen"] == target * TOKENS_PER_STEP  # continued, not restarted from 0
     assert last_wandb_summary(cfg)["restarts/last_resumed_from_step"] == older
+    hist = wandb_history(cfg)  # one W&B run (restored from the bucket), no step twice, the new steps appended
+    assert sorted(hist) == [4, 8, 12, 16]
     # The skip was said out loud (rank 0's warning, forwarded by Ray to the driver's output).
     said, deadline = "", time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -254,7 +240,8 @@ def test_corrupt_newest_checkpoint_in_s3_is_skipped_on_resume(s3_run, capfd):
         time.sleep(0.5)
     assert any(f"skipped {base.run_uri}/step_{newest:08d}" in line and "corrupt" in line
                for line in said.splitlines()), said[-3000:]
-    # Re-doing step `newest` rewrote that checkpoint: everything kept now verifies.
+    # Re-doing step `newest` rewrote that checkpoint: everything kept now verifies, and keep_last=2
+    # pruned only after the new commit.
     found, skipped = ckpt.find_latest_committed(cfg.run_uri, cfg.storage, verify_checksums=True)
     assert found.step == target and skipped == []
     assert committed_steps(cfg) == [newest, target]
