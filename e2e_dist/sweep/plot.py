@@ -44,7 +44,8 @@ def _band(ax, fit: Fit, grid: np.ndarray, x_is_n: bool, other: float | None, col
     ax.fill_between(grid, lo, hi, color=color, alpha=0.15, linewidth=0)
 
 
-def _panel(ax, fit: Fit, x, y, other, held, x_is_n: bool, xlabel: str, other_label: str | None, metric: str) -> None:
+def _panel(ax, fit: Fit, x, y, other, held, learning, x_is_n: bool, xlabel: str, other_label: str | None,
+           metric: str) -> None:
     grid = np.geomspace(x.min() / 1.5, x.max() * 1.5, 200)
     fitted = ~held
     if other_label is None:  # one-variable fit: one curve, plain points
@@ -65,6 +66,9 @@ def _panel(ax, fit: Fit, x, y, other, held, x_is_n: bool, xlabel: str, other_lab
     if held.any():
         ax.scatter(x[held], y[held], marker="X", s=90, color="tab:orange", edgecolor="k", zorder=4,
                    label="held out (not fitted)")
+    if learning.any():
+        ax.scatter(x[learning], y[learning], s=170, facecolors="none", edgecolors="tab:purple", linewidths=1.4,
+                   zorder=5, label="still learning at its end")
     ax.axhline(fit.params["E"], color="gray", linestyle=":", label=f"E = {fmt(fit.params['E'])}")
     # Limits from the trials, not the band: an unidentified fit's band can span a decade.
     span = max(float(y.max() - y.min()), 0.05 * float(y.max()))
@@ -78,11 +82,12 @@ def _panel(ax, fit: Fit, x, y, other, held, x_is_n: bool, xlabel: str, other_lab
 
 def plot_fit(fit: Fit, n: np.ndarray, d: np.ndarray, loss: np.ndarray, path: str | Path, *,
              held_out: np.ndarray | None = None, optimal: dict | None = None, d_label: str = "tokens_seen",
-             metric: str = "val_loss", caution: str | None = None) -> Path:
-    """One panel per fitted variable (loss vs D, loss vs N): the trials, held-out ones marked, each
-    fitted curve with its bootstrap band; the title has the values, their intervals, what the
-    points do not identify and `caution` (a last line, e.g. which trials were still learning)."""
+             metric: str = "val_loss", still_learning: np.ndarray | None = None) -> Path:
+    """One panel per fitted variable (loss vs D, loss vs N): the trials, held-out ones and those
+    `still_learning` at their end marked, each fitted curve with its bootstrap band; the title has
+    the values, their intervals and what the points do not identify or measure."""
     held = np.zeros(len(loss), dtype=bool) if held_out is None else np.asarray(held_out, dtype=bool)
+    learning = np.zeros(len(loss), dtype=bool) if still_learning is None else np.asarray(still_learning, dtype=bool)
     n_lbl, d_lbl = "N (non-embedding params)", f"D ({d_label})"
     panels = {"joint": [(d, n, False, d_lbl, n_lbl), (n, d, True, n_lbl, d_lbl)],
               "data": [(d, None, False, d_lbl, None)],
@@ -90,14 +95,15 @@ def plot_fit(fit: Fit, n: np.ndarray, d: np.ndarray, loss: np.ndarray, path: str
     fig = Figure(figsize=(6.2 * len(panels), 4.8), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     for ax, (x, other, x_is_n, xlabel, other_label) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        _panel(ax, fit, x, loss, other, held, x_is_n, xlabel, other_label, metric)
+        _panel(ax, fit, x, loss, other, held, learning, x_is_n, xlabel, other_label, metric)
     pct = int(round(fit.ci_level * 100))
     title = f"{fit.formula}   ({fit.n_points} trials, {pct}% bootstrap CI, n={fit.n_boot})\n"
     title += "   ".join(_param_line(k, v, fit.ci.get(k)) for k, v in fit.params.items())
     if fit.unidentified:
         title += "\nNOT IDENTIFIED: " + "; ".join(f"{_GREEK.get(k, k)} ({why})" for k, why in fit.unidentified.items())
-    if caution:
-        title += f"\n{caution}"
+    if learning.any():
+        title += ("\nSTILL LEARNING AT THEIR END (circled; their loss is what their steps allowed): D = "
+                  + ", ".join(fmt(float(v)) for v in d[learning]))
     if optimal:
         title += (f"\ncompute-optimal at C={optimal['budget']:.2g} FLOPs: N={fmt(optimal['n_opt'])}, "
                   f"D={fmt(optimal['d_opt'])}, {metric}={fmt(optimal['loss_opt'])}")

@@ -120,7 +120,7 @@ def scaling_report(results_uri: str, budget: float | None = None, out_uri: str |
     if learning:
         warnings.append(f"{len(learning)} of {len(names)} trials were still learning when they ended (best "
                         f"evaluation in the last fifth of their steps: "
-                        + ", ".join(f"D = {fmt(float(d[names.index(t)]))}" for t in learning)
+                        + "D = " + ", ".join(fmt(float(d[names.index(t)])) for t in learning)
                         + "): their loss is what their steps allowed, not what their data supports; "
                         "give the trials more steps to measure L(D) there")
     report: dict[str, Any] = {
@@ -139,10 +139,8 @@ def scaling_report(results_uri: str, budget: float | None = None, out_uri: str |
                   md=storage.join(out_dir, "scaling_fit.md"))
     # Render locally (W&B logs a local file), then store the copy next to the results.
     png_local = Path(tempfile.mkdtemp(prefix="e2e-dist-scaling-")) / "scaling_fit.png"
-    caution = ("STILL LEARNING AT THEIR END (loss = what their steps allowed): "
-               + ", ".join(f"D={fmt(float(d[names.index(t)]))}" for t in learning)) if learning else None
     plot.plot_fit(fit, n, d, loss, png_local, held_out=~keep, optimal=optimal, d_label=d_used, metric=metric,
-                  caution=caution)
+                  still_learning=np.array([t in learning for t in names]))
     storage.write_bytes(report["png"], png_local.read_bytes(), storage_cfg)
     if not storage.is_s3(out_dir):  # the stored file is local already: no second copy
         shutil.rmtree(png_local.parent)
