@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import sys
 import threading
 import time
@@ -177,6 +178,7 @@ class RunLog:
         self._file: TextIO | None = None
         self._handler: logging.Handler | None = None
         self._ray_printer: Any = None
+        self._fd2: tuple[int, TextIO, TextIO, list[logging.StreamHandler]] | None = None
 
     # ------------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "RunLog":
@@ -193,6 +195,7 @@ class RunLog:
         root.addHandler(self._handler)
         logging.captureWarnings(True)
         self.reroute_libraries()
+        self._split_stderr()
         global _ACTIVE
         self._outer, _ACTIVE = _ACTIVE, self
         if ray.is_initialized():
@@ -203,6 +206,7 @@ class RunLog:
         global _ACTIVE
         _ACTIVE = self._outer
         self.release_worker_output()
+        self._join_stderr()
         root = logging.getLogger()
         root.removeHandler(self._handler)
         root.setLevel(self._root_level)
@@ -214,6 +218,43 @@ class RunLog:
         self._saved.clear()
         self._handler.close()
         self._file.close()
+
+    def _split_stderr(self) -> None:
+        """Raw writes to the process's fd 2 go to the log file; our console lines keep the real
+        stderr through a duplicate of it. Ray's C++ core worker in this process writes its ERROR
+        lines straight to fd 2 (e.g. "Attempting to recover N lost objects" when a node is lost),
+        below every Python-level route; so do the processes this run starts. Only when stderr is
+        this process's own fd 2 (not under a test's capture, not with a console given)."""
+        if self.verbose or self.console is not None:
+            return
+        try:
+            if sys.stderr.fileno() != 2:
+                return
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+            return
+        old = sys.stderr
+        old.flush()
+        dup = os.dup(2)
+        new = open(dup, "w", buffering=1, encoding=old.encoding, errors=old.errors)
+        moved = [h for lg in (logging.getLogger(), logging.getLogger("e2e_dist"))
+                 for h in lg.handlers if isinstance(h, logging.StreamHandler) and h.stream is old]
+        for h in moved:
+            h.setStream(new)
+        sys.stderr = new
+        os.dup2(self._file.fileno(), 2)
+        self._fd2 = (dup, old, new, moved)
+
+    def _join_stderr(self) -> None:
+        if self._fd2 is None:
+            return
+        dup, old, new, moved = self._fd2
+        self._fd2 = None
+        new.flush()
+        os.dup2(dup, 2)  # fd 2 is the real stderr again
+        sys.stderr = old
+        for h in moved:
+            h.setStream(old)
+        new.close()  # closes the duplicate
 
     def reroute_libraries(self) -> None:
         """Take the console handlers off library loggers; their records reach the file through the

@@ -58,3 +58,21 @@ def test_a_sweep_log_shows_only_warnings_of_workers(tmp_path):
         run_log.handle_worker_output({"pid": 1, "ip": "127.0.0.1", "actor_name": "t",
                                       "lines": ["[e2e-dist] INFO committed a", "[e2e-dist] ERROR trial failed: x"]})
     assert shown.getvalue() == "error: trial failed: x\n"
+
+
+def test_raw_writes_to_fd_2_go_to_the_log_file_while_a_run_is_open(tmp_path):
+    """Ray's C++ core worker writes its ERROR lines straight to fd 2 (seen: "Attempting to recover 1
+    lost objects" when a node was lost): inside a run they belong in the log file, while our lines
+    keep the console; after the run fd 2 is the console again (a fresh process: its own fd 2)."""
+    log = tmp_path / "run.log"
+    code = (
+        "import logging, os, sys; from e2e_dist import console; console.setup_console(); "
+        f"run = console.RunLog({str(log)!r}); run.__enter__(); "
+        "os.write(2, b'[2026 E 1 2] core_worker.cc:609: lost objects\\n'); "
+        "logging.getLogger('e2e_dist.x').warning('ours'); print('plain ours', file=sys.stderr); "
+        "run.__exit__(None, None, None); os.write(2, b'after\\n')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == ["warning: ours", "plain ours", "after"]
+    logged = log.read_text()
+    assert "core_worker.cc:609: lost objects" in logged and "ours" in logged and "after" not in logged

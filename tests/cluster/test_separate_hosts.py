@@ -269,11 +269,10 @@ def test_two_node_zero2_elastic_run_shrinks_when_a_node_is_lost_and_grows_when_o
         assert state == "SUCCEEDED", log[-4000:]
 
         assert "PreemptionWatcher" not in log  # Ray's E-level line about an actor we switch off (ray_env)
-        # Only our lines (libraries' go to the run's log file), with one known leak: when the node is
-        # lost, the driver's Ray core worker (C++) may log an E-level line about recovering objects
-        # that lived there straight to the process's stderr (fd 2), below the Python-level routing.
-        leaked = [line for line in foreign_lines(log) if not ("core_worker.cc" in line and "lost objects" in line)]
-        assert leaked == [], log[-4000:]
+        # Only our lines: libraries' go to the run's log file, also the E-level line the driver's Ray
+        # core worker (C++) may write straight to fd 2 when the node is lost ("Attempting to recover
+        # 1 lost objects ...", seen in 1 of 3 runs; console.RunLog points fd 2 at the log file).
+        assert foreign_lines(log) == [], log[-4000:]
         # W&B: written on rank 0's node (a stable folder there), copied next to the run in the bucket
         assert f"W&B files      {cfg.run_uri}/wandb/offline-run-" in log and "wandb sync" in log
         infos = {i.step: i for i in ckpt.list_checkpoints(cfg.run_uri, cfg.storage) if i.committed}
