@@ -214,14 +214,18 @@ def log_scaling_to_wandb(results_uri: str, report: dict[str, Any], storage_cfg, 
         held = report["holdout"]
         tracker.log_summary({f"scaling/{k}": v for k, v in report["params"].items()}
                             | {"scaling/n_points": report["n_points"], "scaling/rmse_log": report["rmse_log"],
-                               "scaling/unidentified": len({w.split(" ", 1)[0] for w in report["warnings"]}
-                                                               & set(report["params"])),
+                               "scaling/unidentified": len(_flagged(report)),
                                "scaling/still_learning": len(report.get("still_learning") or {})}
                             | ({"scaling/holdout_error": held["error"]} if held else {}))
         return tracker.describe()
 
 
 # ------------------------------------------------------------------------------------ text
+def _flagged(report: dict[str, Any]) -> set[str]:
+    """The parameters a warning says are not identified (other warnings name no parameter)."""
+    return {w.split(" ", 1)[0] for w in report["warnings"]} & set(report["params"])
+
+
 def _interval(iv: list[float]) -> str:
     return f"[{fmt(iv[0])}, {fmt(iv[1])}]" if not any(math.isnan(x) for x in iv) else "[no interval]"
 
@@ -245,7 +249,7 @@ def summary_text(report: dict[str, Any]) -> str:
     pct = int(round(report["ci_level"] * 100))
     lines = [f"{report['formula']}  fitted to {report['n_points']} completed trials "
              f"(D = {report['d_key']}, log-RMSE {report['rmse_log']:.2%}, {report['n_boot']} bootstrap refits)"]
-    flagged = {w.split(" ", 1)[0] for w in report["warnings"]} & set(report["params"])
+    flagged = _flagged(report)
     for k, v in report["params"].items():
         ci = report["ci"].get(k)
         lines.append(f"  {k:<6}= {fmt(v):>9}" + (f"   {pct}% CI {_interval(ci)}" if ci else "")
@@ -278,7 +282,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
            f"{pct}% percentile intervals from {report['n_boot']} bootstrap refits (seed {report['seed']}); "
            f"log-RMSE {report['rmse_log']:.2%}.", "",
            f"| parameter | fit | {pct}% CI | identified |", "|---|---|---|---|"]
-    flagged = {w.split(" ", 1)[0] for w in report["warnings"]} & set(report["params"])
+    flagged = _flagged(report)
     for k, v in report["params"].items():
         ci = report["ci"].get(k)
         out.append(f"| {k} | {fmt(v)} | " + (_interval(ci) if ci else "—") + f" | {'**no**' if k in flagged else 'yes'} |")
