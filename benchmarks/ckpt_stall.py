@@ -54,7 +54,7 @@ def stall_config(args: argparse.Namespace, storage: str, endpoint: str | None, n
         *([f"storage.endpoint_url={endpoint}"] if endpoint else []),
         f"model.n_layer={args.n_layer}", f"model.d_model={args.d_model}", "model.n_head=4",
         f"trainer.micro_batch_size={args.batch}", f"trainer.max_steps={total}",
-        f"trainer.log_every={every // 2}", f"trainer.eval_every={total}", "trainer.eval_batches=1",
+        f"trainer.log_every={every // 2}", f"trainer.eval_every={total}", "trainer.eval_samples=16",
         f"trainer.ckpt_every={every if mode != 'none' else total}", "trainer.keep_last=2",
         f"trainer.async_checkpoint={'true' if mode == 'async' else 'false'}", "trainer.num_workers=2",
         "deepspeed.zero_stage=2", *args.set,

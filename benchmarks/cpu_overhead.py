@@ -250,7 +250,7 @@ def overhead_config(args: argparse.Namespace, name: str) -> RunConfig:
     return load_run_config("tiny-text", [
         f"name={name}", f"storage.path={args.storage}", "tracking.wandb=false",
         f"trainer.max_steps={total}", f"trainer.log_every={args.window}", f"trainer.eval_every={total}",
-        "trainer.eval_batches=1", f"trainer.ckpt_every={total}", f"deepspeed.zero_stage={args.zero}",
+        "trainer.eval_samples=16", f"trainer.ckpt_every={total}", f"deepspeed.zero_stage={args.zero}",
         "trainer.num_workers=2", *args.set,
     ])
 

@@ -94,7 +94,7 @@ def run_config(shape: dict, zero: int, steps: int, window: int, name: str, stora
         f"model.max_seq_len={shape['seq_len']}", f"data.seq_len={shape['seq_len']}",
         f"data.max_files={shape['max_files']}", f"data.max_bytes={shape['max_bytes']}",
         f"trainer.micro_batch_size={shape['batch']}", f"trainer.max_steps={2 * steps}", "trainer.num_workers=1",
-        f"trainer.log_every={window}", f"trainer.eval_every={2 * steps}", "trainer.eval_batches=1",
+        f"trainer.log_every={window}", f"trainer.eval_every={2 * steps}", "trainer.eval_samples=16",
         f"trainer.ckpt_every={2 * steps}", "trainer.warmup_steps=1", f"deepspeed.zero_stage={zero}",
         f"trainer.compile={str(compile_).lower()}",
     ])

@@ -56,7 +56,7 @@ def measure(path: str, cache: str) -> tuple[float, float, int]:
     t0 = time.perf_counter()
     bundle = build_data(DataConfig(source="text", paths=[path], seq_len=512, cache_mb=0))
     t1 = time.perf_counter()
-    n = sum(len(b["tokens"]) for b in bundle.train.iter_batches(batch_size=256, batch_format="numpy"))
+    n = sum(len(b["tokens"]) for b in bundle.train.dataset().iter_batches(batch_size=256, batch_format="numpy"))
     return t1 - t0, time.perf_counter() - t1, n * 512
 
 

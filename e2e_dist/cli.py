@@ -24,7 +24,8 @@ verbs:
   generate    sample text from an exported text model (plain PyTorch)
   predict     classify an image / transcribe audio with an exported model (plain PyTorch)
   checkpoints list a run's checkpoints and whether each is committed
-  data        built-in data: `data make-speech OUT` synthesizes the spoken-digits corpus,
+  data        `data plan CONFIG`: what a run's data costs (per rank, the shard index) before it trains;
+              `data make-speech OUT` synthesizes the spoken-digits corpus,
               `data make-digits OUT` writes digit images in every input style from held-out fonts
   cluster     `cluster validate FILE`, `cluster local` (a local multi-node or autoscaling cluster)
   submit      submit `e2e-dist train|sweep ...` as a Ray job to a cluster
@@ -129,6 +130,18 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(f"train on it: e2e-dist train tiny-speech --set data.paths=[{manifest.parent}]")
     else:
         print(f"judge a model on it: e2e-dist predict EXPORT {manifest.parent}/wavs/*.wav (transcripts in the manifest)")
+    return 0
+
+
+def cmd_data_plan(args: argparse.Namespace) -> int:
+    from e2e_dist.config import load_run_config
+    from e2e_dist.console import RunLog, default_log_path
+    from e2e_dist.data.data_plan import plan_data
+
+    cfg = load_run_config(args.config, args.overrides)
+    with RunLog(default_log_path(None, f"{cfg.name}-data-plan")) as run_log:
+        lines = plan_data(cfg, address=args.address)
+    print("\n".join([*lines, f"log file       {run_log.path}"]))
     return 0
 
 
@@ -272,7 +285,13 @@ def _add_builtin_verbs(sub: argparse._SubParsersAction) -> None:
     """data, presets: what ships with the package."""
     share = _number(float, "a share in [0, 1)", lambda v: 0 <= v < 1)  # --held-out: data.held_out of a run
     p = sub.add_parser("data", help="built-in data sets")
-    dsub = p.add_subparsers(dest="data_verb", metavar="make-speech|make-digits", required=True)
+    dsub = p.add_subparsers(dest="data_verb", metavar="plan|make-speech|make-digits", required=True)
+    q = dsub.add_parser("plan", help="what a run's data costs: samples, blocks, reads per rank, the shard index",
+                        description="Build a run's data as `train` would (listing, shard index, splits) and say what "
+                                    "grows with the corpus and the cluster, without training.")
+    _add_config_args(q)
+    q.add_argument("--address", help="Ray cluster address (default: start a private local Ray)")
+    q.set_defaults(func=cmd_data_plan)
     q = dsub.add_parser("make-speech", help="synthesize the spoken-digits corpus with eSpeak NG (offline)",
                         description="Write the spoken-digits corpus (WAVs + manifest.jsonl) to OUT; "
                                     "`train tiny-speech --set data.paths=[OUT]` trains on it.",

@@ -137,8 +137,10 @@ class TrainerConfig(Section):
     """Steps between metric reports (losses are reduced across ranks only then: no per-step sync)."""
     eval_every: int = Field(50, ge=1)
     """Steps between validation passes."""
-    eval_batches: int = Field(8, ge=1)
-    """Validation micro-batches per worker per evaluation."""
+    eval_samples: int = Field(256, ge=1)
+    """Validation samples each evaluation scores (all of a smaller split): a fixed selection spread
+    over the split, shared out among the workers, so the same weights score the same at any world
+    size."""
     ckpt_every: int = Field(50, ge=1)
     """Steps between checkpoints (a final one is always taken)."""
     keep_last: int = Field(2, ge=1)
@@ -166,7 +168,7 @@ class TrainerConfig(Section):
     """On GPU, refuse at the start a setting that `e2e-dist plan` estimates cannot fit the card (one line
     naming what to change); false: try anyway (the estimate is conservative, see plan/)."""
     prefetch_batches: int = Field(2, ge=0)
-    """Micro-batches Ray Data prepares ahead in background threads (collated, pinned and copied to
+    """Micro-batches prepared ahead in a background thread (read, collated, pinned and copied to
     the GPU), so the step never waits on input."""
     max_failures: int = Field(0, ge=-1)
     """Ray Train FailureConfig: worker-group restarts allowed (-1 = unlimited)."""
@@ -176,6 +178,14 @@ class TrainerConfig(Section):
     """Seed of model init and dropout."""
     sample_every_eval: bool = False
     """Text: log a generated sample at each evaluation."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "eval_batches" in data:
+            raise ValueError("eval_batches is now eval_samples: validation samples per evaluation over all "
+                             "workers (e.g. eval_batches 8 x micro_batch_size 8 x 2 workers = eval_samples 128)")
+        return data
 
     @field_validator("num_workers")
     @classmethod

@@ -6,7 +6,9 @@ must not import Ray, DeepSpeed or torch.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Section(BaseModel):
@@ -62,12 +64,30 @@ class DataConfig(Section):
     """Stop the run on the first unreadable item instead of skipping it with a warning."""
     seed: int = 0
     """Seed of the split, the subset and the per-epoch shuffle."""
-    shuffle_buffer_batches: int = Field(8, ge=0)
-    """Per-epoch reshuffle: each worker draws rows at random from a buffer of this many
-    micro-batches, seeded by (seed, epoch), so no two epochs repeat an order and every run (and
-    every resume) repeats the same one. 0 = every epoch repeats the stream's order."""
+    shuffle_blocks: int | None = Field(None, ge=1)
+    """Blocks mixed in each window of the global shuffle (data/order.py): every epoch permutes the
+    blocks (runs of samples read together: ~256 KiB of text, a Parquet row group, one file), then
+    interleaves the samples of each `shuffle_blocks` consecutive blocks. More mixes more of the
+    corpus into each batch; each rank reads ~1/W of the data when the global batch is at least
+    this. None: max(64, 8 x the most workers the run may have). Kept with every checkpoint: a
+    resume continues the order it began with."""
+    decode_tasks: int | None = Field(None, ge=1)
+    """Read/decode tasks each rank keeps running (Ray Data): enough to keep the step fed. None: the
+    node's CPUs per training worker on it (at least 1)."""
     cache_mb: int = Field(1024, ge=0)
     """A decoded train set estimated at up to this many MiB is read and decoded once, before
-    training, and kept in Ray's object store: later epochs (and every worker, which each read the
-    whole set) take it from memory instead of re-running the read/decode tasks. Larger sets are
-    streamed. 0 = always stream."""
+    training, and kept in Ray's object store: every epoch's samples are then gathered from memory
+    instead of read and decoded again. Larger sets are read by each rank, its own samples only.
+    0 = always read."""
+    index_cache: str | None = None
+    """Where shard indexes are kept (record shards' stream checkpoints, Parquet row groups): a
+    local folder or s3:// prefix. None: `<storage.path>/.e2e-index`, next to the runs, where every
+    node and later run or sweep trial finds them."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "shuffle_buffer_batches" in data:
+            raise ValueError("shuffle_buffer_batches is gone: every epoch is a global shuffle now "
+                             "(data.shuffle_blocks sets how many blocks each window mixes)")
+        return data

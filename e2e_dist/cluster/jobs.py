@@ -156,9 +156,11 @@ def submit(
     env_vars: dict[str, str] | None = None,
     submission_id: str | None = None,
     entrypoint_num_cpus: float | None = None,
+    entrypoint_resources: dict[str, float] | None = None,
     out: IO[str] | None = None,
 ) -> str:
-    """Submit `entrypoint` (argv list or shell string) and return the submission id."""
+    """Submit `entrypoint` (argv list or shell string) and return the submission id.
+    entrypoint_resources: where the driver may run, e.g. {"node:10.0.0.5": 0.01} for one node."""
     out = out or sys.stdout
     command = entrypoint if isinstance(entrypoint, str) else shlex.join(cluster_entrypoint(entrypoint))
     if not command.strip():
@@ -172,7 +174,7 @@ def submit(
     jc = client(address)
     try:
         job_id = jc.submit_job(entrypoint=command, runtime_env=runtime_env, submission_id=submission_id,
-                               entrypoint_num_cpus=entrypoint_num_cpus)
+                               entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_resources=entrypoint_resources)
     except Exception as e:
         raise JobsError(f"job submission to {resolve_address(address)} failed: {_one_line(e)}") from None
     # Names only: values of forwarded variables (keys, tokens) are never printed.

@@ -82,6 +82,12 @@ def split_by_hash(
     return seeded_order(ranked[n_val:], seed=seed, key=key), seeded_order(ranked[:n_val], seed=seed, key=key)
 
 
+def share_note(what: str, share: float, val_fraction: float, instead: str) -> None:
+    """One line saying a split was made inside files/groups, because whole ones missed val_fraction by > 2x."""
+    log.info("data: splitting %s whole would hold out %.1f%% for validation (data.val_fraction %.1f%%): held out %s "
+             "instead", what, 100 * share, 100 * val_fraction, instead)
+
+
 def take_fraction(ordered: Sequence[T], fraction: float) -> list[T]:
     """The first round(fraction * n) items (at least one) of an already seeded order: nested in fraction."""
     if not ordered:
@@ -230,6 +236,23 @@ def _seconds(mtime) -> float | None:
     return mtime.timestamp() if mtime is not None else None
 
 
+def read_many(uris: Sequence[Any], sizes: Sequence[Any], storage_cfg: Any) -> list[bytes | Exception]:
+    """Whole files (each `sizes[i]` bytes), in order; a failed read is its exception. S3 objects are
+    fetched 16 at a time (one GET each: in series, a task would wait a round trip per image)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> bytes | Exception:
+        try:
+            return read_range(str(uris[i]), 0, int(sizes[i]), storage_cfg)
+        except Exception as e:  # the caller decides: skip with a warning, or stop when strict
+            return e
+
+    if len(uris) > 1 and any(is_remote(str(u)) for u in uris):
+        with ThreadPoolExecutor(max_workers=min(16, len(uris))) as pool:
+            return list(pool.map(one, range(len(uris))))
+    return [one(i) for i in range(len(uris))]
+
+
 # ------------------------------------------------------------------------------------ bad items
 # One policy for files a decoder cannot read (images, audio): a strict run stops on the first with
 # one line naming it; otherwise the file is skipped with a warning, so one bad file costs one item.
@@ -314,7 +337,7 @@ def _per_shard_batch(batch: dict, *, fn: Callable[..., dict], kwargs: dict) -> d
 
 def per_shard_in_tasks(files: Sequence[FileItem], fn: Callable[..., dict], **kwargs: Any) -> list[dict]:
     """`fn(uri, **kwargs)` (a JSON-able dict) for every shard, in `files` order: in Ray Data tasks (0
-    CPUs, up to 4 at once: reads, not compute), or in threads here when the shards are small (under
+    CPUs, two per cluster CPU at once: reads, not compute), or in threads here when the shards are small (under
     SMALL_INDEX_BYTES in all). DataError naming the first bad shard (by uri) and how many more: fn's
     DataError as it is, any other exception as "cannot read shard"."""
     import json
@@ -326,30 +349,16 @@ def per_shard_in_tasks(files: Sequence[FileItem], fn: Callable[..., dict], **kwa
         with ThreadPoolExecutor(max_workers=min(4, len(files))) as pool:
             done = list(pool.map(lambda f: _per_shard(f.uri, fn, kwargs), files))
     else:
+        import ray
         import ray.data
 
+        # Reads, not compute: two at a time per CPU of the cluster, on whichever nodes have room.
+        width = min(len(files), max(4, 2 * int(ray.cluster_resources().get("CPU", 1))))
         ds = ray.data.from_items([{"uri": f.uri} for f in files], override_num_blocks=len(files)).map_batches(
             _per_shard_batch, batch_size=1, batch_format="numpy", fn_kwargs={"fn": fn, "kwargs": kwargs},
-            num_cpus=0, compute=ray.data.TaskPoolStrategy(size=min(4, len(files))))
+            num_cpus=0, compute=ray.data.TaskPoolStrategy(size=width))
         done = [(json.loads(r["result"]) if r["result"] else None, r["error"]) for r in deterministic(ds).take_all()]
     bad = sorted(e for _, e in done if e)
     if bad:
         raise DataError(bad[0] + (f" (and {len(bad) - 1} more bad shards)" if len(bad) > 1 else ""))
     return [r for r, _ in done]
-
-
-def ingest_data_config(datasets_to_split: list[str] | str = "all"):
-    """`ray.train.DataConfig` that keeps our datasets' order when Ray Train shards them.
-
-    Ray Train replaces each dataset's execution options with DataConfig's (by default copied from
-    the *driver's* current DataContext), so `deterministic(ds)` alone does not survive `fit()`.
-    With preserve_order every rank reading a dataset whole sees the same rows in the same order on
-    every run; a dataset in `datasets_to_split` is handed out by `streaming_split(n, equal=True)` in
-    a fixed way too (greedy least-rows-so-far over a fixed block sequence), but one that depends on
-    the world size, which is why training reads train whole (train/batches.py).
-    """
-    import ray.train
-    from ray.data import ExecutionOptions
-
-    return ray.train.DataConfig(datasets_to_split=datasets_to_split,
-                                execution_options=ExecutionOptions(preserve_order=True))

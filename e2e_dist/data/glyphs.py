@@ -4,7 +4,7 @@ digits, augmented in Ray Data into what people photograph, scan and draw.
 On the driver: the fonts whose digits are digits (data/fonts.py), minus `data.held_out` of the
 font designs (kept for evaluation: `e2e-dist data make-digits DIR --held-out`); the base items
 (font x digit, and the 1,797 handwritten digits) split into train/val by hash as every source does;
-`data.variants` rows per base item, each with its own seed. In Ray Data tasks (`render_rows`): the
+`data.variants` rows per base item, each with its own seed. In read tasks (`render_rows`): the
 glyph rendered white on black (font digits at a random size, handwritten ones upsampled from 8x8),
 augmented (data/glyph_augment.py, seeded by the row: a resume sees the same images), resized to
 `data.image_size` and normalized as every image source is.
@@ -24,14 +24,15 @@ from typing import Any
 import numpy as np
 
 from e2e_dist.console import FILE_ONLY
-from e2e_dist.data.common import DataError, decoded_dataset, row_seed, seeded_order, split_by_hash, take_fraction
+from e2e_dist.data.common import DataError, row_seed, seeded_order, split_by_hash, take_fraction
 from e2e_dist.data.images import PIXEL_MEAN, PIXEL_STD, collate
 from e2e_dist.data.registry import DataBundle, register_source
+from e2e_dist.data.samples import row_samples
 from e2e_dist.errors import ConfigError
 
 log = logging.getLogger("e2e_dist.data")
 ROWS_PER_BLOCK = 256
-"""Rows per Ray Data task: an augmented glyph takes ~1.5 ms, so a task is a fraction of a second."""
+"""Rows per read task: an augmented glyph takes ~1.5 ms, so a task is a fraction of a second."""
 
 
 # ------------------------------------------------------------------------------ worker side
@@ -175,9 +176,9 @@ def build_digit_glyphs(data_cfg, *, model_cfg=None, storage_cfg=None) -> DataBun
              ", ".join(sorted({f.design for f in plan.held_out_fonts})) or "none",
              ", ".join(os.path.basename(f.path) for f in plan.held_out_fonts) or "none", extra=FILE_ONLY)
 
-    def dataset(rows: list[dict], name: str):
-        return decoded_dataset(rows, render_rows, name=name, rows_per_block=ROWS_PER_BLOCK, fn_kwargs=fn_kwargs)
+    def samples(rows: list[dict], name: str):
+        return row_samples(name, rows, render_rows, fn_kwargs, rows_per_task=ROWS_PER_BLOCK,
+                           sample_bytes=channels * data_cfg.image_size ** 2 * 4 + 9)
 
-    return DataBundle(train=dataset(plan.train_rows, "train"), val=dataset(plan.val_rows, "val"), collate=collate,
-                      stats=stats,
-                      train_decoded_bytes=len(plan.train_rows) * (channels * data_cfg.image_size ** 2 * 4 + 8))
+    return DataBundle(train=samples(plan.train_rows, "train"), val=samples(plan.val_rows, "val"), collate=collate,
+                      stats=stats)

@@ -8,10 +8,13 @@ On the driver nothing is decoded: an index pass in Ray Data tasks reads each sha
 label column (projection: labels only) and checks both columns, so a shard with a missing or
 mistyped column stops the run before training, named. Units are row groups: split by each row
 group's key hash (`common.split_by_hash`, key = shard key + row group), ordered by `seeded_order`,
-`fraction` / `max_files` take a nested prefix of the train groups' rows. Class names, when labels
-are strings, are the sorted set over all shards, as image-folder's class folders are.
+`fraction` / `max_files` take a nested prefix of the train groups' rows (few, large groups: the split
+is made inside each group instead, `split_groups`). Class names, when labels are strings, are the
+sorted set over all shards, as image-folder's class folders are. The index is kept with the runs
+(data/index_store.py): a later run or sweep trial, on any node, reads it instead of the shards.
 
-Each Ray Data task reads one row group's image and label columns and decodes with
+A sample is a row; a row group is a block (data/order.py). A read task fetches each row group it
+touches once (image and label column chunks) and decodes only the rows it was asked for with
 `images.decode_image` (the same resize / normalization as image folders); undecodable images are
 skipped with a warning, or stop the run when `data.strict`.
 """
@@ -25,14 +28,17 @@ import numpy as np
 
 from e2e_dist.console import FILE_ONLY
 from e2e_dist.data.common import (
-    DataError, FileItem, list_files, note_bad_item, per_shard_in_tasks, seeded_order, split_by_hash,
+    DataError, FileItem, list_files, note_bad_item, seeded_order, split_by_hash,
 )
 from e2e_dist.data.images import collate, decode_image
 from e2e_dist.data.registry import DataBundle, register_source
+from e2e_dist.data.samples import VALID, SampleSet
 from e2e_dist.errors import ConfigError
 from e2e_dist.storage import open_input_file
 
 log = logging.getLogger("e2e_dist.data")
+ROWS_PER_TASK = 128
+"""Images per read task."""
 
 
 def _columns(pf, uri: str, image_col: str, label_col: str) -> str:
@@ -71,34 +77,69 @@ def index_shard(uri: str, image_col: str, label_col: str, storage_cfg: Any) -> d
     return {"uri": uri, "rows": rows, "label_kind": kind, "labels": values}
 
 
-def decode_row_groups(batch: dict, *, size: int, channels: int, image_col: str, label_col: str, classes: list | None,
-                      storage: Any, strict: bool) -> dict:
-    """Ray Data map_batches fn: {uri, row_group, first, count} -> {pixels, label} of those rows."""
+class RowGroupReader:
+    """Samples = rows of row groups: group g (a {uri, row_group, first, count} of `groups`) holds samples
+    cum[g]..cum[g+1]-1, rows first..first+count-1 of its row group. A read fetches each row group it
+    touches once (its image and label column chunks) and decodes only the rows asked for."""
+
+    def __init__(self, groups: list[dict], fn_kwargs: dict):
+        from e2e_dist.data.samples import Shared
+
+        self.groups = Shared.put([(g["uri"], g["row_group"], g["first"]) for g in groups])
+        self.cum = np.concatenate([[0], np.cumsum([g["count"] for g in groups])]).astype(np.int64)
+        self.fn_kwargs = fn_kwargs
+
+    def read(self, ids: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+        from e2e_dist.data.samples import gather
+
+        groups, which = self.groups.get(), np.searchsorted(self.cum, ids, side="right") - 1
+        parts, nbytes = [], 0
+        for g in np.unique(which):
+            where = np.nonzero(which == g)[0]
+            uri, rg, first = groups[g]
+            cols, read = decode_rows(uri, rg, first + ids[where] - self.cum[g], **self.fn_kwargs)
+            parts.append((where, cols))
+            nbytes += read
+        return gather(parts, len(ids)), nbytes
+
+
+def decode_rows(uri: str, rg: int, rows: np.ndarray, *, size: int, channels: int, image_col: str, label_col: str,
+                classes: list | None, storage: Any, strict: bool) -> tuple[dict[str, np.ndarray], int]:
+    """Rows `rows` of row group rg of uri -> ({pixels, label, valid}, bytes of the column chunks read)."""
     import pyarrow.parquet as pq
 
+    with open_input_file(str(uri), storage) as f:
+        pf = pq.ParquetFile(f)
+        table = pf.read_row_group(int(rg), columns=[image_col, label_col])
+        meta = pf.metadata.row_group(int(rg))
+        nbytes = sum(meta.column(i).total_compressed_size for i in range(meta.num_columns)
+                     if meta.column(i).path_in_schema.split(".")[0] in (image_col, label_col))
     index = {name: i for i, name in enumerate(classes)} if classes else None
-    pixels, labels, bad = [], [], []
-    for uri, rg, first, count in zip(batch["uri"], batch["row_group"], batch["first"], batch["count"]):
-        with open_input_file(str(uri), storage) as f:
-            table = pq.ParquetFile(f).read_row_group(int(rg), columns=[image_col, label_col])
-        images = table.column(image_col).to_pylist()[int(first): int(first) + int(count)]
-        ys = table.column(label_col).to_pylist()[int(first): int(first) + int(count)]
-        for j, (img, y) in enumerate(zip(images, ys)):
-            data = img["bytes"] if isinstance(img, dict) else img
-            try:
-                if data is None:
-                    raise ValueError("no image bytes")
-                pixels.append(decode_image(data, size, channels))
-                labels.append(index[y] if index is not None else int(y))
-            except Exception as e:
-                note_bad_item(bad, "image", f"{uri} row group {rg} row {int(first) + j}", e, strict=strict, scan=False)
+    images, ys = table.column(image_col).take(rows).to_pylist(), table.column(label_col).take(rows).to_pylist()
+    pixels, labels, valid, bad = [], [], [], []
+    for row, img, y in zip(rows, images, ys):
+        data = img["bytes"] if isinstance(img, dict) else img
+        try:
+            if data is None:
+                raise ValueError("no image bytes")
+            pixels.append(decode_image(data, size, channels))
+            valid.append(True)
+        except Exception as e:
+            note_bad_item(bad, "image", f"{uri} row group {rg} row {int(row)}", e, strict=strict, scan=False)
+            pixels.append(np.zeros((channels, size, size), np.float32))
+            valid.append(False)
+        labels.append(index[y] if index is not None else int(y))
     return {"pixels": np.stack(pixels) if pixels else np.zeros((0, channels, size, size), np.float32),
-            "label": np.array(labels, dtype=np.int64)}
+            "label": np.array(labels, dtype=np.int64), VALID: np.array(valid, dtype=bool)}, nbytes
 
 
-def _index(files: Sequence[FileItem], data_cfg: Any, storage_cfg: Any) -> list[dict]:
-    return per_shard_in_tasks(files, index_shard, image_col=data_cfg.image_column,
-                              label_col=data_cfg.label_column, storage_cfg=storage_cfg)
+def _index(files: Sequence[FileItem], data_cfg: Any, storage_cfg: Any, stats: dict) -> list[dict]:
+    from e2e_dist.data.index_store import cached_index, index_location
+
+    return cached_index("image-parquet", files, index_shard, location=index_location(data_cfg, storage_cfg),
+                        paths=data_cfg.paths, params={"image": data_cfg.image_column, "label": data_cfg.label_column},
+                        storage_cfg=storage_cfg, stats=stats, image_col=data_cfg.image_column,
+                        label_col=data_cfg.label_column)
 
 
 def _groups(files: Sequence[FileItem], index: list[dict]) -> list[dict]:
@@ -121,10 +162,9 @@ def _take_rows(groups: list[dict], n: int) -> list[dict]:
 @register_source("image-parquet")
 def build_image_parquet(data_cfg, *, model_cfg=None, storage_cfg=None) -> DataBundle:
     """Labelled images in Parquet shards: data.paths (files, directories, globs, s3:// prefixes)."""
-    from e2e_dist.data.common import decoded_dataset
-
     files = _shards(data_cfg, storage_cfg)
-    index = _index(files, data_cfg, storage_cfg)
+    index_stats: dict = {}
+    index = _index(files, data_cfg, storage_cfg, index_stats)
     kinds = {e["label_kind"] for e in index}
     if len(kinds) > 1:
         raise DataError(f"data.label_column: {data_cfg.label_column!r} is an integer in some shards and a "
@@ -135,30 +175,58 @@ def build_image_parquet(data_cfg, *, model_cfg=None, storage_cfg=None) -> DataBu
     if num_classes is not None and n_classes > num_classes:
         raise ConfigError(f"model.num_classes={num_classes} but the shards hold {n_classes} classes")
     groups = seeded_order(_groups(files, index), seed=data_cfg.seed, key=lambda g: g["key"])
-    train_all, val = split_by_hash(groups, val_fraction=data_cfg.val_fraction, seed=data_cfg.seed,
-                                   key=lambda g: g["key"])
+    train_all, val = split_groups(groups, data_cfg.val_fraction, data_cfg.seed)
     total = sum(g["count"] for g in train_all)
     budget = max(1, int(total * data_cfg.fraction + 0.5))
     if data_cfg.max_files:
         budget = min(budget, data_cfg.max_files)  # for images, max_files caps the images read
     train = _take_rows(train_all, budget)
     if not train or not val:
-        raise DataError(f"data: {', '.join(data_cfg.paths)} has too few row groups ({len(groups)}) for a train and a "
-                        "val split (write smaller row groups or more shards)")
+        raise DataError(f"data: {', '.join(data_cfg.paths)} has too few rows ({sum(g['count'] for g in groups)}) "
+                        "for a train and a val split")
     channels = getattr(model_cfg, "in_channels", None) or 3
     fn_kwargs = {"size": data_cfg.image_size, "channels": channels, "image_col": data_cfg.image_column,
                  "label_col": data_cfg.label_column, "classes": classes, "storage": storage_cfg,
                  "strict": data_cfg.strict}
     n_train, n_val = sum(g["count"] for g in train), sum(g["count"] for g in val)
     stats = {"train_rows": n_train, "val_rows": n_val, "train_samples": n_train, "num_classes": n_classes,
-             "train_shards": len({g["uri"] for g in train})}
+             "train_shards": len({g["uri"] for g in train}), **index_stats}
     log.info("image data %s: %s", ", ".join(data_cfg.paths), stats, extra=FILE_ONLY)
 
-    def dataset(rows: list[dict], name: str):
-        return decoded_dataset(rows, decode_row_groups, name=name, rows_per_block=1, fn_kwargs=fn_kwargs)
+    def samples(part: list[dict], name: str) -> SampleSet:
+        # One block per row group (slice): the unit one read fetches.
+        starts = np.concatenate([[0], np.cumsum([g["count"] for g in part])]).astype(np.int64)
+        return SampleSet(name=name, starts=starts, reader=RowGroupReader(part, fn_kwargs), rows_per_task=ROWS_PER_TASK,
+                         sample_bytes=channels * data_cfg.image_size ** 2 * 4 + 9)
 
-    return DataBundle(train=dataset(train, "train"), val=dataset(val, "val"), collate=collate, stats=stats,
-                      train_decoded_bytes=n_train * (channels * data_cfg.image_size ** 2 * 4 + 8))
+    return DataBundle(train=samples(train, "train"), val=samples(val, "val"), collate=collate, stats=stats)
+
+
+def split_groups(groups: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, val) row groups by key hash. When whole groups hold out more than twice or less than half
+    of val_fraction of the rows: with few groups (fewer than 2 / val_fraction), the last val_fraction
+    of each group's rows instead, said in one line; with many, a warning naming both shares."""
+    from e2e_dist.data.common import share_note
+
+    train, val = split_by_hash(groups, val_fraction=val_fraction, seed=seed, key=lambda g: g["key"])
+    total = sum(g["count"] for g in groups)
+    share = sum(g["count"] for g in val) / max(total, 1)
+    if val_fraction / 2 <= share <= 2 * val_fraction:
+        return train, val
+    if len(groups) >= 2 / val_fraction:
+        log.warning("data: the validation row groups hold %.1f%% of the rows (data.val_fraction %.1f%%)",
+                    100 * share, 100 * val_fraction)
+        return train, val
+    train, val, seen = [], [], 0
+    for g in groups:  # cumulative rounding: the held-out rows add up to val_fraction of all
+        n_val = int((seen + g["count"]) * val_fraction) - int(seen * val_fraction)
+        seen += g["count"]
+        if g["count"] - n_val:
+            train.append({**g, "count": g["count"] - n_val})
+        if n_val:
+            val.append({**g, "key": g["key"] + "#val", "first": g["first"] + g["count"] - n_val, "count": n_val})
+    share_note(f"{len(groups)} row group(s)", share, val_fraction, "the last rows of each row group")
+    return train, val
 
 
 def _shards(data_cfg: Any, storage_cfg: Any) -> list[FileItem]:

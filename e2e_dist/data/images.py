@@ -6,11 +6,11 @@ once as PNGs into a cache folder and then read through exactly the `image-folder
 On the driver, from the listing alone (no image is opened there): classes = sorted names of the
 first-level subfolders; `max_files` keeps a seeded prefix; the split is by each file's key hash
 (`common.split_by_hash`); `fraction` takes a nested prefix of the seeded train order. Rows are
-then read and decoded by Ray Data tasks (`decode_images`): bytes -> grayscale/RGB -> resized to
+then read and decoded where each rank's samples are read (`decode_images`, data/samples.py): bytes -> grayscale/RGB -> resized to
 `image_size` -> normalized to [-1, 1], as `{"pixels": (C, S, S) float32, "label": int64}`.
 
-Bad items: a file that cannot be read or decoded is skipped with a warning naming it (the task's
-log line reaches the driver's console), or raises `DataError` when `data.strict`; with strict the
+Bad items: a file that cannot be read or decoded is skipped with a warning naming it (its row
+stays, marked invalid, and leaves its micro-batch one sample short), or raises `DataError` when `data.strict`; with strict the
 whole set is first scanned on the driver, so a bad file stops the run before training starts.
 """
 
@@ -24,11 +24,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from e2e_dist.data.common import (
-    DataError, FileItem, decoded_dataset, list_files, note_bad_item, raise_first_bad, read_range, scan_batch,
+    DataError, FileItem, decoded_dataset, list_files, note_bad_item, raise_first_bad, read_many, scan_batch,
     seeded_order, split_by_hash, take_fraction,
 )
 from e2e_dist.console import FILE_ONLY
 from e2e_dist.data.registry import DataBundle, register_source
+from e2e_dist.data.samples import VALID, row_samples
 from e2e_dist.errors import ConfigError
 
 log = logging.getLogger("e2e_dist.data")
@@ -64,21 +65,27 @@ def image_pixels(im, size: int, channels: int) -> np.ndarray:
 
 
 def decode_images(batch: dict, *, size: int, channels: int, storage: Any, strict: bool, scan: bool = False) -> dict:
-    """Ray Data map_batches fn: rows {uri, size, label} -> {pixels, label}; bad files skipped or raised.
+    """Ray Data map_batches fn / row decoder: rows {uri, size, label} -> {pixels, label, valid}; a bad
+    file keeps its row (zeros, valid False), or raises when strict.
 
     With scan=True it returns only the bad files ({uri, reason}): the strict pre-check.
     """
-    pixels, labels, bad = [], [], []
-    for uri, n, label in zip(batch["uri"], batch["size"], batch["label"]):
+    pixels, labels, valid, bad = [], [], [], []
+    for uri, data, label in zip(batch["uri"], read_many(batch["uri"], batch["size"], storage), batch["label"]):
         try:
-            pixels.append(decode_image(read_range(str(uri), 0, int(n), storage), size, channels))
-            labels.append(int(label))
+            if isinstance(data, Exception):
+                raise data
+            pixels.append(decode_image(data, size, channels))
+            valid.append(True)
         except Exception as e:  # any decoder failure (OSError, ValueError, SyntaxError, ...) = a bad item
             note_bad_item(bad, "image", uri, e, strict=strict, scan=scan)
+            pixels.append(np.zeros((channels, size, size), np.float32))
+            valid.append(False)
+        labels.append(int(label))
     if scan:
         return scan_batch(bad)
     return {"pixels": np.stack(pixels) if pixels else np.zeros((0, channels, size, size), np.float32),
-            "label": np.array(labels, dtype=np.int64)}
+            "label": np.array(labels, dtype=np.int64), VALID: np.array(valid, dtype=bool)}
 
 
 def collate(batch: dict) -> dict:
@@ -101,13 +108,10 @@ def _rows(items: Sequence[FileItem], classes: dict[str, int]) -> list[dict]:
     return [{"uri": it.uri, "size": it.size, "label": classes[class_of(it)]} for it in items]
 
 
-def _dataset(rows: list[dict], name: str, fn_kwargs: dict):
-    return decoded_dataset(rows, decode_images, name=name, rows_per_block=ROWS_PER_BLOCK, fn_kwargs=fn_kwargs)
-
-
 def _strict_scan(rows: list[dict], fn_kwargs: dict) -> None:
     """Decode everything once on the driver's Ray (before training); DataError naming the first bad file."""
-    raise_first_bad(_dataset(rows, "scan", {**fn_kwargs, "strict": False, "scan": True}).take_all(), "image")
+    raise_first_bad(decoded_dataset(rows, decode_images, name="scan", rows_per_block=ROWS_PER_BLOCK,
+                                    fn_kwargs={**fn_kwargs, "strict": False, "scan": True}).take_all(), "image")
 
 
 def build_image_bundle(data_cfg: Any, model_cfg: Any, storage_cfg: Any, *, default_channels: int = 3) -> DataBundle:
@@ -144,9 +148,13 @@ def build_image_bundle(data_cfg: Any, model_cfg: Any, storage_cfg: Any, *, defau
     stats = {"train_rows": len(train_rows), "val_rows": len(val_rows), "train_samples": len(train_rows),
              "train_bytes": sum(it.size for it in train), "num_classes": len(classes)}
     log.info("image data %s: %s", label, stats, extra=FILE_ONLY)
-    return DataBundle(train=_dataset(train_rows, "train", fn_kwargs), val=_dataset(val_rows, "val", fn_kwargs),
-                      collate=collate, stats=stats,
-                      train_decoded_bytes=len(train_rows) * (channels * data_cfg.image_size ** 2 * 4 + 8))
+    sample_bytes = channels * data_cfg.image_size ** 2 * 4 + 9
+
+    def samples(rows: list[dict], name: str):
+        return row_samples(name, rows, decode_images, fn_kwargs, sample_bytes=sample_bytes, rows_per_task=ROWS_PER_BLOCK,
+                           size_column="size")
+
+    return DataBundle(train=samples(train_rows, "train"), val=samples(val_rows, "val"), collate=collate, stats=stats)
 
 
 @register_source("image-folder")

@@ -9,7 +9,8 @@ To know those lengths without holding the corpus anywhere, an index pass reads e
 Ray Data tasks (in driver threads for a few MiB; projection: the text column only) and returns, per shard, the stream length and
 checkpoints every ~1 MiB of stream (Parquet: row-group starts; JSONL: line starts as file offsets),
 so a window's bytes are later read from the nearest checkpoint, not from the shard's start. The
-index is cached on the driver's machine by (uri, size, mtime, column). The index pass also checks
+index is kept with the runs (data/index_store.py), keyed by (uri, size, mtime) per shard and by
+the column: built once per dataset, read back by later runs, sweep trials and other nodes. The index pass also checks
 every record: a missing column, a non-string value or an unreadable shard stops the run before
 training with one line naming the shard (and line), whatever data.strict says.
 
@@ -21,15 +22,13 @@ task), so a window's bytes could not be found without reading every block before
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from e2e_dist.data.common import DataError, FileItem, per_shard_in_tasks
+from e2e_dist.data.common import DataError, FileItem
 from e2e_dist.storage import open_input_file
 
 log = logging.getLogger("e2e_dist.data")
@@ -71,6 +70,9 @@ def _docs_parquet(uri: str, column: str, storage_cfg: Any, row_group: int = 0) -
                 yield rg, doc
 
 
+DECODED = [0]
+"""Bytes of documents this process has decoded from record shards (Parquet row groups as a whole,
+JSONL lines as read): what `read_stream` reports as read."""
 _last_row_group: dict = {}
 """This process's most recently decoded row group: consecutive chunks of a shard land in the same
 Ray worker process, and would otherwise decode the same row group again for every chunk."""
@@ -80,6 +82,7 @@ def _cached_row_group(uri: str, column: str, rg: int, decode) -> list[bytes]:
     key = (uri, column, rg)
     if key not in _last_row_group:
         docs = decode()
+        DECODED[0] += sum(len(d) for d in docs)
         _last_row_group.clear()
         _last_row_group[key] = docs
     return _last_row_group[key]
@@ -94,6 +97,7 @@ def _docs_jsonl(uri: str, column: str, storage_cfg: Any, offset: int = 0) -> Ite
         pos = offset
         for lineno, line in enumerate(io.BufferedReader(raw, buffer_size=1 << 20), start=1):
             start, pos = pos, pos + len(line)
+            DECODED[0] += len(line)
             if not line.strip():
                 continue
             try:
@@ -131,33 +135,20 @@ def index_shard(uri: str, column: str, storage_cfg: Any, checkpoint_every: int =
     return {"uri": uri, "length": length, "docs": docs, "checkpoints": checkpoints}
 
 
-def _cache_file(item: FileItem, column: str):
-    from e2e_dist.data.images import cache_root
+def index_shards(files: Sequence[FileItem], data_cfg: Any, storage_cfg: Any, stats: dict | None = None) -> dict[str, dict]:
+    """The index of every record shard in `files` (data/index_store.py: stored once per dataset, the
+    rest in Ray Data tasks); DataError naming the first bad shard (by uri). Each entry's checkpoints
+    come as two int64 arrays (stream offsets, locators), not as per-checkpoint Python objects."""
+    from e2e_dist.data.index_store import cached_index, index_location
 
-    key = hashlib.blake2b(json.dumps([item.uri, item.size, item.mtime, column]).encode(), digest_size=16).hexdigest()
-    return cache_root() / "text-index" / f"{key}.json"
-
-
-def index_shards(files: Sequence[FileItem], column: str, storage_cfg: Any) -> dict[str, dict]:
-    """The index of every record shard in `files` (cached ones from the cache, the rest in Ray Data
-    tasks); DataError naming the first bad shard (by uri)."""
-    out, todo = {}, []
-    for f in files:
-        cached = _cache_file(f, column)
-        if f.mtime is not None and cached.is_file():
-            out[f.uri] = json.loads(cached.read_text())
-        else:
-            todo.append(f)
-    entries = per_shard_in_tasks(todo, index_shard, column=column, storage_cfg=storage_cfg,
-                                 checkpoint_every=CHECKPOINT_EVERY)
-    for item, entry in zip(todo, entries):
-        out[item.uri] = entry
-        if item.mtime is not None:
-            path = _cache_file(item, column)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # sweep trials may index at once
-            tmp.write_text(json.dumps(entry))
-            tmp.replace(path)
+    column = data_cfg.text_column
+    entries = cached_index("text", files, index_shard, location=index_location(data_cfg, storage_cfg),
+                           paths=data_cfg.paths, params={"column": column, "every": CHECKPOINT_EVERY},
+                           storage_cfg=storage_cfg, stats=stats, column=column, checkpoint_every=CHECKPOINT_EVERY)
+    out = {}
+    for f, e in zip(files, entries):
+        ck = np.asarray(e["checkpoints"], dtype=np.int64).reshape(-1, 2)
+        out[f.uri] = {"length": e["length"], "docs": e["docs"], "checkpoints": (ck[:, 0].copy(), ck[:, 1].copy())}
     empty = [u for u, e in out.items() if not e["length"]]
     if empty:
         log.warning("data.text_column %r: %d shard(s) hold no text (e.g. %s)", column, len(empty), empty[0])
@@ -171,16 +162,14 @@ def as_stream_items(files: Sequence[FileItem], index: dict[str, dict]) -> list[F
 
 
 # ------------------------------------------------------------------------------ worker side
-def read_stream(uri: str, offset: int, n: int, *, column: str, checkpoints: list, storage_cfg: Any,
-                eos: int) -> np.ndarray:
+def read_stream(uri: str, offset: int, n: int, *, column: str, offsets: np.ndarray, locators: np.ndarray,
+                storage_cfg: Any, eos: int) -> tuple[np.ndarray, int]:
     """Stream bytes [offset, offset + n) of a shard as token ids (EOS between documents), read from
-    the last checkpoint at or before `offset`."""
-    import bisect
-
-    i = max(0, bisect.bisect_right([c[0] for c in checkpoints], offset) - 1)
-    start, locator = checkpoints[i] if checkpoints else (0, 0)
+    the last checkpoint at or before `offset`; and the document bytes decoded for them."""
+    i = max(0, int(np.searchsorted(offsets, offset, side="right")) - 1)
+    start, locator = (int(offsets[i]), int(locators[i])) if len(offsets) else (0, 0)
     out = np.empty(n, dtype=np.uint16)
-    filled, pos = 0, start
+    filled, pos, before = 0, start, DECODED[0]
     for _, doc in documents(uri, column, storage_cfg, locator):
         if pos != start:  # EOS between documents
             if offset <= pos < offset + n:
@@ -197,4 +186,4 @@ def read_stream(uri: str, offset: int, n: int, *, column: str, checkpoints: list
             break
     if filled < n:
         raise DataError(f"data.paths: {uri} holds less text than when it was indexed (changed while training?)")
-    return out
+    return out, DECODED[0] - before

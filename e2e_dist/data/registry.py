@@ -1,16 +1,17 @@
 """Data-source registry: `data.source` in the config -> builder of Ray Datasets.
 
-A builder runs on the driver and returns a `DataBundle`: lazily-read Ray Datasets for train and
-val (rows already in the model's input form, e.g. packed byte windows), a `collate` that turns a
-numpy batch from `iter_batches` into the model's tensor dict, and what the subset contains
-(`stats`), so runs can report how much data they really used.
+A builder runs on the driver and returns a `DataBundle`: train and val as `SampleSet`s (data/samples.py:
+indexable samples in blocks, read by Ray Data tasks in the model's input form, e.g. packed byte
+windows), a `collate` that turns a numpy batch of rows into the model's tensor dict, and what the
+subset contains (`stats`), so runs can report how much data they really used.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
+from e2e_dist.data.samples import SampleSet
 from e2e_dist.registry import Registry
 
 SOURCES: Registry = Registry("data.source", ["e2e_dist.data.text", "e2e_dist.data.images", "e2e_dist.data.image_records",
@@ -19,17 +20,14 @@ SOURCES: Registry = Registry("data.source", ["e2e_dist.data.text", "e2e_dist.dat
 
 @dataclass(kw_only=True)
 class DataBundle:
-    train: Any
-    """ray.data.Dataset of training rows (deterministic order for a given seed)."""
-    val: Any
-    """ray.data.Dataset of validation rows."""
+    train: SampleSet
+    """The training split (each rank reads only the samples of its micro-batches: train/batches.py)."""
+    val: SampleSet
+    """The validation split (evaluation reads a fixed selection of it: train/evaluate.py)."""
     collate: Callable[[dict], dict]
-    """numpy batch dict (from `iter_batches(batch_format='numpy')`) -> dict of torch tensors."""
+    """numpy batch dict (rows of a reader, `valid` ones only) -> dict of torch tensors."""
     stats: dict[str, float] = field(default_factory=dict)
     """What the training subset holds: train_rows, val_rows, train_bytes / train_tokens / ..."""
-    train_decoded_bytes: int | None = None
-    """Estimated size of the decoded train set in memory (rows in the model's input form); the
-    launcher keeps a train set up to `data.cache_mb` in Ray's object store. None: unknown (streamed)."""
 
 
 register_source = SOURCES.register

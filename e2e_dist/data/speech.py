@@ -33,11 +33,12 @@ import numpy as np
 
 from e2e_dist.config import CTCSpeechConfig
 from e2e_dist.data.common import (
-    DataError, decoded_dataset, is_remote, list_files, note_bad_item, raise_first_bad, read_range, scan_batch,
-    row_seed, seeded_order, split_by_hash, take_fraction,
+    DataError, decoded_dataset, is_remote, list_files, note_bad_item, raise_first_bad, read_many, read_range,
+    row_seed, scan_batch, seeded_order, split_by_hash, take_fraction,
 )
 from e2e_dist.console import FILE_ONLY
 from e2e_dist.data.registry import DataBundle, register_source
+from e2e_dist.data.samples import VALID, row_samples
 from e2e_dist.errors import ConfigError
 from e2e_dist.storage import resolve
 
@@ -115,24 +116,30 @@ def encode_transcript(text: str, alphabet: str) -> list[int]:
 
 def decode_clips(batch: dict, *, sample_rate: int, max_samples: int, max_chars: int, alphabet: str, storage: Any,
                  strict: bool, scan: bool = False, augment: bool = False) -> dict:
-    """Ray Data map_batches fn: rows {uri, size, text[, seed]} -> fixed-shape audio/target arrays.
+    """Ray Data map_batches fn / row decoder: rows {uri, size, text[, seed]} -> fixed-shape audio/target
+    arrays and `valid` (a bad file keeps its row, silent and invalid, or raises when strict).
 
     augment: each row's clip is augmented (data/speech_augment.py) by a generator seeded with the
     row's `seed`. With scan=True it returns only the bad files ({uri, reason}): the strict pre-check.
     """
     from e2e_dist.data.speech_augment import augment_clip
 
-    audio, audio_len, targets, target_len, bad, cut = [], [], [], [], [], []
+    audio, audio_len, targets, target_len, valid, bad, cut = [], [], [], [], [], [], []
     seeds = batch["seed"] if augment else [0] * len(batch["uri"])
-    for uri, n, text, seed in zip(batch["uri"], batch["size"], batch["text"], seeds):
+    datas = read_many(batch["uri"], batch["size"], storage)
+    for uri, data, text, seed in zip(batch["uri"], datas, batch["text"], seeds):
         try:
-            x = decode_audio(read_range(str(uri), 0, int(n), storage), sample_rate)
+            if isinstance(data, Exception):
+                raise data
+            x = decode_audio(data, sample_rate)
         except Exception as e:  # any read/decoder failure (OSError, ValueError, ...) = a bad item
             note_bad_item(bad, "audio", uri, e, strict=strict, scan=scan)
-            continue
+            x, ok = np.zeros(0, np.float32), False
+        else:
+            ok = True
         if scan:
             continue
-        if augment:
+        if augment and ok:
             x = augment_clip(x, np.random.default_rng(int(seed)), sample_rate, max_samples)
         if len(x) > 1.1 * max_samples:  # >10% lost: speech, not just trailing silence, may be gone
             cut.append(str(uri))
@@ -142,15 +149,16 @@ def decode_clips(batch: dict, *, sample_rate: int, max_samples: int, max_chars: 
         audio_len.append(len(x))
         targets.append(ids + [0] * (max_chars - len(ids)))
         target_len.append(len(ids))
+        valid.append(ok)
     if scan:
         return scan_batch(bad)
     if cut:
         log.warning("%d clip(s) over 1.1x data.max_audio_seconds were cut, their transcripts may no longer match "
                     "(e.g. %s)", len(cut), cut[0])
-    return {"audio": np.stack(audio) if audio else np.zeros((0, max_samples), np.float32),
+    return {"audio": np.stack(audio).astype(np.float32) if audio else np.zeros((0, max_samples), np.float32),
             "audio_len": np.array(audio_len, dtype=np.int64),
             "targets": np.array(targets, dtype=np.int64).reshape(len(targets), max_chars),
-            "target_len": np.array(target_len, dtype=np.int64)}
+            "target_len": np.array(target_len, dtype=np.int64), VALID: np.array(valid, dtype=bool)}
 
 
 def collate(batch: dict) -> dict:
@@ -243,10 +251,6 @@ def read_manifests(paths: Sequence[str], alphabet: str, storage_cfg: Any, strict
     return out
 
 
-def _dataset(rows: list[dict], name: str, fn_kwargs: dict):
-    return decoded_dataset(rows, decode_clips, name=name, rows_per_block=ROWS_PER_BLOCK, fn_kwargs=fn_kwargs)
-
-
 def build_speech_bundle(data_cfg: Any, model_cfg: Any, storage_cfg: Any, *, augment: bool = False) -> DataBundle:
     """Manifests -> split, subset, lazily decoded Ray Datasets of fixed-shape clips + stats.
     augment: `data.variants` augmented copies of each training clip (validation stays as recorded)."""
@@ -273,17 +277,22 @@ def build_speech_bundle(data_cfg: Any, model_cfg: Any, storage_cfg: Any, *, augm
                 for u in items for k in range(data_cfg.variants)]
 
     if data_cfg.strict:
-        raise_first_bad(_dataset(rows(train + val), "scan", {**fn_kwargs, "strict": False, "scan": True}).take_all(),
-                        "audio")
+        scan = decoded_dataset(rows(train + val), decode_clips, name="scan", rows_per_block=ROWS_PER_BLOCK,
+                               fn_kwargs={**fn_kwargs, "strict": False, "scan": True})
+        raise_first_bad(scan.take_all(), "audio")
     train_rows = augmented_rows(train) if augment else rows(train)
     stats = {"train_rows": len(train_rows), "val_rows": len(val), "train_samples": len(train_rows),
              "train_clips": len(train), "train_bytes": sum(u.size for u in train),
              "train_chars": sum(len(u.text) for u in train)}
     log.info("speech data %s: %s", label, stats, extra=FILE_ONLY)
-    row_bytes = fn_kwargs["max_samples"] * 4 + fn_kwargs["max_chars"] * 8 + 16  # float32 audio, int64 targets
-    return DataBundle(train=_dataset(train_rows, "train", {**fn_kwargs, "augment": augment}),
-                      val=_dataset(rows(val), "val", fn_kwargs),
-                      collate=collate, stats=stats, train_decoded_bytes=len(train_rows) * row_bytes)
+    row_bytes = fn_kwargs["max_samples"] * 4 + fn_kwargs["max_chars"] * 8 + 17  # float32 audio, int64 targets
+
+    def samples(rows: list[dict], name: str, kwargs: dict):
+        return row_samples(name, rows, decode_clips, kwargs, sample_bytes=row_bytes, rows_per_task=ROWS_PER_BLOCK,
+                           size_column="size")
+
+    return DataBundle(train=samples(train_rows, "train", {**fn_kwargs, "augment": augment}),
+                      val=samples(rows(val), "val", fn_kwargs), collate=collate, stats=stats)
 
 
 @register_source("speech-manifest")

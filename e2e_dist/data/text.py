@@ -1,15 +1,16 @@
-"""Text sources: byte files -> packed windows of `seq_len + 1` byte ids, streamed by Ray Data.
+"""Text sources: byte files -> packed windows of `seq_len + 1` byte ids, read by number.
 
 Sources: `text` (data.paths: files, directories, globs, `s3://` prefixes) and `stdlib-text`
 (this Python's standard library `*.py` files: real text on every machine, never downloaded).
 
 How a config becomes bytes, all decided on the driver from the listing alone (no file is read
-there beyond the first 4 KiB of a few sampled files, `warn_if_binary`, so building the datasets
-takes well under a second for thousands of files):
+there beyond the first 4 KiB of a few sampled files, `warn_if_binary`, and the record shards'
+stored index, data/records.py):
 1. `max_files`: the first max_files files in the seeded order (`common.seeded_order`).
 2. Split by each file's key hash (`common.split_by_hash`); val never ends up empty: it takes
    the files with the next-smallest hashes until it holds a window. A lone file is split by
-   bytes instead (val = its tail).
+   bytes instead (val = its tail); so are a few files whose whole-file split misses
+   val_fraction by more than 2x (val = the tail of each), said in one line.
 3. Training subset = a byte budget `min(fraction * train_bytes, max_bytes)` taken as a prefix of
    the seeded train file order, cutting the last file. Smaller budgets are exact prefixes of
    larger ones, so their windows are the first windows of the larger subset (nested ablations).
@@ -17,22 +18,13 @@ takes well under a second for thousands of files):
    k is `stream[k*seq_len : k*seq_len + seq_len + 1]` (inputs [:-1], targets [1:]), so every
    stream byte after the first is a target exactly once; train_tokens = windows * seq_len.
 
-Ordering guarantee: a dataset's row order is a pure function of the files' bytes and the data
-config. Rows are produced in chunks of consecutive windows (~256 KiB of stream), chunks in stream
-order; inside a train chunk the windows are permuted by a RNG seeded with (seed, chunk), so a
-batch mixes a few files instead of one file's consecutive windows. Rows carry their window
-number in `index` for checks. Both datasets have preserve_order set; pass
-`common.ingest_data_config()` as the TorchTrainer's `dataset_config` so Ray Train keeps it: then
-every rank reads the same row sequence, the same on every run (train/batches.py's BatchStream
-gives rank r of W every W-th micro-batch of it, and a seeded local shuffle per epoch on top,
-`data.shuffle_buffer_batches`, deterministic in the same way), so a resume at any world size
-continues exactly where the run stopped.
+A split is then a SampleSet of windows (data/samples.py) in blocks of ~256 KiB of stream (record
+shards: between their checkpoints), read by `text_reader.TextReader`; the order they are trained
+in, and which rank reads which, is data/order.py's. Rows carry their window number in `index`.
 """
 
 from __future__ import annotations
 
-import bisect
-import json
 import logging
 import math
 import sysconfig
@@ -42,16 +34,16 @@ from typing import Any, Sequence
 import numpy as np
 
 from e2e_dist.data.common import (
-    DataError, FileItem, deterministic, list_files, read_range, seeded_order, split_by_hash, walk_files,
+    DataError, FileItem, list_files, read_range, seeded_order, share_note, split_by_hash, walk_files,
 )
 from e2e_dist.console import FILE_ONLY
-from e2e_dist.data.records import as_stream_items, index_shards, read_stream, record_kind
+from e2e_dist.data.records import as_stream_items, index_shards, record_kind
 from e2e_dist.data.registry import DataBundle, register_source
+from e2e_dist.data.samples import SampleSet
+from e2e_dist.data.text_reader import BLOCK_STREAM_BYTES, TextReader, block_starts
 from e2e_dist.errors import ConfigError
 
 log = logging.getLogger("e2e_dist.data")
-CHUNK_STREAM_BYTES = 1 << 18
-"""Target stream bytes per Ray block: big enough to amortize a task, small enough to stream."""
 STDLIB_SKIP_DIRS = ("site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__")
 
 
@@ -89,54 +81,36 @@ class StreamPlan:
     def files(self) -> int:
         return len({s.uri for s in self.segments})
 
-    def chunks(self) -> list[dict]:
-        """Per Ray block: its first window, window count, and the reads that cover it."""
-        per = max(1, CHUNK_STREAM_BYTES // self.seq_len)
-        offs, pos = [], 0
-        for s in self.segments:
-            offs.append(pos)
-            pos += s.length + s.eos
-        return [
-            {"w0": w0, "n": min(per, self.windows - w0),
-             "runs": self._runs(offs, w0 * self.seq_len, (w0 + min(per, self.windows - w0)) * self.seq_len + 1)}
-            for w0 in range(0, self.windows, per)
-        ]
-
-    def _runs(self, offs: list[int], lo: int, hi: int) -> list[list]:
-        """Stream range [lo, hi) as [uri, file offset, n bytes] reads; [None, 0, 1] is one EOS."""
-        runs: list[list] = []
-        i, pos = bisect.bisect_right(offs, lo) - 1, lo
-        while pos < hi:
-            seg, s0 = self.segments[i], offs[i]
-            if pos < s0 + seg.length:
-                take = min(hi, s0 + seg.length) - pos
-                runs.append([seg.uri, seg.start + pos - s0, take])
-                pos += take
-            if pos < hi and seg.eos and pos == s0 + seg.length:
-                runs.append([None, 0, 1])
-                pos += 1
-            i += 1
-        return runs
-
 
 def plan_splits(files: Sequence[FileItem], data_cfg: Any, paths_label: str) -> tuple[StreamPlan, StreamPlan]:
     """(train, val) stream plans for `files` under data_cfg; DataError when there is too little data."""
-    S, seed = data_cfg.seq_len, data_cfg.seed
+    S, seed, vf = data_cfg.seq_len, data_cfg.seed, data_cfg.val_fraction
     files = seeded_order(files, seed=seed)[: data_cfg.max_files or None]
     need = S + 1
     if len(files) == 1:
         # One file (a classic "input.txt"): hold out its tail rather than the whole file.
         f = files[0]
-        n_val = max(math.ceil(f.size * data_cfg.val_fraction), S)
+        n_val = max(math.ceil(f.size * vf), S)
         train = [Segment(f.uri, 0, f.size - n_val, False)] if f.size > n_val else []
         val = [Segment(f.uri, f.size - n_val, n_val, True)]
     else:
         for min_val in range(1, len(files)):
-            train_f, val_f = split_by_hash(files, val_fraction=data_cfg.val_fraction, seed=seed, min_val=min_val)
+            train_f, val_f = split_by_hash(files, val_fraction=vf, seed=seed, min_val=min_val)
             if sum(f.size + 1 for f in val_f) >= need:
                 break
         train = [Segment(f.uri, 0, f.size, True) for f in train_f]
         val = [Segment(f.uri, 0, f.size, True) for f in val_f]
+        total = sum(f.size for f in files)
+        share = sum(f.size for f in val_f) / max(total, 1)
+        if not vf / 2 <= share <= 2 * vf:
+            if len(files) < 2 / vf:  # too few files to come close whole: hold out the tail of each
+                tails = _tail_split(files, vf, need)
+                if tails is not None:
+                    train, val = tails
+                    share_note(f"{len(files)} files", share, vf, "the tail of each file")
+            else:
+                log.warning("data: the validation files hold %.1f%% of the bytes (data.val_fraction %.1f%%)",
+                            100 * share, 100 * vf)
     val_plan = StreamPlan(tuple(val), S)
     full = StreamPlan(tuple(train), S)
     if not val_plan.windows or not full.windows:
@@ -162,101 +136,61 @@ def plan_splits(files: Sequence[FileItem], data_cfg: Any, paths_label: str) -> t
     return train_plan, val_plan
 
 
+def _tail_split(files: Sequence[FileItem], vf: float, need: int) -> tuple[list[Segment], list[Segment]] | None:
+    """Train = each file's head, val = its tail, the tails adding up to vf of all bytes (cumulative
+    rounding); None when that leaves no val window. A head ends with EOS like a whole file: the
+    next file's text is another document."""
+    train, val, seen = [], [], 0
+    for f in files:
+        n_val = int((seen + f.size) * vf) - int(seen * vf)
+        seen += f.size
+        if f.size > n_val:
+            train.append(Segment(f.uri, 0, f.size - n_val, True))
+        if n_val:
+            val.append(Segment(f.uri, f.size - n_val, n_val, True))
+    return (train, val) if sum(s.length + 1 for s in val) >= need else None
+
+
 # ------------------------------------------------------------------------------ worker side
-def _read_tokens(uri: str, offset: int, n: int, storage_cfg: Any, strict: bool, pad: int) -> np.ndarray:
-    """n byte ids of uri from offset; an unreadable or shrunk file reads as PAD (ignored by the
-    loss) with a warning, so windows keep their place, or raises DataError when strict."""
-    try:
-        data = read_range(uri, offset, n, storage_cfg)
-    except OSError as e:
-        if strict:
-            raise DataError(f"data.paths: cannot read {uri}: {str(e).splitlines()[0] if str(e) else e!r}") from None
-        log.warning("unreadable %s (%s): its bytes become PAD", uri, e)
-        data = b""
-    out = np.full(n, pad, dtype=np.uint16)
-    out[: len(data)] = np.frombuffer(data, dtype=np.uint8)
-    if len(data) < n:
-        if strict:
-            raise DataError(f"data.paths: {uri} is shorter than listed (changed while training?)")
-        if data:
-            log.warning("%s shrank since it was listed: %d missing bytes become PAD", uri, n - len(data))
-    return out
-
-
-def read_windows(batch: dict, *, seq_len: int, shuffle_seed: int | None, storage: Any, strict: bool,
-                 eos: int, pad: int, column: str = "text") -> dict:
-    """Ray Data map_batches fn: chunk plans (JSON) -> their windows {"tokens", "index"}.
-
-    A plan's `records` holds the checkpoints of the record shards it reads (data/records.py); their
-    stream ranges are read from those, every other uri as raw bytes. The special ids come in as
-    arguments: importing the model module here would load torch into every Ray Data worker process
-    just for two integers."""
-    tokens, index = [], []
-    for raw in batch["plan"]:
-        plan = json.loads(raw)
-        records = plan.get("records", {})
-
-        def read(uri: str, off: int, n: int) -> np.ndarray:
-            if uri in records:
-                return read_stream(uri, off, n, column=column, checkpoints=records[uri], storage_cfg=storage, eos=eos)
-            return _read_tokens(uri, off, n, storage, strict, pad)
-
-        parts = [np.array([eos], np.uint16) if uri is None else read(uri, off, n) for uri, off, n in plan["runs"]]
-        stream = np.concatenate(parts)
-        n, w0 = plan["n"], plan["w0"]
-        win = stream[np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)]
-        idx = np.arange(w0, w0 + n, dtype=np.int64)
-        if shuffle_seed is not None:
-            perm = np.random.default_rng([shuffle_seed % 2**32, w0]).permutation(n)
-            win, idx = win[perm], idx[perm]
-        tokens.append(win)
-        index.append(idx)
-    return {"tokens": np.concatenate(tokens), "index": np.concatenate(index)}
-
-
 def collate(batch: dict) -> dict:
-    """numpy batch from iter_batches -> {"tokens": LongTensor (B, seq_len + 1)}."""
+    """numpy batch of rows -> {"tokens": LongTensor (B, seq_len + 1)}."""
     import torch
 
     return {"tokens": torch.from_numpy(np.ascontiguousarray(batch["tokens"], dtype=np.int64))}
 
 
 # ------------------------------------------------------------------------------ driver side
-def _dataset(plan: StreamPlan, *, shuffle_seed: int | None, storage_cfg: Any, strict: bool, name: str,
-             records: dict[str, list], column: str):
+def text_samples(plan: StreamPlan, *, name: str, storage_cfg: Any, strict: bool, records: dict[str, tuple],
+                 column: str) -> SampleSet:
+    """The windows of one split's stream as a SampleSet (O(files) arrays, shared through the object store)."""
     import ray
-    import ray.data
 
     from e2e_dist.models.gpt import EOS, PAD
 
     if not ray.is_initialized():
-        # Ray Data would otherwise start a default instance (public address, ~/.ray token auth).
+        # Ray would otherwise start a default instance (public address, ~/.ray token auth).
         raise RuntimeError("initialize Ray before building datasets (e2e_dist.train.ray_env.init_ray)")
-    chunks = plan.chunks()
-    for c in chunks:  # each read task carries the checkpoints of its own shards only
-        mine = {uri: records[uri] for uri, _, _ in c["runs"] if uri in records}
-        if mine:
-            c["records"] = mine
-    items = [{"plan": json.dumps(c)} for c in chunks]
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        read_windows,
-        batch_size=1,
-        batch_format="numpy",
-        fn_kwargs={"seq_len": plan.seq_len, "shuffle_seed": shuffle_seed, "storage": storage_cfg, "strict": strict,
-                   "eos": EOS, "pad": PAD, "column": column},
-        # Reading a few hundred KiB per task is I/O, not compute; on a small machine the training
-        # workers hold every CPU, and a 1-CPU read task would then never be scheduled.
-        num_cpus=0,
-        compute=ray.data.TaskPoolStrategy(size=min(2, len(items))),
-    )
-    ds.set_name(name)
-    return deterministic(ds)
+    segs = plan.segments
+    uris = sorted({s.uri for s in segs})
+    where = {u: i for i, u in enumerate(uris)}
+    lengths = np.array([s.length for s in segs], dtype=np.int64)
+    eos = np.array([s.eos for s in segs], dtype=bool)
+    arrays = {"uri": np.array([where[s.uri] for s in segs], dtype=np.int64),
+              "start": np.array([s.start for s in segs], dtype=np.int64), "length": lengths, "eos": eos,
+              "offset": np.concatenate([[0], np.cumsum(lengths + eos)[:-1]]).astype(np.int64)}
+    checkpoints = {u: records[u] for u in uris if u in records}  # only this split's shards
+    reader = TextReader(arrays, uris, checkpoints, seq_len=plan.seq_len, storage=storage_cfg, strict=strict,
+                        eos=EOS, pad=PAD, column=column)
+    starts = block_starts(arrays, uris, checkpoints, plan.seq_len, plan.windows)
+    return SampleSet(name=name, starts=starts, reader=reader, sample_bytes=(plan.seq_len + 1) * 2 + 9,
+                     rows_per_task=max(64, BLOCK_STREAM_BYTES // plan.seq_len))
 
 
 def build_text_bundle(files: Sequence[FileItem], data_cfg: Any, storage_cfg: Any, paths_label: str,
-                      records: dict[str, list] | None = None) -> DataBundle:
-    """Plan on the driver, then lazily-read Ray Datasets of windows + exact stats.
-    records: checkpoints of the record shards among `files` (their size is their stream's length)."""
+                      records: dict[str, tuple] | None = None) -> DataBundle:
+    """Plan on the driver, then the splits as SampleSets + exact stats.
+    records: {uri: (checkpoint offsets, locators)} of the record shards among `files` (their size is
+    their stream's length)."""
     records = records or {}
     train, val = plan_splits(files, data_cfg, paths_label)
     stats = {
@@ -267,15 +201,9 @@ def build_text_bundle(files: Sequence[FileItem], data_cfg: Any, storage_cfg: Any
         "val_files": val.files, "val_rows": val.windows,
     }
     log.info("text data %s: %s", paths_label, stats, extra=FILE_ONLY)
-    return DataBundle(
-        train=_dataset(train, shuffle_seed=data_cfg.seed, storage_cfg=storage_cfg, strict=data_cfg.strict, name="train",
-                       records=records, column=data_cfg.text_column),
-        val=_dataset(val, shuffle_seed=None, storage_cfg=storage_cfg, strict=data_cfg.strict, name="val",
-                     records=records, column=data_cfg.text_column),
-        collate=collate,
-        stats=stats,
-        train_decoded_bytes=train.windows * ((train.seq_len + 1) * 2 + 8),  # uint16 tokens + int64 index
-    )
+    kw = {"storage_cfg": storage_cfg, "strict": data_cfg.strict, "records": records, "column": data_cfg.text_column}
+    return DataBundle(train=text_samples(train, name="train", **kw), val=text_samples(val, name="val", **kw),
+                      collate=collate, stats=stats)
 
 
 SNIFF_FILES = 16
@@ -324,12 +252,15 @@ def build_text(data_cfg, *, model_cfg=None, storage_cfg=None) -> DataBundle:
     shards = [f for f in files if record_kind(f.uri)]
     plain = [f for f in files if not record_kind(f.uri)]
     warn_if_binary(plain, storage_cfg)
-    index = index_shards(shards, data_cfg.text_column, storage_cfg)
+    index_stats: dict = {}
+    index = index_shards(shards, data_cfg, storage_cfg, stats=index_stats) if shards else {}
     items = plain + as_stream_items(shards, index)
     log.info("text data: %d plain file(s), %d record shard(s) (%d documents)", len(plain), len(shards),
              sum(e["docs"] for e in index.values()), extra=FILE_ONLY)
-    return build_text_bundle(items, data_cfg, storage_cfg, ", ".join(data_cfg.paths),
-                             records={u: e["checkpoints"] for u, e in index.items()})
+    bundle = build_text_bundle(items, data_cfg, storage_cfg, ", ".join(data_cfg.paths),
+                               records={u: e["checkpoints"] for u, e in index.items()})
+    bundle.stats.update(index_stats)
+    return bundle
 
 
 def _text_files(data_cfg, storage_cfg) -> list[FileItem]:

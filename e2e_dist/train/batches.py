@@ -1,93 +1,165 @@
-"""Micro-batches for the training loop: a Ray Data shard, epoch after epoch, with a resumable position."""
+"""Micro-batches for one rank: its own samples of every global batch, epoch after epoch, from any position.
+
+The order is data/order.py's: one seeded global order per epoch, whatever the world size; global
+batch s is the next G samples of it, and rank r trains on its W-th of them. So a rank reads and
+decodes only its own samples (1/W of an epoch), and a position (samples of the epoch consumed by
+all ranks) is all a resume needs: the next batches follow from arithmetic, nothing before the
+position is read again, and a run resized from 8 to 4 workers skips and repeats nothing.
+
+Reading: a set the launcher materialized (a train set under data.cache_mb) is gathered from the
+object store; any other is read by Ray Data tasks, `data.decode_tasks` at a time, on the rank's
+node when it has room, each task reading the rank's samples of a few global batches. A background
+thread keeps `prefetch` micro-batches ready (collated, and on a GPU pinned and copied), across
+task batches and epochs. The stream counts what it read: samples and storage bytes (`counters`).
+"""
 
 from __future__ import annotations
 
-from typing import Iterator
+import queue
+import threading
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from ray.data.collate_fn import NumpyBatchCollateFn
+
+from e2e_dist.data.order import EpochOrder, batches_left, rank_share
+from e2e_dist.data.samples import READ_BYTES, READ_SAMPLES, VALID, SampleSet, read_dataset
+
+TASKS_PER_PIPELINE = 32
+"""Read tasks per Ray Dataset the stream builds (the ids of the next stretch of batches; then the next)."""
 
 
-class ModalityCollate(NumpyBatchCollateFn):
-    """Our modality's numpy -> tensor collate in the form Ray Data's `iter_torch_batches` takes.
+def default_window_blocks(cfg) -> int:
+    """data.shuffle_blocks, or max(64, 8 x the most workers the run may have): enough blocks per
+    window that each rank's share of a window is ~8 blocks, whose edges then cost little."""
+    return cfg.data.shuffle_blocks or max(64, 8 * cfg.trainer.worker_range[1])
 
-    Ray runs it (and the pinning and host-to-device copy after it) in its prefetch threads, so the
-    next batch is ready on the device while the current step computes."""
 
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, batch):
-        return self.fn(batch)
+def model_batch(cols: dict[str, np.ndarray], collate: Callable[[dict], dict]) -> dict[str, torch.Tensor]:
+    """A reader's rows -> the model's tensors: undecodable samples (valid False) dropped, unless that
+    would leave nothing (every rank must still run the micro-batch: its collectives)."""
+    valid = cols.get(VALID)
+    rows = {k: v for k, v in cols.items() if k not in (VALID, READ_BYTES, READ_SAMPLES)}
+    if valid is not None and valid.any() and not valid.all():
+        rows = {k: v[valid] for k, v in rows.items()}
+    return collate(rows)
 
 
 class BatchStream:
-    """Endless micro-batches for one rank, epoch after epoch, at a position that survives resizing.
+    """Endless micro-batches of `split` for rank `rank` of `world`, from (epoch, samples)."""
 
-    Every rank reads the *same* sequence of micro-batches (the whole train set in its fixed order,
-    the same seeded shuffle) and trains on its own share: rank r of W takes micro-batches r, r+W,
-    r+2W, ... So the global order does not depend on the world size, and the position is one
-    number any world size can continue from: `samples`, the examples of this epoch consumed by all
-    ranks together. A run resized from 8 to 4 workers skips no example and repeats none. (The price:
-    each rank's Ray Data pipeline reads the whole set and keeps 1/W of it - cheap for byte text,
-    W x the decoding for images and audio.) An epoch ends when fewer than W micro-batches are left,
-    so all ranks start the next one together.
+    def __init__(self, split: SampleSet, *, micro_batch: int, grad_accum: int, collate: Callable[[dict], dict],
+                 device: torch.device, shuffle_blocks: int, rank: int = 0, world: int = 1, epoch: int = 0,
+                 samples: int = 0, seed: int = 0, prefetch: int = 2, decode_tasks: int = 1, node_id: str | None = None):
+        self.split, self.mb, self.accum, self.collate, self.device = split, micro_batch, grad_accum, collate, device
+        self.rank, self.world, self.seed, self.m = rank, world, seed, shuffle_blocks
+        self.batch = micro_batch * grad_accum * world  # the global batch, in samples
+        self.prefetch, self.decode_tasks, self.node_id = max(1, prefetch), decode_tasks, node_id
+        self.position = (epoch, samples)
+        self.counters = {"samples": 0, "bytes": 0}
+        """Samples this rank's read tasks read and decoded, and the storage bytes they read, since
+        the stream began (a materialized set: none). Read-ahead included."""
+        self.epoch_counters: dict[int, dict[str, int]] = {}
+        """The same, per epoch read."""
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
 
-    Each epoch draws rows at random from a buffer of `shuffle_rows` rows, seeded by (seed, epoch):
-    every epoch has its own order, the same on every run and on every rank. Batches are prefetched
-    `prefetch` deep; on a GPU they arrive pinned and already copied to the device.
-    """
-
-    def __init__(self, dataset, batch_size: int, collate, device: torch.device, *, rank: int = 0, world: int = 1,
-                 epoch: int = 0, samples: int = 0, prefetch: int = 2, shuffle_rows: int = 0, seed: int = 0):
-        self.dataset, self.batch_size, self.device, self.prefetch = dataset, batch_size, device, prefetch
-        self.rank, self.world = rank, world
-        self.shuffle_rows, self.seed = shuffle_rows, seed
-        self.collate = ModalityCollate(collate)
-        # A position between micro-batches (a resume with another micro_batch_size) rounds down:
-        # at most part of one batch is seen twice, nothing is skipped.
-        self.epoch, self.consumed = epoch, samples // batch_size
-        self._it: Iterator | None = None
-
-    def _start_epoch(self) -> None:
-        shuffle = {}
-        if self.shuffle_rows:
-            # Ray wants the buffer at least one batch; the seed mixes run seed and epoch.
-            shuffle = {"local_shuffle_buffer_size": max(self.shuffle_rows, self.batch_size),
-                       "local_shuffle_seed": int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])}
-        self._it = iter(self.dataset.iter_torch_batches(
-            batch_size=self.batch_size, collate_fn=self.collate, device=self.device,
-            pin_memory=self.device.type == "cuda", drop_last=True, prefetch_batches=self.prefetch, **shuffle))
-        for _ in range(self.consumed):  # fast-forward to the saved position
-            next(self._it)
-
-    def _next_round(self) -> list[dict[str, torch.Tensor]] | None:
-        """The next W micro-batches of the global sequence (one per rank), None at the epoch's end."""
-        round_ = []
-        for _ in range(self.world):
-            try:
-                round_.append(next(self._it))
-            except StopIteration:
-                return None
-        return round_
-
+    # ------------------------------------------------------------------------ consumer side
     def next(self) -> dict[str, torch.Tensor]:
-        if self._it is None:
-            self._start_epoch()
-        round_ = self._next_round()
-        if round_ is None:
-            if self.consumed == 0:
-                raise RuntimeError(f"the train set yields fewer than {self.world} micro-batches of "
-                                   f"{self.batch_size}: lower trainer.micro_batch_size or add data")
-            self.epoch, self.consumed = self.epoch + 1, 0
-            self._start_epoch()
-            round_ = self._next_round()
-            if round_ is None:
-                raise RuntimeError("the train set changed size between epochs")
-        self.consumed += self.world
-        return round_[self.rank]
+        if self._queue is None:
+            self._queue = queue.Queue(maxsize=self.prefetch)
+            threading.Thread(target=self._feed, name="e2e-batches", daemon=True).start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        batch, done = item
+        if done is not None:  # the last micro-batch of a global batch: the position moves past it
+            self.position = done
+        return batch
 
     def state(self) -> dict[str, int]:
-        """The position: epoch, and examples of it consumed by all ranks (independent of W)."""
-        return {"epoch": self.epoch, "samples": self.consumed * self.batch_size}
+        """The position: epoch, examples of it consumed by all ranks (independent of W), and the
+        order's window size (a resume continues the same order)."""
+        return {"epoch": self.position[0], "samples": self.position[1], "shuffle_blocks": self.m}
+
+    def close(self) -> None:
+        self._stop.set()
+
+    # ------------------------------------------------------------------------ producer side
+    def _feed(self) -> None:
+        try:
+            for item in self._micro_batches():
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.2)  # type: ignore[union-attr]
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as e:  # handed to the training thread, which raises it
+            self._queue.put(e)  # type: ignore[union-attr]
+
+    def _micro_batches(self) -> Iterator[tuple[dict[str, torch.Tensor], tuple[int, int] | None]]:
+        epoch, pos = self.position
+        n, G = self.split.n, self.batch
+        while True:
+            left = batches_left(n, pos, G)
+            if not left:
+                if pos == 0:
+                    raise RuntimeError(f"the train set holds {n} samples, fewer than one global batch of {G}: "
+                                       "lower trainer.micro_batch_size (or global_batch_size) or add data")
+                epoch, pos = epoch + 1, 0
+                continue
+            order = EpochOrder(self.split.starts, seed=self.seed, epoch=epoch, window_blocks=self.m)
+            per_task = max(1, self.split.rows_per_task // (G // self.world))
+            stretch = per_task * (1 if self.split.materialized else TASKS_PER_PIPELINE)
+            for first in range(0, left, stretch):
+                count = min(stretch, left - first)
+                ids = rank_share(order, start=pos, batch=G, first=first, count=count, rank=self.rank, world=self.world)
+                for j, cols in enumerate(self._rows(ids, per_task)):
+                    if READ_SAMPLES in cols:  # read by a task (a materialized set costs no reads)
+                        self._count(epoch, int(cols[READ_SAMPLES].sum()), int(cols[READ_BYTES].sum()))
+                    done = (epoch, pos + (first + (j + 1) // self.accum) * G) if (j + 1) % self.accum == 0 else None
+                    yield self._to_device(model_batch(cols, self.collate)), done
+            epoch, pos = epoch + 1, 0
+
+    def _count(self, epoch: int, samples: int, nbytes: int) -> None:
+        mine = self.epoch_counters.setdefault(epoch, {"samples": 0, "bytes": 0})
+        for c in (self.counters, mine):
+            c["samples"] += samples
+            c["bytes"] += nbytes
+
+    def _rows(self, ids: np.ndarray, per_task: int) -> Iterator[dict[str, np.ndarray]]:
+        """The rank's rows for `ids` (its samples of a stretch of batches), micro-batch by micro-batch."""
+        if self.split.materialized:
+            for i in range(0, len(ids), self.mb):
+                yield self.split.read(ids[i:i + self.mb])[0]
+            return
+        share = self.batch // self.world
+        tasks = [ids[i:i + per_task * share] for i in range(0, len(ids), per_task * share)]
+        ds = read_dataset(tasks, self.split.reader, tasks=self.decode_tasks, name=f"{self.split.name}-rank{self.rank}",
+                          node_id=self.node_id)
+        yield from ds.iter_batches(batch_size=self.mb, batch_format="numpy", prefetch_batches=1)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.device.type != "cuda":
+            return batch
+        return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+
+
+def stream_for(split: SampleSet, cfg, *, collate: Callable[[dict], dict], device: torch.device, rank: int, world: int,
+               grad_accum: int, position: dict[str, Any]) -> BatchStream:
+    """The train stream of a rank of this run, from a checkpoint's position (`RunState.data`)."""
+    import os
+
+    import ray
+    import ray.train
+
+    local_world = max(1, ray.train.get_context().get_local_world_size())
+    tasks = cfg.data.decode_tasks or max(1, (os.cpu_count() or 1) // local_world)
+    return BatchStream(split, micro_batch=cfg.trainer.micro_batch_size, grad_accum=grad_accum, collate=collate,
+                       device=device, rank=rank, world=world, seed=cfg.data.seed, prefetch=cfg.trainer.prefetch_batches,
+                       decode_tasks=tasks, node_id=ray.get_runtime_context().get_node_id(),
+                       epoch=int(position.get("epoch", 0)), samples=int(position.get("samples", 0)),
+                       shuffle_blocks=int(position.get("shuffle_blocks") or default_window_blocks(cfg)))

@@ -5,42 +5,42 @@ from __future__ import annotations
 import torch
 
 from e2e_dist.config import RunConfig
+from e2e_dist.data.order import eval_chunks
+from e2e_dist.train.batches import model_batch
 from e2e_dist.train.metrics import all_reduce_sum
 
 
-def evaluate(engine, model, val_iter, batches: int, batch_size: int, collate, device, rank: int, world: int) -> dict[str, float]:
-    """Validation on the first `batches * world` batches of the (unsplit, deterministic) val set.
+def evaluate(engine, model, val, micro_batch: int, collate, device, rank: int, world: int,
+             cache: dict | None = None) -> dict[str, float]:
+    """Validation on `val`, the fixed selection of the val split (launcher: trainer.eval_samples of it).
 
-    Every rank reads the same val stream and takes every world-th batch, so the evaluated set is
-    identical from run to run and across restarts, whatever Ray Data's split would have done.
-    Every rank runs the same number of forwards: under ZeRO-3 each forward gathers parameter shards
-    collectively, so a rank that stopped one batch early would hang the others. A rank short of a
-    batch (a val set that does not divide by the world size) repeats one and discards the result.
+    The selection is cut into micro-batch chunks at fixed places and dealt out in contiguous runs
+    (order.eval_chunks): each chunk is the same forward at any world size and the sums are float64,
+    so the same weights give the same metrics (to ~1e-12) on 1 or 8 workers. Each rank reads only
+    its chunks, once (kept in `cache` for later evaluations). Every rank runs the same number of
+    forwards: under ZeRO-3 each forward gathers parameter shards collectively, so a rank with fewer
+    chunks repeats one and discards the result.
     """
-    mine, total, filler = [], 0, None
-    for i, np_batch in enumerate(val_iter.iter_batches(batch_size=batch_size, batch_format="numpy",
-                                                       drop_last=False)):
-        if i >= batches * world:
-            break
-        total += 1
-        if i == 0:
-            filler = np_batch  # what a short rank runs (and discards)
-        if i % world == rank:
-            mine.append(np_batch)
-    rounds = -(-total // world)  # the same on every rank: they all read the same stream
+    import numpy as np
+
+    cache = {} if cache is None else cache
+    mine, rounds = eval_chunks(val.n, micro_batch, rank, world)
+    if "chunks" not in cache:
+        cache["chunks"] = [val.read(np.arange(lo, hi))[0] for lo, hi in mine]
+        cache["filler"] = cache["chunks"][0] if mine else val.read(np.arange(min(micro_batch, val.n)))[0]
+    chunks = cache["chunks"]
     engine.eval()
-    sums = {k: torch.zeros((), device=device) for k in model.eval_sum_keys()}
+    sums = {k: torch.zeros((), device=device, dtype=torch.float64) for k in model.eval_sum_keys()}
     with torch.no_grad():
         for r in range(rounds):
-            real = r < len(mine)
-            batch = {k: v.to(device) for k, v in collate(mine[r] if real else filler).items()}
+            real = r < len(chunks)
+            batch = {k: v.to(device) for k, v in model_batch(chunks[r] if real else cache["filler"], collate).items()}
             out = model.eval_sums(batch)
             if real:
                 for k, v in out.items():
-                    sums[k] = sums[k] + v.float()
+                    sums[k] = sums[k] + v.double()
     engine.train()
     return model.summarize_eval(all_reduce_sum(sums, device))
-
 
 
 def final_sample(engine, model, rank: int, cfg: RunConfig) -> str:

@@ -62,15 +62,15 @@ def prepare_run_dir(cfg: RunConfig, *, resume: bool | None) -> CommittedCheckpoi
     return found
 
 
-def build_trainer(cfg: RunConfig, *, datasets: dict[str, Any], collate, progress_actor=None, callbacks=None,
+def build_trainer(cfg: RunConfig, *, train, val, collate, progress_actor=None, callbacks=None,
                   data_stats: dict[str, float] | None = None, fault: str | None = None):
-    """The TorchTrainer for one run; also used by each sweep trial's driver."""
+    """The TorchTrainer for one run; also used by each sweep trial's driver. train: the train split
+    (a SampleSet: each rank reads its own samples, train/batches.py); val: the validation selection."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from e2e_dist import storage
-    from e2e_dist.data.common import ingest_data_config
     from e2e_dist.train.faults import fault_marker_dir
     from e2e_dist.train.loop import train_loop_per_worker
     from e2e_dist.train.ray_env import local_runtime_env_vars
@@ -79,7 +79,8 @@ def build_trainer(cfg: RunConfig, *, datasets: dict[str, Any], collate, progress
     t = cfg.trainer
     use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     backend = t.backend if t.backend != "auto" else ("nccl" if use_gpu else "gloo")
-    loop_config = {"run": cfg.model_dump(mode="json"), "collate": collate, "progress_actor": progress_actor,
+    loop_config = {"run": cfg.model_dump(mode="json"), "train": train, "val": val, "collate": collate,
+                   "progress_actor": progress_actor,
                    "fault": fault, "fault_dir": fault_marker_dir(cfg.run_uri),
                    "data_stats": dict(data_stats or {})}
     run_config = ray.train.RunConfig(
@@ -103,11 +104,6 @@ def build_trainer(cfg: RunConfig, *, datasets: dict[str, Any], collate, progress
                                                elastic_resize_monitor_interval_s=t.resize_check_s,
                                                use_gpu=use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=run_config,
-        datasets=datasets,
-        # Neither is split: every rank reads train in the same fixed order and keeps its own share
-        # (train/batches.py: a position that survives resizing); val is read whole by each rank
-        # (see loop.evaluate).
-        dataset_config=ingest_data_config(datasets_to_split=[]),
     )
 
 
@@ -157,17 +153,11 @@ def _fit(cfg: RunConfig, address: str | None, progress, callbacks, fault: str | 
 
     init_ray(address)  # an open RunLog takes over Ray's worker output here (console.ray_started)
     bundle = build_data(cfg.data, cfg.model, cfg.storage)
-    # Validation is small and read at every evaluation: materialize it once in the object store
-    # instead of re-running its read tasks each time.
-    bundle.val = bundle.val.materialize()
-    if bundle.train_decoded_bytes is not None and bundle.train_decoded_bytes <= cfg.data.cache_mb * 2**20:
-        # Every worker reads the whole train set every epoch (train/batches.py): once in memory,
-        # that costs no task (a fresh Ray worker process per read task is most of it on a small machine).
-        bundle.train = bundle.train.materialize()
+    train, val = prepare_splits(bundle, cfg)
     display_cm = (ProgressDisplay(cfg.name, quiet=progress == "quiet", ckpt_every=cfg.trainer.ckpt_every)
                   if progress else contextlib.nullcontext())
     with display_cm as display:
-        trainer = build_trainer(cfg, datasets={"train": bundle.train, "val": bundle.val}, collate=bundle.collate,
+        trainer = build_trainer(cfg, train=train, val=val, collate=bundle.collate,
                                 progress_actor=display.actor if display else None, callbacks=callbacks,
                                 data_stats=bundle.stats,
                                 fault=fault if fault is not None else os.environ.get("E2E_DIST_FAULT"))
@@ -181,6 +171,25 @@ def _fit(cfg: RunConfig, address: str | None, progress, callbacks, fault: str | 
     return RunSummary(name=cfg.name, run_uri=cfg.run_uri, metrics=metrics, checkpoint_uri=final,
                       wandb_dir=wandb_run_dir(cfg), wandb_copy=wandb_stored_dir(cfg),
                       data_stats=dict(bundle.stats), wall_s=time.time() - t0)
+
+
+def prepare_splits(bundle, cfg: RunConfig):
+    """(train, val) as the workers get them. Validation: the fixed selection every evaluation scores
+    (trainer.eval_samples spread over the split), read once into the object store, and never more
+    of the split. Train: a set whose decoded size is under data.cache_mb is read and decoded once
+    too, so every epoch gathers from memory; a larger one is read by each rank, its samples only."""
+    from e2e_dist.console import FILE_ONLY
+    from e2e_dist.data.order import eval_selection
+
+    t0 = time.perf_counter()
+    val = bundle.val.materialize(eval_selection(bundle.val.n, cfg.trainer.eval_samples))
+    train = bundle.train
+    if train.n * train.sample_bytes <= cfg.data.cache_mb * 2**20:
+        train = train.materialize()
+    log.info("data: train %d samples in %d blocks (%s), val selection %d of %d samples; prepared in %.1f s",
+             train.n, train.blocks, "in memory" if train.materialized else "read by each rank", val.n, bundle.val.n,
+             time.perf_counter() - t0, extra=FILE_ONLY)
+    return train, val
 
 
 def run_training(cfg: RunConfig, *, resume: bool = False, address: str | None = None, quiet: bool = False) -> RunSummary:

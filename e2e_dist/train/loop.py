@@ -10,7 +10,7 @@ is, and exactly what a checkpoint carries besides the engine.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,14 +18,14 @@ import torch
 from e2e_dist.config import RunConfig
 from e2e_dist.console import tag_our_lines
 from e2e_dist.train import preemption
-from e2e_dist.train.batches import BatchStream
+from e2e_dist.train.batches import BatchStream, stream_for
 from e2e_dist.train.build import Built, build_engine
 from e2e_dist.train.checkpointer import Checkpointer
 from e2e_dist.train.deepspeed_config import resolve_precision
 from e2e_dist.train.evaluate import evaluate, final_sample
 from e2e_dist.train.faults import maybe_inject_fault
 from e2e_dist.train.flops import peak_flops
-from e2e_dist.train.metrics import MetricWindow
+from e2e_dist.train.metrics import MetricWindow, read_counters
 from e2e_dist.train.ray_env import quiet_library_logs
 from e2e_dist.train.resume import Restore, choose, restore
 from e2e_dist.train.run_state import RunState
@@ -75,6 +75,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpointer.save(state, final, final=True)
     w.finish(state, final)
     checkpointer.close()
+    w.stream.close()
 
 
 @dataclass(kw_only=True)
@@ -97,6 +98,8 @@ class Worker:
     base_metrics: dict[str, Any] | None = None
     once: dict[str, Any] | None = None
     """Logged with the next row only: the resize event of a resumed run that changed world size."""
+    eval_cache: dict[str, Any] = field(default_factory=dict)
+    """This rank's share of the validation selection, read at the first evaluation."""
 
     @property
     def engine(self) -> Any:
@@ -141,11 +144,9 @@ class Worker:
                 resized = f" on {self.world} workers (was {src.world_size})" if self.once else ""
                 log.info("resumed from the committed checkpoint of step %d%s", state.resumed_from, resized)
         self.progress = ProgressSink.connect(self.loop_config.get("progress_actor"), self.rank)
-        self.stream = BatchStream(ray.train.get_dataset_shard("train"), t.micro_batch_size,
-                                  self.loop_config["collate"], self.device, rank=self.rank, world=self.world,
-                                  prefetch=t.prefetch_batches,
-                                  seed=cfg.data.seed, shuffle_rows=cfg.data.shuffle_buffer_batches * t.micro_batch_size,
-                                  **state.data)
+        self.stream = stream_for(self.loop_config["train"], cfg, collate=self.loop_config["collate"], device=self.device,
+                                 rank=self.rank, world=self.world, grad_accum=self.grad_accum, position=state.data)
+        state.data = self.stream.state()
         self.window = MetricWindow(self.device, b.flops_per_step, peak_flops(self.device), self.world)
         self.base_metrics = {
             **sizes, "precision": resolve_precision(cfg, self.device.type == "cuda"),
@@ -178,17 +179,15 @@ class Worker:
         unit = self.built.model.unit_name
         interval, any_preempt = self.window.flush(unit, preempt_requested=preemption.requested())
         state.metrics = {**interval, "lr": self.built.scheduler.get_last_lr()[0], "step": state.step,
-                         f"{unit}_seen": state.units_seen, "epoch": state.data["epoch"], "world_size": self.world}
+                         f"{unit}_seen": state.units_seen, "epoch": state.data["epoch"], "world_size": self.world,
+                         **read_counters(self.stream.counters, self.device)}
         if stall_s:
             state.metrics["ckpt_stall_s"] = stall_s
         return any_preempt
 
     def evaluate(self) -> dict[str, float]:
-        import ray.train
-
-        t = self.cfg.trainer
-        return evaluate(self.engine, self.built.model, ray.train.get_dataset_shard("val"), t.eval_batches,
-                        t.micro_batch_size, self.loop_config["collate"], self.device, self.rank, self.world)
+        return evaluate(self.engine, self.built.model, self.loop_config["val"], self.cfg.trainer.micro_batch_size,
+                        self.loop_config["collate"], self.device, self.rank, self.world, cache=self.eval_cache)
 
     def publish(self, state: RunState) -> None:
         """The newest row to W&B (at this step) and to the driver's progress display."""

@@ -23,6 +23,18 @@ def all_reduce_sum(values: dict[str, torch.Tensor | float], device: torch.device
     return dict(zip(keys, t.tolist()))
 
 
+def read_counters(counters: dict[str, int], device: torch.device) -> dict[str, float]:
+    """What the ranks' train streams read since they started: samples and storage bytes, summed over
+    ranks and the largest rank's (a rank reading far more than 1/W of the data shows here)."""
+    t = torch.tensor([float(counters["samples"]), float(counters["bytes"])], dtype=torch.float64, device=device)
+    total, most = t.clone(), t.clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return {"data/samples_read": total[0].item(), "data/samples_read_max_rank": most[0].item(),
+            "data/bytes_read": total[1].item(), "data/bytes_read_max_rank": most[1].item()}
+
+
 class MetricWindow:
     """Accumulates one logging interval: loss sum, micro-batches, units (tokens/samples), wall time."""
 

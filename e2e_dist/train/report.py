@@ -26,6 +26,10 @@ def print_run_summary(s: RunSummary) -> None:
                  f"   {_num(m.get('achieved_tflops_per_device'), '.3f')} TFLOP/s per worker"
                  + (f"   MFU {m['mfu']:.1%}" if isinstance(m.get("mfu"), float) else ""))
     lines.append(f"{unit} seen     {_num(m.get(f'{unit}_seen'), ',')}   params {_num(m.get('n_params'), ',')}")
+    read = m.get("data/samples_read")
+    if isinstance(read, (int, float)) and read > 0:  # streamed (a train set in memory reads nothing)
+        lines.append(f"data read      {read:,.0f} samples, {m.get('data/bytes_read', 0) / 2**20:,.1f} MiB by the ranks; "
+                     f"the largest rank {m.get('data/samples_read_max_rank', 0) / read:.0%} of the samples")
     lines.append(f"checkpoint     {s.checkpoint_uri or '-'}")
     lines.append(f"W&B run        {s.wandb_dir or '-'}")
     if s.wandb_copy:

@@ -15,8 +15,9 @@ class RunState:
     step: int = 0
     """Optimizer steps taken (0 = a fresh start; checkpoints are taken after a step, so none has 0)."""
     data: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "samples": 0})
-    """The train stream's position (BatchStream.state): epoch, and examples of it consumed by all
-    ranks together (the same number at any world size)."""
+    """The train stream's position (BatchStream.state): epoch, examples of it consumed by all ranks
+    together (the same number at any world size), and the order's window size (data.shuffle_blocks
+    as the run began: a resume continues the same order)."""
     units_seen: int = 0
     """Tokens / samples seen by all ranks so far."""
     metrics: dict[str, Any] = field(default_factory=dict)

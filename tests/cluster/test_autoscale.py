@@ -121,7 +121,7 @@ def test_nodes_appear_for_work_and_leave_when_idle(tmp_path: Path) -> None:
 SWEEP_TINY = [  # 2 tiny trials, one 1-CPU worker each: the job machinery is under test, not the model
     "model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.max_seq_len=64", "data.seq_len=64",
     "data.max_files=20", "trainer.micro_batch_size=8", "trainer.max_steps=4", "trainer.log_every=2",
-    "trainer.eval_every=4", "trainer.eval_batches=1", "trainer.ckpt_every=4", "trainer.warmup_steps=1",
+    "trainer.eval_every=4", "trainer.eval_samples=16", "trainer.ckpt_every=4", "trainer.warmup_steps=1",
     "search_space.data.max_bytes={grid: [65536, 131072]}", "max_concurrent_trials=2",
     "resources_per_trial.num_workers=1", "resources_per_trial.cpus_per_worker=0.99",
 ]

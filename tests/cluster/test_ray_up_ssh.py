@@ -292,7 +292,7 @@ import e2e_dist
 cmd = ["e2e-dist", "train", "tiny-text", "--quiet", "--address", "127.0.0.1:6379",
        "--set", "name=ssh-smoke", "--set", "storage.path={storage}",
        "--set", "trainer.num_workers=1", "--set", "trainer.max_steps=2", "--set", "trainer.log_every=1",
-       "--set", "trainer.eval_every=2", "--set", "trainer.ckpt_every=2", "--set", "trainer.eval_batches=1",
+       "--set", "trainer.eval_every=2", "--set", "trainer.ckpt_every=2", "--set", "trainer.eval_samples=16",
        "--set", "data.max_bytes=100000", "--set", "data.max_files=10"]
 sys.exit(subprocess.run(cmd).returncode)
 '''

@@ -221,7 +221,7 @@ def test_two_node_zero2_elastic_run_shrinks_when_a_node_is_lost_and_grows_when_o
             "deepspeed.zero_stage=2", "trainer.num_workers=[1, 2]", "trainer.resize_check_s=2",
             "trainer.max_failures=4", "trainer.global_batch_size=16", "trainer.micro_batch_size=8",
             "trainer.cpus_per_worker=1", "trainer.max_steps=40", "trainer.log_every=5", "trainer.eval_every=20",
-            "trainer.eval_batches=1", "trainer.ckpt_every=10", "trainer.async_checkpoint=false", "trainer.keep_last=5",
+            "trainer.eval_samples=16", "trainer.ckpt_every=10", "trainer.async_checkpoint=false", "trainer.keep_last=5",
             "data.max_bytes=100000", "data.max_files=10"]
     env = ("WANDB_MODE=offline", f"E2E_DIST_CACHE={os.environ['E2E_DIST_CACHE']}",
            "E2E_DIST_FAULT=hold@15:0,hold@25:0", f"E2E_DIST_FAULT_DIR={faults}",
@@ -292,6 +292,47 @@ def test_two_node_zero2_elastic_run_shrinks_when_a_node_is_lost_and_grows_when_o
         if jobs.status(*job).status in ("PENDING", "RUNNING"):
             jobs.stop(*job)
         empty_and_delete_bucket(s3_server.url, bucket)
+
+
+def test_a_shard_index_built_on_one_node_is_read_back_on_another(hosts: LocalCluster, s3_server) -> None:
+    """`e2e-dist data plan` over Parquet text shards on S3, as a job whose driver runs on the head
+    node: it indexes the 3 shards and keeps the index with the runs in the
+    bucket. The same plan as a job whose driver is placed on the worker node (another host, its own
+    HOME and caches) reads that index back and indexes nothing; the stored index is one object."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bucket = make_bucket(s3_server.url, prefix="index")
+    client = _s3_client(s3_server.url)
+    for i in range(3):
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"text": [f"shard {i} document {j} " * 40 for j in range(30)]}), buf, row_group_size=8)
+        client.put_object(Bucket=bucket[5:], Key=f"records/part-{i}.parquet", Body=buf.getvalue())
+    argv = ["e2e-dist", "data", "plan", "tiny-text", "--address", "auto"] + [a for kv in (
+        f"storage.path={bucket}/runs", f"storage.endpoint_url={hosts.s3_endpoint}", "data.source=text",
+        f"data.paths=[{bucket}/records/]", "data.max_files=null", "data.max_bytes=null") for a in ("--set", kv)]
+    head, worker = (n.ip for n in hosts.nodes[:2])
+    logs = []
+    try:
+        for i, ip in enumerate((head, worker)):
+            job = jobs.submit(argv, address=hosts.dashboard_url, working_dir=None, submission_id=f"index-{i}",
+                              env_vars={"E2E_DIST_CACHE": f"/tmp/index-test-cache-{i}"},
+                              entrypoint_resources={f"node:{ip}": 0.01}, out=io.StringIO())
+            state = _wait_status(job, hosts.dashboard_url, {"SUCCEEDED", "FAILED"}, timeout_s=180)
+            logs.append(jobs.logs(job, hosts.dashboard_url))
+            assert state == "SUCCEEDED", logs[-1][-3000:]
+        assert "shard index    3 shards: 0 from the stored index, 3 indexed now" in logs[0], logs[0][-2000:]
+        assert "shard index    3 shards: 3 from the stored index, 0 indexed now" in logs[1], logs[1][-2000:]
+        stored = [k for k in list_keys(s3_server.url, f"{bucket}/runs/.e2e-index")]
+        assert len(stored) == 1 and stored[0].startswith("text-") and stored[0].endswith(".parquet"), stored
+    finally:
+        empty_and_delete_bucket(s3_server.url, bucket)
+
+
+def _s3_client(url: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=url, region_name="us-east-1")
 
 
 def test_stop_ends_exactly_what_it_started(hosts: LocalCluster) -> None:

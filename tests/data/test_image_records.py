@@ -123,7 +123,8 @@ def test_bad_shards_stop_before_training_with_one_line(ray_local, tmp_path, case
 
 @pytest.mark.slow
 def test_a_vision_run_trains_from_parquet_on_s3(ray_local, digits_shards, s3_server, s3_bucket, tmp_path):
-    """Through the real stack: Ray Train, 2 workers, DeepSpeed, images from Parquet shards on moto."""
+    """Through the real stack: Ray Train, 2 workers, DeepSpeed, images from Parquet shards on moto,
+    each rank reading and decoding its own images from the bucket (data.cache_mb=0)."""
     import boto3
 
     from e2e_dist.config import load_run_config
@@ -138,8 +139,11 @@ def test_a_vision_run_trains_from_parquet_on_s3(ray_local, digits_shards, s3_ser
         "name=vision-pq", f"storage.path={tmp_path}/runs", "data.source=image-parquet",
         f"data.paths=[{s3_bucket}/vision-pq/]", f"storage.endpoint_url={s3_server.url}", "trainer.max_steps=60",
         "data.image_size=16", "model.input_norm=none", "trainer.lr=0.003", "trainer.warmup_steps=10",
-        "trainer.eval_every=60", "trainer.ckpt_every=60", "trainer.log_every=20"])
+        "trainer.eval_every=60", "trainer.ckpt_every=60", "trainer.log_every=20", "data.cache_mb=0"])
     summary = run_training(cfg, quiet=True)
     m = summary.metrics
     assert m["step"] == 60 and m["val_acc"] > 0.4, m  # 10 classes: chance is 0.1
     assert summary.data_stats["train_rows"] + summary.data_stats["val_rows"] == 600
+    # Each rank read its own half: both together at least what 60 steps of 64 trained on.
+    assert m["data/samples_read_max_rank"] <= 0.55 * m["data/samples_read"] and m["data/samples_read"] >= 60 * 64, m
+    assert m["data/bytes_read"] > 0

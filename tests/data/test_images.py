@@ -59,11 +59,12 @@ def gray_model(n: int = 3) -> ResNetConfig:
     return ResNetConfig(in_channels=1, num_classes=n)
 
 
-def rows(ds) -> tuple[np.ndarray, np.ndarray]:
+def rows(split) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels, labels) of a split's decodable samples, read by Ray Data tasks in sample order."""
     px, lab = [], []
-    for b in ds.iter_batches(batch_size=16, batch_format="numpy"):
-        px.append(b["pixels"])
-        lab.append(b["label"])
+    for b in split.dataset().iter_batches(batch_size=16, batch_format="numpy"):
+        px.append(b["pixels"][b["valid"]])
+        lab.append(b["label"][b["valid"]])
     return np.concatenate(px), np.concatenate(lab)
 
 
@@ -76,14 +77,17 @@ def test_decode_image_resizes_converts_and_normalizes():
         images.decode_image(b"not an image", 4, 1)
 
 
-def test_decode_images_skips_bad_files_with_a_warning_or_raises_when_strict(folder, caplog):
+def test_decode_images_marks_bad_files_with_a_warning_or_raises_when_strict(folder, caplog):
+    """A bad file keeps its row (so no sample moves to another rank or micro-batch), marked invalid:
+    the rank drops it from its micro-batch (train/batches.model_batch)."""
     batch = {"uri": np.array([str(folder / "cat" / "00.png"), str(folder / "dog" / "corrupt.png"),
                               str(folder / "dog" / "truncated.png")], dtype=object),
              "size": np.array([(folder / "cat" / "00.png").stat().st_size, 40, 60]), "label": np.array([0, 1, 1])}
     kw = dict(size=4, channels=1, storage=None)
     with caplog.at_level("WARNING", logger="e2e_dist.data"):
         out = images.decode_images(batch, strict=False, **kw)
-    assert out["pixels"].shape == (1, 1, 4, 4) and out["label"].tolist() == [0]
+    assert out["pixels"].shape == (3, 1, 4, 4) and out["valid"].tolist() == [True, False, False]
+    assert out["label"].tolist() == [0, 1, 1] and (out["pixels"][1:] == 0).all()
     assert "corrupt.png" in caplog.text and "truncated.png" in caplog.text
     with pytest.raises(DataError, match="corrupt.png") as e:
         images.decode_images(batch, strict=True, **kw)
@@ -164,7 +168,7 @@ def test_digits_written_once_as_png_and_read_as_an_image_folder(ray_local, tmp_p
     bundle = build_data(cfg_.data, model_cfg=cfg_.model)
     assert bundle.stats["train_rows"] + bundle.stats["val_rows"] == 1797 and bundle.stats["num_classes"] == 10
     assert 120 <= bundle.stats["val_rows"] <= 240  # val_fraction 0.1
-    batch = bundle.collate(next(iter(bundle.val.iter_batches(batch_size=8, batch_format="numpy"))))
+    batch = bundle.collate(bundle.val.read(np.arange(8))[0])
     assert batch["pixels"].shape == (8, 1, 16, 16) and batch["labels"].max() <= 9
 
 

@@ -72,8 +72,10 @@ def test_index_and_reads_from_any_offset(shards, fine_checkpoints):
         for _ in range(20):
             off = rng.randrange(0, len(expected) - 10)
             n = rng.randint(1, min(700, len(expected) - off))
-            got = rec.read_stream(uri, off, n, column="text", checkpoints=entry["checkpoints"], storage_cfg=None, eos=EOS)
-            assert (got == expected[off:off + n]).all()
+            ck = np.array(entry["checkpoints"]).reshape(-1, 2)
+            got, decoded = rec.read_stream(uri, off, n, column="text", offsets=ck[:, 0], locators=ck[:, 1],
+                                           storage_cfg=None, eos=EOS)
+            assert (got == expected[off:off + n]).all() and decoded >= 0
 
 
 def _tokens(docs: list[str]) -> np.ndarray:
@@ -87,7 +89,7 @@ def _tokens(docs: list[str]) -> np.ndarray:
 
 def test_windows_are_the_documents_in_seeded_shard_order(ray_local, shards, no_index_cache):
     root = str(next(iter(shards))).rsplit("/", 1)[0]
-    bundle = build_data(cfg(root, val_fraction=0.2, seq_len=S))
+    bundle = build_data(cfg(root, val_fraction=0.34, seq_len=S))  # 6 shards: whole shards go to val
     docs = {d for ds in shards.values() for d in ds}
     n_docs = 0
     for ds, split in ((bundle.train, "train"), (bundle.val, "val")):
@@ -105,16 +107,28 @@ def test_windows_are_the_documents_in_seeded_shard_order(ray_local, shards, no_i
     assert shard_seq == [u for u in seeded_order(shard_seq, seed=0, key=lambda u: keys[u].split("/", 1)[1])]
 
 
-def test_subsets_are_nested_and_the_index_is_cached(ray_local, shards, no_index_cache, tmp_path):
+def test_subsets_are_nested_and_the_index_is_built_once(ray_local, shards, no_index_cache, tmp_path, monkeypatch):
+    from e2e_dist.data import common
+
+    indexed = []
+    real = common.per_shard_in_tasks
+    monkeypatch.setattr(common, "per_shard_in_tasks", lambda files, *a, **kw: indexed.append(len(files)) or real(files, *a, **kw))
+    from e2e_dist.data import index_store
+
+    monkeypatch.setattr(index_store, "per_shard_in_tasks", common.per_shard_in_tasks)
     root = str(next(iter(shards))).rsplit("/", 1)[0]
     small = build_data(cfg(root, max_bytes=2000))
     large = build_data(cfg(root, max_bytes=6000))
+    assert indexed == [len(shards), 0]  # the second build read the stored index
+    [stored] = (tmp_path / "cache" / "index").glob("text-*.parquet")
     t_small, i_small = rows(small.train)
     t_large, i_large = rows(large.train)
     by_index = dict(zip(i_large.tolist(), map(bytes, t_large.astype(np.uint16))))
     assert 0 < len(i_small) < len(i_large)
     assert all(by_index[k] == bytes(w.astype(np.uint16)) for k, w in zip(i_small.tolist(), t_small))
-    assert len(list((tmp_path / "cache" / "text-index").glob("*.json"))) == len(shards)
+    import pyarrow.parquet as pq
+
+    assert sorted(pq.read_table(stored).column("uri").to_pylist()) == sorted(shards)
 
 
 def test_s3_shards_read_the_same_windows_as_local(ray_local, shards, s3_server, s3_bucket, no_index_cache):
@@ -180,6 +194,7 @@ def test_large_corpora_are_indexed_in_ray_data_tasks(ray_local, shards, tmp_path
     monkeypatch.setattr(common, "SMALL_INDEX_BYTES", 0)
     in_tasks = rows(build_data(cfg(root)).train)
     assert (in_threads[0] == in_tasks[0]).all() and (in_threads[1] == in_tasks[1]).all()
-    pq.write_table(pa.table({"body": ["a" * 100]}), tmp_path / "bad.parquet")
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"body": ["a" * 100]}), tmp_path / "data" / "bad.parquet")
     with pytest.raises(DataError, match=r"^data.text_column: no column 'text' in .*bad.parquet \(columns: body\)$"):
-        build_data(cfg(tmp_path))
+        build_data(cfg(tmp_path / "data"))

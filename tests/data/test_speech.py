@@ -130,9 +130,9 @@ def scfg(manifest, **kw) -> DataConfig:
 
 def all_rows(bundle) -> list[dict]:
     out = []
-    for ds in (bundle.train, bundle.val):
-        for b in ds.iter_batches(batch_size=4, batch_format="numpy"):
-            t = bundle.collate(b)
+    for split in (bundle.train, bundle.val):
+        for b in split.dataset().iter_batches(batch_size=4, batch_format="numpy"):
+            t = bundle.collate({k: v[b["valid"]] for k, v in b.items()})
             for j in range(len(t["audio"])):
                 out.append({k: v[j] for k, v in t.items()})
     return out
@@ -166,7 +166,8 @@ def test_decode_clips_warns_about_the_truncated_file(corpus, caplog):
     kw = dict(sample_rate=8000, max_samples=8000, max_chars=5, alphabet=ALPHABET, storage=None)
     with caplog.at_level("WARNING", logger="e2e_dist.data"):
         out = speech.decode_clips(batch, strict=False, **kw)
-    assert "cut.wav" in caplog.text and "truncated WAV" in caplog.text and len(out["audio"]) == 1
+    assert "cut.wav" in caplog.text and "truncated WAV" in caplog.text
+    assert out["valid"].tolist() == [False, True] and len(out["audio"]) == 2  # the bad clip keeps its row
     with pytest.raises(DataError, match="cut.wav: truncated WAV"):
         speech.decode_clips(batch, strict=True, **kw)
 

@@ -1,4 +1,4 @@
-"""The text sources: deterministic split/subset, packing, stats, errors, streaming to 2 workers.
+"""The text sources: deterministic split/subset, packing, stats, errors, reads by window number.
 
 Window contents are checked against the files themselves: windows sorted by their index are
 stitched back into the split's byte stream, cut at EOS, and every piece must be a real file's
@@ -7,7 +7,6 @@ bytes, in the seeded order that `common.seeded_order` defines.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import sysconfig
@@ -43,18 +42,21 @@ def corpus(tmp_path_factory) -> dict[str, bytes]:
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    # 32 windows per Ray block, so tests cross many block boundaries and split over blocks.
-    monkeypatch.setattr(text, "CHUNK_STREAM_BYTES", 32 * S)
+    # 32 windows per block and per read task, so tests cross many block and task boundaries.
+    from e2e_dist.data import text_reader
+
+    monkeypatch.setattr(text_reader, "BLOCK_STREAM_BYTES", 32 * S)
+    monkeypatch.setattr(text, "BLOCK_STREAM_BYTES", 32 * S)
 
 
 def cfg(root, **kw) -> DataConfig:
     return DataConfig(**{"source": "text", "paths": [str(root)], "seq_len": S, "val_fraction": 0.1, **kw})
 
 
-def rows(ds) -> tuple[np.ndarray, np.ndarray]:
-    """All (tokens, index) of a dataset in iteration order."""
+def rows(split) -> tuple[np.ndarray, np.ndarray]:
+    """All (tokens, index) of a split, read by Ray Data tasks, in sample order."""
     toks, idx = [], []
-    for b in ds.iter_batches(batch_size=64, batch_format="numpy"):
+    for b in split.dataset().iter_batches(batch_size=64, batch_format="numpy"):
         toks.append(b["tokens"])
         idx.append(b["index"])
     return np.concatenate(toks), np.concatenate(idx)
@@ -176,18 +178,19 @@ def test_looks_binary_tolerates_legacy_text_but_not_random_bytes():
     assert text.looks_binary(b"text\0more text")
 
 
-def test_file_vanishing_after_planning_reads_as_pad_or_fails_strict(tmp_path):
+def test_file_vanishing_after_planning_reads_as_pad_or_fails_strict(ray_local, tmp_path):
     for name in ("a", "b", "c"):
         (tmp_path / f"{name}.txt").write_bytes(name.encode() * 300)
     train, _ = text.plan_splits(text.list_files([str(tmp_path)]), cfg(tmp_path), "t")
-    chunk = json.dumps(train.chunks()[0])
     victim = train.segments[0].uri
+    kw = dict(name="train", storage_cfg=None, records={}, column="text")
+    lenient, strict = text.text_samples(train, strict=False, **kw), text.text_samples(train, strict=True, **kw)
+    assert (lenient.read(np.array([0]))[0]["tokens"][0] != PAD).all()
     os.remove(victim)
-    kw = dict(seq_len=S, shuffle_seed=None, storage=None, eos=EOS, pad=PAD)
-    out = text.read_windows({"plan": [chunk]}, strict=False, **kw)
-    assert (out["tokens"][0] == PAD).all()  # the model's loss ignores PAD targets
+    out, read = lenient.read(np.array([0]))
+    assert (out["tokens"][0] == PAD).all() and read == S + 1  # the model's loss ignores PAD targets
     with pytest.raises(DataError, match=os.path.basename(victim)):
-        text.read_windows({"plan": [chunk]}, strict=True, **kw)
+        strict.read(np.array([0]))
 
 
 # ------------------------------------------------------------------------------- through Ray
@@ -249,63 +252,26 @@ def test_stdlib_corpus_builds(ray_local):
     assert len(files) > 100
     assert all(f.uri.endswith(".py") and "site-packages" not in f.uri and "/test/" not in f.uri for f in files)
     sources = [open(f.uri, "rb").read() for f in seeded_order(files, seed=0)[:50]]
-    batch = next(iter(bundle.train.iter_batches(batch_size=8, batch_format="numpy")))
+    batch = next(iter(bundle.train.dataset().iter_batches(batch_size=8, batch_format="numpy")))
     assert batch["tokens"].shape == (8, 65)
     for window in batch["tokens"]:
         for piece in pieces(window):  # every run of bytes between EOS is in one of the chosen files
             assert any(piece in src for src in sources)
 
 
-def test_streaming_split_delivers_every_window_once_deterministically(ray_local, corpus, small_chunks):
-    import ray
+def test_reads_by_window_number_coalesce_and_count_bytes(ray_local, corpus, small_chunks):
+    """Any windows in any order come back as the stream's windows; windows closer than 4 KiB are read
+    as one range, farther ones apart, so the bytes read are about the windows' bytes."""
+    from e2e_dist.data.text_reader import MERGE_GAP_BYTES
 
     bundle = build_data(cfg(root_of(corpus), max_bytes=12_000))
-    n = bundle.stats["train_windows"]
-
-    @ray.remote(num_cpus=0)
-    def consume(it) -> list[int]:
-        return [i for b in it.iter_batches(batch_size=8, batch_format="numpy") for i in b["index"].tolist()]
-
-    shards = ray.get([consume.remote(it) for it in bundle.train.streaming_split(2, equal=False)])
-    assert sorted(shards[0] + shards[1]) == list(range(n)) and all(shards)
-    eq1 = ray.get([consume.remote(it) for it in bundle.train.streaming_split(2, equal=True)])
-    eq2 = ray.get([consume.remote(it) for it in bundle.train.streaming_split(2, equal=True)])
-    assert eq1 == eq2 and len(eq1[0]) == len(eq1[1]) == n // 2  # same rank -> same windows, same order
-    assert set(eq1[0]).isdisjoint(eq1[1])
-
-
-@pytest.mark.slow
-def test_two_torch_trainer_workers_stream_disjoint_shards(ray_local, corpus, small_chunks, tmp_path):
-    from ray.train import RunConfig, ScalingConfig, get_dataset_shard, report
-    from ray.train.torch import TorchTrainer
-
-    from e2e_dist.data.common import ingest_data_config
-
-    bundle = build_data(cfg(root_of(corpus), max_bytes=8_000))
-    out_dir = tmp_path / "seen"
-    out_dir.mkdir()
-
-    def loop(config):
-        import ray.train
-
-        rank = ray.train.get_context().get_world_rank()
-        seen = []
-        for batch in get_dataset_shard("train").iter_batches(batch_size=4, batch_format="numpy", drop_last=False):
-            seen += batch["index"].tolist()
-        with open(os.path.join(config["out"], f"{rank}.json"), "w") as f:
-            json.dump(seen, f)
-        report({"n": len(seen)})
-
-    trainer = TorchTrainer(
-        loop, train_loop_config={"out": str(out_dir)},
-        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-        datasets={"train": bundle.train}, dataset_config=ingest_data_config(),
-        run_config=RunConfig(name="data-shards", storage_path=str(tmp_path / "runs")),
-    )
-    trainer.fit()
-    seen = [json.loads((out_dir / f"{r}.json").read_text()) for r in (0, 1)]
-    n = bundle.stats["train_windows"]
-    assert len(seen[0]) == len(seen[1]) == n // 2 and set(seen[0]).isdisjoint(seen[1])
+    toks, idx = rows(bundle.train)
+    far = 41 + MERGE_GAP_BYTES // S + 1
+    ids = np.array([40, 3, 4, 5, far, 41])
+    out, read = bundle.train.read(ids)
+    assert np.array_equal(out["index"], ids) and np.array_equal(out["tokens"], toks[ids])
+    assert read == (41 - 3) * S + S + 1 + S + 1  # windows 3..41 as one range, the far one alone
+    assert bundle.train.blocks > 10 and np.diff(bundle.train.starts).max() <= 32  # small_chunks: 32 windows
 
 
 def test_s3_prefix_and_glob_read_the_same_bytes_as_local(ray_local, s3_server, s3_bucket, corpus):
@@ -323,11 +289,11 @@ def test_s3_prefix_and_glob_read_the_same_bytes_as_local(ray_local, s3_server, s
     storage = StorageConfig(endpoint_url=s3_server.url)
     contents = set(corpus.values())
     for paths in ([f"{s3_bucket}/corpus"], [f"{s3_bucket}/corpus/**/*.txt"]):
-        bundle = build_data(cfg("unused", paths=paths), storage_cfg=storage)
+        bundle = build_data(cfg("unused", paths=paths, val_fraction=0.2), storage_cfg=storage)  # whole files
         assert bundle.stats["train_files"] + bundle.stats["val_files"] == 12
         assert bundle.stats["train_bytes"] + bundle.stats["val_bytes"] == sum(map(len, list(corpus.values())[:12]))
-        for ds in (bundle.train, bundle.val):
-            whole = pieces(stitch(*rows(ds)))[:-1]
+        for split in (bundle.train, bundle.val):
+            whole = pieces(stitch(*rows(split)))[:-1]
             assert whole and all(p in contents for p in whole)
     with pytest.raises(DataError, match="nothing/") as e:
         build_data(cfg("unused", paths=[f"{s3_bucket}/nothing/"]), storage_cfg=storage)

@@ -45,7 +45,7 @@ STEPS = 16
 TINY = [  # a tiny model and a short run: the sweep machinery is under test, not the model
     "model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.max_seq_len=64", "data.seq_len=64",
     "data.max_files=40", "trainer.micro_batch_size=8", f"trainer.max_steps={STEPS}", "trainer.log_every=4",
-    "trainer.eval_every=8", "trainer.eval_batches=2", f"trainer.ckpt_every={STEPS}", "trainer.warmup_steps=2",
+    "trainer.eval_every=8", "trainer.eval_samples=32", f"trainer.ckpt_every={STEPS}", "trainer.warmup_steps=2",
     "max_concurrent_trials=2", "resources_per_trial.num_workers=1", "resources_per_trial.cpus_per_worker=0.99",
 ]
 SIZES = [32768, 65536, 131072, 262144]  # data.max_bytes (unique training bytes); 4: the fewest an L(D) fit takes

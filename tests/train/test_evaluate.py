@@ -2,9 +2,10 @@
 
 Two spawned processes form a gloo group and build real DeepSpeed ZeRO-3 engines with a persistence
 threshold of 0, so every parameter is truly partitioned and every forward gathers shards
-collectively. The val stream has 3 batches for 2 ranks: rank 0 owns two, rank 1 one. A rank that
-simply stopped early would leave the other waiting in a gather forever; `evaluate` must finish
-on both ranks and give exactly the loss of a plain model over the 3 batches.
+collectively. The val selection is 5 samples in 3 micro-batch chunks for 2 ranks: rank 0 owns one,
+rank 1 two. A rank that simply stopped early would leave the other waiting in a gather forever;
+`evaluate` must finish on both ranks and give the loss `evaluate` gives on one worker to 1e-6
+(the same weights score the same at any world size), which is the plain model's loss.
 """
 
 from __future__ import annotations
@@ -24,20 +25,18 @@ MODEL = {"kind": "gpt", "n_layer": 1, "n_head": 2, "d_model": 32, "max_seq_len":
 TEXT = b"def evaluate(engine, model, val):\n    return sum(model(b) for b in val)\n" * 3
 
 
-class ListStream:
-    """Stands in for a Ray Data val shard: the same fixed numpy batches on every rank."""
+class ArraySamples:
+    """Stands in for the launcher's materialized val selection: samples by number, from memory."""
 
-    def __init__(self, batches):
-        self.batches = batches
+    def __init__(self, tokens: np.ndarray):
+        self.tokens, self.n = tokens, len(tokens)
 
-    def iter_batches(self, **_):
-        return iter(self.batches)
+    def read(self, ids):
+        return {"tokens": self.tokens[ids], "valid": np.ones(len(ids), dtype=bool)}, 0
 
 
-def val_batches() -> list[dict]:
-    rows = [list(TEXT[7 * i:][:SEQ + 1]) for i in range(5)]
-    tokens = np.array(rows, dtype=np.int64)
-    return [{"tokens": tokens[i:i + BATCH]} for i in range(0, 5, BATCH)]  # 2 + 2 + 1 rows: 3 batches
+def val_samples() -> ArraySamples:
+    return ArraySamples(np.array([list(TEXT[7 * i:][:SEQ + 1]) for i in range(5)], dtype=np.int64))
 
 
 def cfg():
@@ -73,8 +72,7 @@ def rank_main(rank: int, port: int, out: str) -> None:
                                       config=build_deepspeed_config(c, world_size=2, on_gpu=False),
                                       dist_init_required=False)
     partitioned = all(p.numel() == 0 for p in model.parameters())
-    result = evaluate(engine, model, ListStream(val_batches()), batches=8, batch_size=BATCH, collate=collate,
-                      device=torch.device("cpu"), rank=rank, world=2)
+    result = evaluate(engine, model, val_samples(), BATCH, collate, torch.device("cpu"), rank, 2)
     Path(out, f"rank{rank}.json").write_text(json.dumps({"partitioned": partitioned, **result}))
     dist.barrier()
     dist.destroy_process_group()
@@ -90,6 +88,7 @@ def free_port() -> int:
 def test_zero3_evaluate_with_uneven_val_batches_finishes_and_is_exact(tmp_path):
     from e2e_dist.data.text import collate
     from e2e_dist.models.registry import build_model
+    from e2e_dist.train.evaluate import evaluate
 
     ctx = mp.get_context("spawn")
     port = free_port()
@@ -108,11 +107,12 @@ def test_zero3_evaluate_with_uneven_val_batches_finishes_and_is_exact(tmp_path):
     assert all(r.pop("partitioned") for r in results), "parameters were not partitioned: the test proves nothing"
     assert results[0] == results[1]
 
-    # The plain model over the same 3 batches (same seed -> same initial weights as the engines).
+    # One worker over the same selection with a plain model (same seed -> the engines' initial weights).
     c = cfg()
     torch.manual_seed(0)
-    plain = build_model(c.model, c.data).eval()
+    plain = build_model(c.model, c.data)
+    one = evaluate(plain, plain, val_samples(), BATCH, collate, torch.device("cpu"), 0, 1)
+    assert results[0]["val_loss"] == pytest.approx(one["val_loss"], rel=1e-6, abs=1e-6)
     with torch.no_grad():
-        sums = [plain.eval_sums(collate(b)) for b in val_batches()]
-    loss = sum(float(s["loss_sum"]) for s in sums) / sum(float(s["count"]) for s in sums)
-    assert results[0]["val_loss"] == pytest.approx(loss, rel=1e-5)
+        s = plain.eval_sums(collate({"tokens": val_samples().tokens}))
+    assert one["val_loss"] == pytest.approx(float(s["loss_sum"]) / float(s["count"]), rel=1e-5)

@@ -7,7 +7,7 @@ ones, augmented in Ray Data tasks; the eSpeak NG spoken digits, generated once p
 $E2E_DIST_CACHE (tests/conftest.py; needs `espeak-ng` on PATH).
 
 The predictions are checked against the run's own validation numbers: each run evaluates its
-whole validation split (eval_batches x workers x micro-batch covers it), so `predict` on every val
+whole validation split (trainer.eval_samples covers it), so `predict` on every val
 file must reproduce the run's val accuracy / CER - proof that the exported file is the trained
 model and that `predict` prepares inputs exactly as the data pipeline did.
 """
@@ -108,7 +108,7 @@ def test_vision_glyphs_zero2_then_predict_on_held_out_fonts_in_every_style(ray_l
 
     # The validation images as PNG files through `predict`: the run's val accuracy again.
     plan = plan_glyphs(cfg.data)
-    assert len(plan.val_rows) == m["val_rows"] <= cfg.trainer.eval_batches * cfg.trainer.micro_batch_size * 2
+    assert len(plan.val_rows) == m["val_rows"] <= cfg.trainer.eval_samples
     model, exported_cfg = load_predictor(str(exported))
     correct = 0
     for i, r in enumerate(plan.val_rows):

@@ -44,7 +44,7 @@ def s3_cfg(run_root: str, name: str, *extra: str) -> RunConfig:
         f"name={name}", f"storage.path={run_root}", "deepspeed.zero_stage=3",
         "model.n_layer=2", "model.d_model=64", "model.n_head=2", f"model.max_seq_len={SEQ}", f"data.seq_len={SEQ}",
         "data.max_files=60", "data.max_bytes=400000", f"trainer.micro_batch_size={MICRO}",
-        f"trainer.max_steps={STEPS}", "trainer.log_every=4", "trainer.eval_every=12", "trainer.eval_batches=2",
+        f"trainer.max_steps={STEPS}", "trainer.log_every=4", "trainer.eval_every=12", "trainer.eval_samples=32",
         f"trainer.ckpt_every={CKPT_EVERY}", "trainer.keep_last=2", "trainer.warmup_steps=2", "trainer.lr=0.003",
         *extra,
     ])

@@ -224,7 +224,7 @@ def test_speed_options_through_run_training(ray_local, tmp_path):
         "model.n_layer=2", "model.n_head=2", "model.d_model=32", f"model.max_seq_len={SEQ}", f"data.seq_len={SEQ}",
         "data.max_files=20", "data.max_bytes=100000", f"trainer.micro_batch_size={BATCH}",
         "trainer.grad_accum=2", "trainer.max_steps=4", "trainer.log_every=2", "trainer.eval_every=4",
-        "trainer.eval_batches=1", "trainer.ckpt_every=4", "trainer.num_workers=1", "trainer.compile=true",
+        "trainer.eval_samples=8", "trainer.ckpt_every=4", "trainer.num_workers=1", "trainer.compile=true",
         "trainer.async_checkpoint=false",
     ])
     m = run_training(cfg, quiet=True).metrics
