@@ -30,19 +30,23 @@ def start_ray():
 
 
 def stdlib_docs(mb: float) -> list[str]:
+    """This Python's standard-library sources as documents, `mb` MiB of them (numbered copies of the
+    library when it holds less)."""
     from e2e_dist.data.common import seeded_order
     from e2e_dist.data.text import stdlib_files
 
-    docs, total = [], 0
-    for f in seeded_order(stdlib_files(), seed=0):
-        docs.append(open(f.uri, encoding="utf-8", errors="replace").read())
-        total += len(docs[-1].encode())
-        if total >= mb * 2**20:
-            return docs
-    return docs
+    sources = [open(f.uri, encoding="utf-8", errors="replace").read() for f in seeded_order(stdlib_files(), seed=0)]
+    docs, total, copy = [], 0, 0
+    while True:
+        for src in sources:
+            docs.append(f"# copy {copy}\n{src}" if copy else src)
+            total += len(docs[-1].encode())
+            if total >= mb * 2**20:
+                return docs
+        copy += 1
 
 
-def write_shards(root: str, docs: list[str], shards: int, form: str) -> str:
+def write_shards(root: str, docs: list[str], shards: int, form: str, row_group: int = 64) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -50,41 +54,48 @@ def write_shards(root: str, docs: list[str], shards: int, form: str) -> str:
     for s in range(shards):
         part = docs[s::shards]
         if form == "parquet":
-            pq.write_table(pa.table({"text": part}), f"{root}/part-{s:03d}.parquet", row_group_size=64)
+            pq.write_table(pa.table({"text": part}), f"{root}/part-{s:03d}.parquet", row_group_size=row_group)
         else:
             with open(f"{root}/part-{s:03d}.txt", "w") as f:
                 f.write("\n".join(part))
     return root
 
 
-def streams(split, world: int, batch: int, **kw):
+def streams(split, world: int, batch: int, blocks: int = 64, **kw):
     import torch
 
     from e2e_dist.data.text import collate
     from e2e_dist.train.batches import BatchStream
 
     return [BatchStream(split, micro_batch=batch // world, grad_accum=1, collate=collate, device=torch.device("cpu"),
-                        shuffle_blocks=64, rank=r, world=world, seed=0, prefetch=2, decode_tasks=2, **kw)
+                        shuffle_blocks=blocks, rank=r, world=world, seed=0, prefetch=2, decode_tasks=2, **kw)
             for r in range(world)]
 
 
 # ------------------------------------------------------------------------------------ reads
 def cmd_reads(args) -> None:
+    import shutil
+
     from e2e_dist.config import DataConfig
     from e2e_dist.data.registry import build_data
 
+    node_cache = tempfile.mkdtemp(prefix="e2e-node-cache-")
+    os.environ["E2E_DIST_NODE_CACHE"] = node_cache  # before Ray starts: its workers inherit it
     start_ray()
     docs = stdlib_docs(args.mb)
     tmp = tempfile.mkdtemp(prefix="e2e-reads-")
-    print(f"corpus: {args.mb} MiB of stdlib sources in 32 shards; seq_len 512, global batch {args.batch}, "
-          "64 blocks per window; one epoch per world size")
-    print(f"{'form':8} {'W':>2} {'samples/rank':>13} {'of D/W':>7} {'MiB read/rank (max)':>20} {'of D/W':>7}")
+    print(f"corpus: {args.mb} MiB of stdlib sources in 32 shards (Parquet: row groups of {args.row_group} documents); seq_len 512, "
+          f"global batch {args.batch}, 64 blocks per window; one epoch per world size, every rank on this one node "
+          f"(data.node_cache_mb {args.node_cache_mb}: Parquet row groups a node decoded are shared by its ranks)")
+    print(f"{'form':8} {'blocks':>6} {'W':>2} {'samples/rank':>13} {'of D/W':>7} {'MiB read/rank (max)':>20} {'of D/W':>7} "
+          f"{'all ranks / D':>13}")
     for form in ("plain", "parquet"):
-        path = write_shards(f"{tmp}/{form}", docs, 32, form)
+        path = write_shards(f"{tmp}/{form}", docs, 32, form, args.row_group)
         bundle = build_data(DataConfig(source="text", paths=[path], seq_len=512, val_fraction=0.02,
-                                       index_cache=f"{tmp}/index"))
+                                       index_cache=f"{tmp}/index", node_cache_mb=args.node_cache_mb))
         train, data_bytes = bundle.train, bundle.stats["train_bytes"]
         for world in (1, 2, 4):
+            shutil.rmtree(node_cache, ignore_errors=True)  # every world size starts with a cold node
             ranks = streams(train, world, args.batch)
             for _ in range(train.n // args.batch):
                 for s in ranks:
@@ -93,8 +104,9 @@ def cmd_reads(args) -> None:
                 s.close()
             samples = max(s.epoch_counters[0]["samples"] for s in ranks)
             nbytes = max(s.epoch_counters[0]["bytes"] for s in ranks)
-            print(f"{form:8} {world:>2} {samples:>13,} {samples / (train.n / world):>7.3f} "
-                  f"{nbytes / 2**20:>20.2f} {nbytes / (data_bytes / world):>7.3f}")
+            total = sum(s.epoch_counters[0]["bytes"] for s in ranks)
+            print(f"{form:8} {train.blocks:>6} {world:>2} {samples:>13,} {samples / (train.n / world):>7.3f} "
+                  f"{nbytes / 2**20:>20.2f} {nbytes / (data_bytes / world):>7.3f} {total / data_bytes:>13.3f}")
 
 
 # ------------------------------------------------------------------------------------ resume
@@ -112,14 +124,15 @@ def cmd_resume(args) -> None:
         for pct in (10, 90):
             position = batches * pct // 100 * args.batch
             t0 = time.perf_counter()
-            ranks = streams(train, 2, args.batch, samples=position)
+            ranks = streams(train, 2, args.batch, args.blocks, samples=position)
             for s in ranks:
                 s.next()
             times[pct].append(time.perf_counter() - t0)
             for s in ranks:
                 s.close()
     t10, t90 = statistics.median(times[10]), statistics.median(times[90])
-    print(f"{args.mb} MiB of Parquet text, {train.n:,} windows, 2 ranks: first micro-batch after a resume at "
+    print(f"{args.mb} MiB of Parquet text (train: {train.n:,} windows of 512 in {train.blocks} row groups, "
+          f"{args.blocks} per window of the order), 2 ranks: first micro-batch after a resume at "
           f"10% {t10:.3f} s, at 90% {t90:.3f} s (medians of {args.rounds}); 90%/10% = {t90 / t10:.2f}")
 
 
@@ -167,11 +180,12 @@ def cmd_plan(args) -> None:
     stored), planned exactly as `train` plans: index load, splits, blocks, the SampleSets."""
     import io
     import json
-    import pickle
     import resource
 
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    import ray.cloudpickle
 
     from e2e_dist.config import RunConfig
     from e2e_dist.data import index_store, text
@@ -189,7 +203,8 @@ def cmd_plan(args) -> None:
                       mtime=1.7e9) for i in range(n)]
     length = int(mb * 0.9 * 2**20)  # stream bytes per shard; a checkpoint (row group) every ~1 MiB
     ck = [[k * CHECKPOINT_EVERY, k] for k in range(length // CHECKPOINT_EVERY)]
-    cfg = RunConfig.model_validate({"data": {"source": "text", "paths": ["s3://corpus/"], "seq_len": 2048,
+    cfg = RunConfig.model_validate({"model": {"kind": "gpt", "max_seq_len": 2048},
+                                    "data": {"source": "text", "paths": ["s3://corpus/"], "seq_len": 2048,
                                              "index_cache": tmp},
                                     "trainer": {"num_workers": 64, "global_batch_size": 512, "micro_batch_size": 8}})
     uri = index_store.index_uri(tmp, "text", cfg.data.paths, {"column": "text", "every": CHECKPOINT_EVERY})
@@ -208,8 +223,8 @@ def cmd_plan(args) -> None:
     t1 = time.perf_counter()
     items = text.as_stream_items(files, index)
     bundle: DataBundle = text.build_text_bundle(items, cfg.data, None, "s3://corpus/",
-                                                records={u: e["checkpoints"] for u, e in index.items()})
-    bundle.stats.update(stats)
+                                                records={u: e["checkpoints"] for u, e in index.items()},
+                                                extra_stats=stats)
     t2 = time.perf_counter()
     for line in describe(bundle, cfg, seconds=t2 - t0):
         print("  " + line)
@@ -224,7 +239,7 @@ def cmd_plan(args) -> None:
     t5 = time.perf_counter()
     print(f"a rank: {train.blocks:,} blocks; the epoch's block order in {t4 - t3:.2f} s "
           f"({order.perm.nbytes / 2**20:.0f} MiB), its share of 64 global batches of 512 in {t5 - t4:.2f} s "
-          f"({len(ids)} samples); plan pickled {len(pickle.dumps(train)) / 1024:.1f} KiB")
+          f"({len(ids)} samples); the plan a rank gets pickles to {len(ray.cloudpickle.dumps(train.shared())) / 1024:.1f} KiB")
 
 
 # ------------------------------------------------------------------------------------ images
@@ -313,11 +328,14 @@ def main() -> None:
     p = sub.add_parser("reads")
     p.add_argument("--mb", type=float, default=24)
     p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--row-group", type=int, default=64, help="documents per Parquet row group")
+    p.add_argument("--node-cache-mb", type=int, default=2048, help="data.node_cache_mb (0: every rank on its own node)")
     p.set_defaults(func=cmd_reads)
     p = sub.add_parser("resume")
     p.add_argument("--mb", type=float, default=48)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--blocks", type=int, default=8, help="data.shuffle_blocks: many windows in the epoch")
     p.set_defaults(func=cmd_resume)
     sub.add_parser("shuffle").set_defaults(func=cmd_shuffle)
     p = sub.add_parser("plan")

@@ -23,7 +23,7 @@ from e2e_dist.config_files import (  # noqa: F401 - re-exported: their users imp
     read_yaml_with_includes,
     set_dotted,
 )
-from e2e_dist.config_data import DataConfig, Section  # noqa: F401 - re-exported
+from e2e_dist.config_data import DataConfig, Section, refuse_retired  # noqa: F401 - re-exported
 from e2e_dist.errors import ConfigError
 
 SECRET_KEYS = re.compile(r"(secret|password|token|api_key|access_key|session_key)", re.I)
@@ -182,10 +182,8 @@ class TrainerConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _renamed(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "eval_batches" in data:
-            raise ValueError("eval_batches is now eval_samples: validation samples per evaluation over all "
-                             "workers (e.g. eval_batches 8 x micro_batch_size 8 x 2 workers = eval_samples 128)")
-        return data
+        return refuse_retired(data, "eval_batches", "is now eval_samples: validation samples per evaluation over all "
+                              "workers (e.g. eval_batches 8 x micro_batch_size 8 x 2 workers = eval_samples 128)")
 
     @field_validator("num_workers")
     @classmethod

@@ -11,6 +11,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+def refuse_retired(data: Any, field: str, why: str) -> Any:
+    """A section's raw input, or a one-line error when it sets a field that no longer exists."""
+    if isinstance(data, dict) and field in data:
+        raise ValueError(f"{field} {why}")
+    return data
+
+
 class Section(BaseModel):
     """Base of every config section: unknown fields are errors; docstrings under fields are docs."""
 
@@ -79,6 +86,10 @@ class DataConfig(Section):
     training, and kept in Ray's object store: every epoch's samples are then gathered from memory
     instead of read and decoded again. Larger sets are read by each rank, its own samples only.
     0 = always read."""
+    node_cache_mb: int = Field(2048, ge=0)
+    """Decoded Parquet row groups each node keeps on local disk for all its ranks' reads
+    (data/node_cache.py: a window crossing into the next row group, blocks that neighbouring ranks
+    share); the oldest go first. 0 = none."""
     index_cache: str | None = None
     """Where shard indexes are kept (record shards' stream checkpoints, Parquet row groups): a
     local folder or s3:// prefix. None: `<storage.path>/.e2e-index`, next to the runs, where every
@@ -87,7 +98,5 @@ class DataConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _renamed(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "shuffle_buffer_batches" in data:
-            raise ValueError("shuffle_buffer_batches is gone: every epoch is a global shuffle now "
-                             "(data.shuffle_blocks sets how many blocks each window mixes)")
-        return data
+        return refuse_retired(data, "shuffle_buffer_batches", "is gone: every epoch is a global shuffle now "
+                              "(data.shuffle_blocks sets how many blocks each window mixes)")

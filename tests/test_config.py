@@ -49,6 +49,9 @@ def test_include_and_override_order(tmp_path):
         (["trainer"], "--set 'trainer': expected key.sub=value"),
         (["trainer.max_steps.x=1"], "--set 'trainer.max_steps.x=1': max_steps is not a section"),
         (["trainer.precision=fp8"], "tiny-text: trainer.precision: Input should be"),
+        (["trainer.eval_batches=4"], "tiny-text: trainer: eval_batches is now eval_samples"),
+        (["data.shuffle_buffer_batches=8"], "tiny-text: data: shuffle_buffer_batches is gone"),
+        (["data.shuffle_blocks=0"], "tiny-text: data.shuffle_blocks: Input should be greater than or equal to 1"),
     ],
 )
 def test_bad_input_is_one_line(overrides, expected):

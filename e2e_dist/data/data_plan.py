@@ -14,6 +14,8 @@ import resource
 import time
 from typing import Any
 
+import numpy as np
+
 from e2e_dist.train.batches import default_window_blocks
 
 
@@ -58,8 +60,10 @@ def describe(bundle: Any, cfg: Any, *, seconds: float) -> list[str]:
         lines.append(f"shard index    {st['index_shards']:,} shards: {st['index_shards'] - st['index_built_now']:,} "
                      f"from the stored index, {st['index_built_now']:,} indexed now")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    train, val = train.shared(), val.shared()  # as the launcher hands them to the workers
     plan = len(ray.cloudpickle.dumps(train)) + len(ray.cloudpickle.dumps(val))
-    shared = shared_bytes(train) + shared_bytes(val)
+    shared = shared_bytes(train) + shared_bytes(val) + sum(
+        s.starts.value().nbytes for s in (train, val) if not isinstance(s.starts, np.ndarray))
     lines += [f"driver         planned in {seconds:.1f} s, peak memory {rss:,.0f} MiB",
               f"each rank      gets a {plan / 1024:,.1f} KiB plan; its node fetches {_size(shared)} of shared "
               "index and row tables once"]

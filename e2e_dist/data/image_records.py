@@ -22,7 +22,7 @@ skipped with a warning, or stop the run when `data.strict`.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -90,30 +90,46 @@ class RowGroupReader:
         self.fn_kwargs = fn_kwargs
 
     def read(self, ids: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+        return next(self.read_chunks(ids, max(1, len(ids))))
+
+    def read_chunks(self, ids: np.ndarray, chunk: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        """Every row group the ids touch is fetched first, once (its image and label column
+        chunks: the bytes read come with the first chunk), then rows are decoded chunk by chunk."""
         from e2e_dist.data.samples import gather
 
         groups, which = self.groups.get(), np.searchsorted(self.cum, ids, side="right") - 1
-        parts, nbytes = [], 0
+        tables, nbytes = {}, 0
         for g in np.unique(which):
-            where = np.nonzero(which == g)[0]
-            uri, rg, first = groups[g]
-            cols, read = decode_rows(uri, rg, first + ids[where] - self.cum[g], **self.fn_kwargs)
-            parts.append((where, cols))
+            uri, rg, _ = groups[g]
+            tables[g], read = fetch_row_group(uri, rg, self.fn_kwargs)
             nbytes += read
-        return gather(parts, len(ids)), nbytes
+        for i in range(0, max(len(ids), 1), chunk):
+            part, part_groups = ids[i:i + chunk], which[i:i + chunk]
+            parts = []
+            for g in np.unique(part_groups):
+                where = np.nonzero(part_groups == g)[0]
+                uri, rg, first = groups[g]
+                parts.append((where, decode_rows(tables[g], uri, rg, first + part[where] - self.cum[g], **self.fn_kwargs)))
+            yield gather(parts, len(part)), nbytes if i == 0 else 0
 
 
-def decode_rows(uri: str, rg: int, rows: np.ndarray, *, size: int, channels: int, image_col: str, label_col: str,
-                classes: list | None, storage: Any, strict: bool) -> tuple[dict[str, np.ndarray], int]:
-    """Rows `rows` of row group rg of uri -> ({pixels, label, valid}, bytes of the column chunks read)."""
+def fetch_row_group(uri: str, rg: int, fn_kwargs: dict) -> tuple[Any, int]:
+    """Row group rg of uri, image and label columns (a pyarrow table), and the bytes of their chunks."""
     import pyarrow.parquet as pq
 
-    with open_input_file(str(uri), storage) as f:
+    cols = (fn_kwargs["image_col"], fn_kwargs["label_col"])
+    with open_input_file(str(uri), fn_kwargs["storage"]) as f:
         pf = pq.ParquetFile(f)
-        table = pf.read_row_group(int(rg), columns=[image_col, label_col])
+        table = pf.read_row_group(int(rg), columns=list(cols))
         meta = pf.metadata.row_group(int(rg))
         nbytes = sum(meta.column(i).total_compressed_size for i in range(meta.num_columns)
-                     if meta.column(i).path_in_schema.split(".")[0] in (image_col, label_col))
+                     if meta.column(i).path_in_schema.split(".")[0] in cols)
+    return table, nbytes
+
+
+def decode_rows(table: Any, uri: str, rg: int, rows: np.ndarray, *, size: int, channels: int, image_col: str,
+                label_col: str, classes: list | None, storage: Any, strict: bool) -> dict[str, np.ndarray]:
+    """Rows `rows` of a fetched row group -> {pixels, label, valid}; a bad image keeps its row."""
     index = {name: i for i, name in enumerate(classes)} if classes else None
     images, ys = table.column(image_col).take(rows).to_pylist(), table.column(label_col).take(rows).to_pylist()
     pixels, labels, valid, bad = [], [], [], []
@@ -130,7 +146,7 @@ def decode_rows(uri: str, rg: int, rows: np.ndarray, *, size: int, channels: int
             valid.append(False)
         labels.append(index[y] if index is not None else int(y))
     return {"pixels": np.stack(pixels) if pixels else np.zeros((0, channels, size, size), np.float32),
-            "label": np.array(labels, dtype=np.int64), VALID: np.array(valid, dtype=bool)}, nbytes
+            "label": np.array(labels, dtype=np.int64), VALID: np.array(valid, dtype=bool)}
 
 
 def _index(files: Sequence[FileItem], data_cfg: Any, storage_cfg: Any, stats: dict) -> list[dict]:

@@ -92,6 +92,13 @@ class EpochOrder:
 def rank_share(order: EpochOrder, *, start: int, batch: int, first: int, count: int, rank: int, world: int) -> np.ndarray:
     """Rank `rank`'s samples of global batches first .. first+count-1 (batch i = positions
     [start + i*batch, start + (i+1)*batch)), in the order the rank trains on them."""
+    return rank_share_windows(order, start=start, batch=batch, first=first, count=count, rank=rank, world=world)[0]
+
+
+def rank_share_windows(order: EpochOrder, *, start: int, batch: int, first: int, count: int, rank: int,
+                       world: int) -> tuple[np.ndarray, np.ndarray]:
+    """rank_share, and the window each of those samples is in (non-decreasing: a batch's share is
+    sorted by window first, so a rank's reads can be cut at window boundaries)."""
     if batch % world:
         raise ValueError(f"global batch {batch} does not split over {world} ranks")
     lo = start + first * batch
@@ -99,7 +106,22 @@ def rank_share(order: EpochOrder, *, start: int, batch: int, first: int, count: 
     which = np.repeat(np.arange(count), batch)
     canonical = np.lexsort((rank_in_block, slot, window, which))  # batch by batch, then (window, slot, rank)
     share = batch // world
-    return ids[canonical.reshape(count, batch)[:, rank * share:(rank + 1) * share].ravel()]
+    mine = canonical.reshape(count, batch)[:, rank * share:(rank + 1) * share].ravel()
+    return ids[mine], window[mine]
+
+
+def cut_at_windows(windows: np.ndarray, at_least: int) -> list[slice]:
+    """Consecutive pieces of a rank's samples (their windows non-decreasing), each ending where a
+    window does and holding at least `at_least` samples (the last may hold fewer): one read task
+    each, so a task reads the rank's blocks of its windows whole, and no other task reads them."""
+    ends = np.nonzero(np.diff(windows))[0] + 1
+    pieces, lo = [], 0
+    for end in [*ends.tolist(), len(windows)]:
+        if end - lo >= at_least or end == len(windows):
+            if end > lo:
+                pieces.append(slice(lo, end))
+            lo = end
+    return pieces
 
 
 def batches_left(n: int, position: int, batch: int) -> int:

@@ -35,6 +35,8 @@ log = logging.getLogger("e2e_dist.data")
 RECORD_SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 CHECKPOINT_EVERY = 1 << 20
 """Stream bytes between JSONL checkpoints (Parquet checkpoints are its row groups)."""
+PARQUET_READ_ROWS = 8
+"""Rows decoded at a time when training reads a row group (a read that stops early stops there)."""
 
 
 def record_kind(uri: str) -> str | None:
@@ -43,11 +45,11 @@ def record_kind(uri: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------ reading documents
-def _parquet_file(f, uri: str, column: str):
+def _parquet_file(f, uri: str, column: str, **options):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(f)
+    pf = pq.ParquetFile(f, **options)
     names = pf.schema_arrow.names
     if column not in names:
         raise DataError(f"data.text_column: no column {column!r} in {uri} (columns: {', '.join(names)})")
@@ -120,6 +122,91 @@ def documents(uri: str, column: str, storage_cfg: Any, locator: Any = 0) -> Iter
     return reader(uri, column, storage_cfg, locator)
 
 
+class _RowGroupCursor:
+    """The row group this process is reading for training: the documents decoded so far and where
+    decoding goes on. Reads decode a few hundred rows at a time and stop when they have their bytes,
+    so a window crossing into a row group decodes its first pages only; the next read of the same
+    row group continues from there instead of starting over. Read to its end, the row group goes
+    to the node's cache (data/node_cache.py), where any task of any rank on the node finds it."""
+
+    def __init__(self, uri: str, column: str, rg: int, identity: str, cache_mb: int):
+        self.key, self.identity, self.cache_mb = (uri, column, rg), identity, cache_mb
+        self.docs: list[bytes] = []
+        self.batches: Iterator | None = None
+        self.file: Any = None
+        self.rows_left = 0
+        self.done = False
+
+    def start(self, storage_cfg: Any) -> bool:
+        """Find the row group in the node's cache or open it for decoding; False past the last one."""
+        from e2e_dist.data import node_cache
+
+        uri, column, rg = self.key
+        cached = node_cache.get(self.identity, column, rg) if self.identity else None
+        if cached is not None:
+            self.docs, self.done = cached, True
+            return True
+        self.file = open_input_file(uri, storage_cfg)
+        # Buffered column reads: pages are fetched as they are decoded, not a whole column chunk first.
+        pf = _parquet_file(self.file, uri, column, buffer_size=1 << 20)
+        if rg >= pf.num_row_groups:
+            self.close()
+            return False
+        self.batches = pf.iter_batches(batch_size=PARQUET_READ_ROWS, row_groups=[rg], columns=[column],
+                                       use_threads=False)
+        self.rows_left = pf.metadata.row_group(rg).num_rows
+        return True
+
+    def documents(self) -> Iterator[bytes]:
+        from e2e_dist.data import node_cache
+
+        i = 0
+        while True:
+            while i < len(self.docs):
+                yield self.docs[i]
+                i += 1
+            if self.done:
+                return
+            batch = next(self.batches)  # type: ignore[call-overload]
+            values = batch.column(0).to_pylist()
+            new = [v.encode("utf-8") for v in values if v]
+            DECODED[0] += sum(len(d) for d in new)
+            self.docs.extend(new)
+            self.rows_left -= len(values)
+            if self.rows_left <= 0:  # complete: kept for the node before anyone stops reading
+                self.done = True
+                self.close()
+                if self.identity:
+                    node_cache.put(self.identity, self.key[1], self.key[2], self.docs, self.cache_mb)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+_cursor: list[_RowGroupCursor] = []
+"""This process's open row group (one: a task reads its runs in stream order)."""
+
+
+def _docs_parquet_shared(uri: str, column: str, storage_cfg: Any, row_group: int, identity: str,
+                         cache_mb: int) -> Iterator[tuple[Any, bytes]]:
+    """_docs_parquet for training reads, through this process's `_RowGroupCursor` and the node's cache."""
+    rg = row_group
+    while True:
+        key = (uri, column, rg)
+        if not _cursor or _cursor[0].key != key:
+            if _cursor:
+                _cursor.pop().close()
+            cursor = _RowGroupCursor(uri, column, rg, identity, cache_mb)
+            if not cursor.start(storage_cfg):
+                return
+            _cursor.append(cursor)
+        for doc in _cursor[0].documents():
+            yield rg, doc
+        rg += 1
+
+
 # ------------------------------------------------------------------------------ the index
 def index_shard(uri: str, column: str, storage_cfg: Any, checkpoint_every: int = CHECKPOINT_EVERY) -> dict:
     """{uri, length, docs, checkpoints: [[stream offset, locator], ...]} of one shard."""
@@ -138,7 +225,8 @@ def index_shard(uri: str, column: str, storage_cfg: Any, checkpoint_every: int =
 def index_shards(files: Sequence[FileItem], data_cfg: Any, storage_cfg: Any, stats: dict | None = None) -> dict[str, dict]:
     """The index of every record shard in `files` (data/index_store.py: stored once per dataset, the
     rest in Ray Data tasks); DataError naming the first bad shard (by uri). Each entry's checkpoints
-    come as two int64 arrays (stream offsets, locators), not as per-checkpoint Python objects."""
+    come as two int64 arrays (stream offsets, locators), not as per-checkpoint Python objects, and
+    the shard's identity (what the node cache keys its row groups by)."""
     from e2e_dist.data.index_store import cached_index, index_location
 
     column = data_cfg.text_column
@@ -148,7 +236,8 @@ def index_shards(files: Sequence[FileItem], data_cfg: Any, storage_cfg: Any, sta
     out = {}
     for f, e in zip(files, entries):
         ck = np.asarray(e["checkpoints"], dtype=np.int64).reshape(-1, 2)
-        out[f.uri] = {"length": e["length"], "docs": e["docs"], "checkpoints": (ck[:, 0].copy(), ck[:, 1].copy())}
+        identity = f"{f.uri}\x1f{f.size}\x1f{f.mtime}" if f.mtime is not None else ""  # no mtime: never cached
+        out[f.uri] = {"length": e["length"], "docs": e["docs"], "checkpoints": (ck[:, 0].copy(), ck[:, 1].copy(), identity)}
     empty = [u for u, e in out.items() if not e["length"]]
     if empty:
         log.warning("data.text_column %r: %d shard(s) hold no text (e.g. %s)", column, len(empty), empty[0])
@@ -163,14 +252,17 @@ def as_stream_items(files: Sequence[FileItem], index: dict[str, dict]) -> list[F
 
 # ------------------------------------------------------------------------------ worker side
 def read_stream(uri: str, offset: int, n: int, *, column: str, offsets: np.ndarray, locators: np.ndarray,
-                storage_cfg: Any, eos: int) -> tuple[np.ndarray, int]:
+                storage_cfg: Any, eos: int, identity: str = "", cache_mb: int = 0) -> tuple[np.ndarray, int]:
     """Stream bytes [offset, offset + n) of a shard as token ids (EOS between documents), read from
-    the last checkpoint at or before `offset`; and the document bytes decoded for them."""
+    the last checkpoint at or before `offset`; and the document bytes decoded from storage for them
+    (Parquet row groups this node had decoded already, under `identity`, cost none)."""
     i = max(0, int(np.searchsorted(offsets, offset, side="right")) - 1)
     start, locator = (int(offsets[i]), int(locators[i])) if len(offsets) else (0, 0)
     out = np.empty(n, dtype=np.uint16)
     filled, pos, before = 0, start, DECODED[0]
-    for _, doc in documents(uri, column, storage_cfg, locator):
+    docs = (_docs_parquet_shared(uri, column, storage_cfg, locator, identity, cache_mb) if record_kind(uri) == "parquet"
+            else _docs_jsonl(uri, column, storage_cfg, locator))
+    for _, doc in docs:
         if pos != start:  # EOS between documents
             if offset <= pos < offset + n:
                 out[pos - offset] = eos

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -55,6 +55,31 @@ class Shared:
         return _shared_cache[key]
 
 
+class SharedArray:
+    """A large numpy array kept in the object store and used like the array where it is read
+    (np.asarray, indexing, len): resolved once per process. What lets a rank's plan stay a few KiB
+    while a split of 1 TB has a million block boundaries."""
+
+    def __init__(self, array: np.ndarray):
+        self.shared = Shared.put(np.ascontiguousarray(array))
+
+    def value(self) -> np.ndarray:
+        return self.shared.get()
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.asarray(self.value(), dtype=dtype)
+
+    def __getitem__(self, key):
+        return self.value()[key]
+
+    def __len__(self) -> int:
+        return len(self.value())
+
+
+SHARE_ABOVE_BYTES = 1 << 16
+"""Block boundaries larger than this travel to the ranks through the object store (`SampleSet.shared`)."""
+
+
 @dataclass(kw_only=True)
 class SampleSet:
     """One split: samples 0..n-1 in blocks, read by `reader`."""
@@ -82,6 +107,13 @@ class SampleSet:
     def read(self, ids: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
         return self.reader.read(np.asarray(ids, dtype=np.int64))
 
+    def shared(self) -> "SampleSet":
+        """This set with its block boundaries in the object store when they are large (what the
+        driver hands the workers: each node fetches them once, each rank's plan stays small)."""
+        if isinstance(self.starts, np.ndarray) and self.starts.nbytes > SHARE_ABOVE_BYTES:
+            return replace(self, starts=SharedArray(self.starts))
+        return self
+
     def dataset(self, ids: np.ndarray | None = None, *, tasks: int = 2, name: str | None = None,
                 node_id: str | None = None):
         """A Ray Dataset of these samples decoded, in `ids` order (default: 0..n-1), in read tasks of
@@ -89,7 +121,7 @@ class SampleSet:
         ids = np.arange(self.n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
         per = max(1, self.rows_per_task)
         return read_dataset([ids[i:i + per] for i in range(0, len(ids), per)], self.reader, tasks=tasks,
-                            name=name or self.name, node_id=node_id)
+                            name=name or self.name, node_id=node_id, chunk=per)
 
     def materialize(self, ids: np.ndarray | None = None, *, tasks: int = 2) -> "SampleSet":
         """Read (and decode) these samples once into the object store: a set whose reads are gathers.
@@ -104,8 +136,10 @@ class SampleSet:
         return replace(self, starts=starts, reader=reader, materialized=True)
 
 
-def read_dataset(id_lists: list[np.ndarray], reader: Any, *, tasks: int, name: str, node_id: str | None = None):
-    """Ray Dataset: one read task per id list, rows in list order (`read_samples`)."""
+def read_dataset(id_lists: list[np.ndarray], reader: Any, *, tasks: int, name: str, node_id: str | None = None,
+                 chunk: int = 256):
+    """Ray Dataset: one read task per id list, rows in list order, `chunk` rows per output block
+    (`read_samples`)."""
     import ray.data
 
     from e2e_dist.data.common import deterministic
@@ -118,7 +152,7 @@ def read_dataset(id_lists: list[np.ndarray], reader: Any, *, tasks: int, name: s
         remote_args["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
     items = [{"ids": ids.tobytes()} for ids in id_lists]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
-        read_samples, batch_size=1, batch_format="numpy", fn_kwargs={"reader": reader},
+        read_samples, batch_size=1, batch_format="numpy", fn_kwargs={"reader": reader, "chunk": chunk},
         # Reads are I/O and light decoding; on a small machine the training workers hold every CPU,
         # and a 1-CPU task would never be scheduled.
         num_cpus=0, compute=ray.data.TaskPoolStrategy(size=max(1, min(tasks, len(items)))), **remote_args)
@@ -126,18 +160,28 @@ def read_dataset(id_lists: list[np.ndarray], reader: Any, *, tasks: int, name: s
     return deterministic(ds)
 
 
-def read_samples(batch: dict, *, reader: Any) -> dict:
-    """Ray Data map_batches fn: {ids: int64 bytes} -> the reader's rows, with what the task read
-    (bytes, samples) on the first."""
-    outs = []
+def read_samples(batch: dict, *, reader: Any, chunk: int) -> Iterator[dict]:
+    """Ray Data map_batches fn (a generator): {ids: int64 bytes} -> the reader's rows, `chunk` at a
+    time, each chunk with what reading it took (bytes, samples) on its first row. A task reads its
+    blocks once and decodes chunk by chunk: it holds the encoded blocks, not its samples decoded."""
     for raw in batch["ids"]:
-        cols, nbytes = reader.read(np.frombuffer(raw, dtype=np.int64))
-        n = len(cols[VALID])
-        read, samples = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
-        if n:
-            read[0], samples[0] = nbytes, n
-        outs.append({**cols, READ_BYTES: read, READ_SAMPLES: samples})
-    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+        for cols, nbytes in read_in_chunks(reader, np.frombuffer(raw, dtype=np.int64), chunk):
+            n = len(cols[VALID])
+            read, samples = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+            if n:
+                read[0], samples[0] = nbytes, n
+            yield {**cols, READ_BYTES: read, READ_SAMPLES: samples}
+
+
+def read_in_chunks(reader: Any, ids: np.ndarray, chunk: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """reader's rows for ids, `chunk` at a time: its own `read_chunks` where it has one (readers whose
+    samples share reads: text windows of one range, rows of one row group), else `read` per chunk.
+    The bytes read come with the first chunk (0 after)."""
+    if hasattr(reader, "read_chunks"):
+        yield from reader.read_chunks(ids, chunk)
+        return
+    for i in range(0, len(ids), chunk):
+        yield reader.read(ids[i:i + chunk])
 
 
 def _num_rows(block: dict) -> int:

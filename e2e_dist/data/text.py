@@ -161,7 +161,7 @@ def collate(batch: dict) -> dict:
 
 # ------------------------------------------------------------------------------ driver side
 def text_samples(plan: StreamPlan, *, name: str, storage_cfg: Any, strict: bool, records: dict[str, tuple],
-                 column: str) -> SampleSet:
+                 column: str, node_cache_mb: int = 0) -> SampleSet:
     """The windows of one split's stream as a SampleSet (O(files) arrays, shared through the object store)."""
     import ray
 
@@ -180,17 +180,17 @@ def text_samples(plan: StreamPlan, *, name: str, storage_cfg: Any, strict: bool,
               "offset": np.concatenate([[0], np.cumsum(lengths + eos)[:-1]]).astype(np.int64)}
     checkpoints = {u: records[u] for u in uris if u in records}  # only this split's shards
     reader = TextReader(arrays, uris, checkpoints, seq_len=plan.seq_len, storage=storage_cfg, strict=strict,
-                        eos=EOS, pad=PAD, column=column)
+                        eos=EOS, pad=PAD, column=column, node_cache_mb=node_cache_mb)
     starts = block_starts(arrays, uris, checkpoints, plan.seq_len, plan.windows)
     return SampleSet(name=name, starts=starts, reader=reader, sample_bytes=(plan.seq_len + 1) * 2 + 9,
                      rows_per_task=max(64, BLOCK_STREAM_BYTES // plan.seq_len))
 
 
 def build_text_bundle(files: Sequence[FileItem], data_cfg: Any, storage_cfg: Any, paths_label: str,
-                      records: dict[str, tuple] | None = None) -> DataBundle:
+                      records: dict[str, tuple] | None = None, extra_stats: dict | None = None) -> DataBundle:
     """Plan on the driver, then the splits as SampleSets + exact stats.
-    records: {uri: (checkpoint offsets, locators)} of the record shards among `files` (their size is
-    their stream's length)."""
+    records: {uri: (checkpoint offsets, locators, identity)} of the record shards among `files` (their size is
+    their stream's length). extra_stats: added to the stats (the shard index's counts)."""
     records = records or {}
     train, val = plan_splits(files, data_cfg, paths_label)
     stats = {
@@ -198,10 +198,11 @@ def build_text_bundle(files: Sequence[FileItem], data_cfg: Any, storage_cfg: Any
         "train_tokens": train.windows * train.seq_len,
         "train_files": train.files, "train_rows": train.windows,
         "val_bytes": val.bytes, "val_windows": val.windows, "val_tokens": val.windows * val.seq_len,
-        "val_files": val.files, "val_rows": val.windows,
+        "val_files": val.files, "val_rows": val.windows, **(extra_stats or {}),
     }
     log.info("text data %s: %s", paths_label, stats, extra=FILE_ONLY)
-    kw = {"storage_cfg": storage_cfg, "strict": data_cfg.strict, "records": records, "column": data_cfg.text_column}
+    kw = {"storage_cfg": storage_cfg, "strict": data_cfg.strict, "records": records, "column": data_cfg.text_column,
+          "node_cache_mb": data_cfg.node_cache_mb}
     return DataBundle(train=text_samples(train, name="train", **kw), val=text_samples(val, name="val", **kw),
                       collate=collate, stats=stats)
 
@@ -257,10 +258,8 @@ def build_text(data_cfg, *, model_cfg=None, storage_cfg=None) -> DataBundle:
     items = plain + as_stream_items(shards, index)
     log.info("text data: %d plain file(s), %d record shard(s) (%d documents)", len(plain), len(shards),
              sum(e["docs"] for e in index.values()), extra=FILE_ONLY)
-    bundle = build_text_bundle(items, data_cfg, storage_cfg, ", ".join(data_cfg.paths),
-                               records={u: e["checkpoints"] for u, e in index.items()})
-    bundle.stats.update(index_stats)
-    return bundle
+    return build_text_bundle(items, data_cfg, storage_cfg, ", ".join(data_cfg.paths),
+                             records={u: e["checkpoints"] for u, e in index.items()}, extra_stats=index_stats)
 
 
 def _text_files(data_cfg, storage_cfg) -> list[FileItem]:

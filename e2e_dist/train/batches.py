@@ -8,7 +8,8 @@ position is read again, and a run resized from 8 to 4 workers skips and repeats 
 
 Reading: a set the launcher materialized (a train set under data.cache_mb) is gathered from the
 object store; any other is read by Ray Data tasks, `data.decode_tasks` at a time, on the rank's
-node when it has room, each task reading the rank's samples of a few global batches. A background
+node when it has room, each task reading the rank's samples of whole windows of the order: its
+blocks there, each once, decoded a chunk at a time. A background
 thread keeps `prefetch` micro-batches ready (collated, and on a GPU pinned and copied), across
 task batches and epochs. The stream counts what it read: samples and storage bytes (`counters`).
 """
@@ -22,11 +23,13 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from e2e_dist.data.order import EpochOrder, batches_left, rank_share
+from e2e_dist.data.order import EpochOrder, batches_left, cut_at_windows, rank_share_windows
 from e2e_dist.data.samples import READ_BYTES, READ_SAMPLES, VALID, SampleSet, read_dataset
 
 TASKS_PER_PIPELINE = 32
 """Read tasks per Ray Dataset the stream builds (the ids of the next stretch of batches; then the next)."""
+WINDOWS_PER_PIPELINE = 4
+"""...and at least this many windows of the order, so few windows are cut by a pipeline's end."""
 
 
 def default_window_blocks(cfg) -> int:
@@ -62,13 +65,15 @@ class BatchStream:
         self.epoch_counters: dict[int, dict[str, int]] = {}
         """The same, per epoch read."""
         self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------------ consumer side
     def next(self) -> dict[str, torch.Tensor]:
         if self._queue is None:
             self._queue = queue.Queue(maxsize=self.prefetch)
-            threading.Thread(target=self._feed, name="e2e-batches", daemon=True).start()
+            self._thread = threading.Thread(target=self._feed, name="e2e-batches", daemon=True)
+            self._thread.start()
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
@@ -82,13 +87,17 @@ class BatchStream:
         order's window size (a resume continues the same order)."""
         return {"epoch": self.position[0], "samples": self.position[1], "shuffle_blocks": self.m}
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop reading ahead: the read tasks in flight are cancelled with their pipeline."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
 
     # ------------------------------------------------------------------------ producer side
     def _feed(self) -> None:
+        batches = self._micro_batches()
         try:
-            for item in self._micro_batches():
+            for item in batches:
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.2)  # type: ignore[union-attr]
@@ -99,6 +108,8 @@ class BatchStream:
                     return
         except BaseException as e:  # handed to the training thread, which raises it
             self._queue.put(e)  # type: ignore[union-attr]
+        finally:
+            batches.close()  # ends the Ray Data iteration in progress (its executor shuts down)
 
     def _micro_batches(self) -> Iterator[tuple[dict[str, torch.Tensor], tuple[int, int] | None]]:
         epoch, pos = self.position
@@ -112,17 +123,28 @@ class BatchStream:
                 epoch, pos = epoch + 1, 0
                 continue
             order = EpochOrder(self.split.starts, seed=self.seed, epoch=epoch, window_blocks=self.m)
-            per_task = max(1, self.split.rows_per_task // (G // self.world))
-            stretch = per_task * (1 if self.split.materialized else TASKS_PER_PIPELINE)
+            stretch = self._stretch(order)
             for first in range(0, left, stretch):
                 count = min(stretch, left - first)
-                ids = rank_share(order, start=pos, batch=G, first=first, count=count, rank=self.rank, world=self.world)
-                for j, cols in enumerate(self._rows(ids, per_task)):
+                ids, windows = rank_share_windows(order, start=pos, batch=G, first=first, count=count, rank=self.rank,
+                                                  world=self.world)
+                for j, cols in enumerate(self._rows(ids, windows)):
                     if READ_SAMPLES in cols:  # read by a task (a materialized set costs no reads)
                         self._count(epoch, int(cols[READ_SAMPLES].sum()), int(cols[READ_BYTES].sum()))
                     done = (epoch, pos + (first + (j + 1) // self.accum) * G) if (j + 1) % self.accum == 0 else None
                     yield self._to_device(model_batch(cols, self.collate)), done
             epoch, pos = epoch + 1, 0
+
+    def _stretch(self, order: EpochOrder) -> int:
+        """Global batches per Ray Dataset the stream builds: at least TASKS_PER_PIPELINE read tasks'
+        worth and WINDOWS_PER_PIPELINE windows (a window cut by a pipeline's end is read by two
+        tasks), micro-batch by micro-batch for a set in memory."""
+        G = self.batch
+        if self.split.materialized:
+            return max(1, self.split.rows_per_task // (G // self.world))
+        window = order.n / max(order.windows, 1)
+        want = max(TASKS_PER_PIPELINE * self.split.rows_per_task * self.world, WINDOWS_PER_PIPELINE * window)
+        return max(1, int(-(-want // G)))
 
     def _count(self, epoch: int, samples: int, nbytes: int) -> None:
         mine = self.epoch_counters.setdefault(epoch, {"samples": 0, "bytes": 0})
@@ -130,16 +152,17 @@ class BatchStream:
             c["samples"] += samples
             c["bytes"] += nbytes
 
-    def _rows(self, ids: np.ndarray, per_task: int) -> Iterator[dict[str, np.ndarray]]:
-        """The rank's rows for `ids` (its samples of a stretch of batches), micro-batch by micro-batch."""
+    def _rows(self, ids: np.ndarray, windows: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+        """The rank's rows for `ids` (its samples of a stretch of batches), micro-batch by micro-batch:
+        gathered from memory, or read by tasks that each take whole windows (order.cut_at_windows),
+        so each of the rank's blocks is read by one task, once."""
         if self.split.materialized:
             for i in range(0, len(ids), self.mb):
                 yield self.split.read(ids[i:i + self.mb])[0]
             return
-        share = self.batch // self.world
-        tasks = [ids[i:i + per_task * share] for i in range(0, len(ids), per_task * share)]
+        tasks = [ids[piece] for piece in cut_at_windows(windows, self.split.rows_per_task)]
         ds = read_dataset(tasks, self.split.reader, tasks=self.decode_tasks, name=f"{self.split.name}-rank{self.rank}",
-                          node_id=self.node_id)
+                          node_id=self.node_id, chunk=max(self.mb, self.split.rows_per_task))
         yield from ds.iter_batches(batch_size=self.mb, batch_format="numpy", prefetch_batches=1)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

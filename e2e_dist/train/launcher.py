@@ -183,7 +183,7 @@ def prepare_splits(bundle, cfg: RunConfig):
 
     t0 = time.perf_counter()
     val = bundle.val.materialize(eval_selection(bundle.val.n, cfg.trainer.eval_samples))
-    train = bundle.train
+    train = bundle.train.shared()
     if train.n * train.sample_bytes <= cfg.data.cache_mb * 2**20:
         train = train.materialize()
     log.info("data: train %d samples in %d blocks (%s), val selection %d of %d samples; prepared in %.1f s",

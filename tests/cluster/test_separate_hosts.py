@@ -311,7 +311,8 @@ def test_a_shard_index_built_on_one_node_is_read_back_on_another(hosts: LocalClu
     argv = ["e2e-dist", "data", "plan", "tiny-text", "--address", "auto"] + [a for kv in (
         f"storage.path={bucket}/runs", f"storage.endpoint_url={hosts.s3_endpoint}", "data.source=text",
         f"data.paths=[{bucket}/records/]", "data.max_files=null", "data.max_bytes=null") for a in ("--set", kv)]
-    head, worker = (n.ip for n in hosts.nodes[:2])
+    head = hosts.nodes[0].ip
+    worker = next(n.node_ip for n in _alive_nodes(hosts.dashboard_url) if n.node_ip != head)  # (a node may have gone)
     logs = []
     try:
         for i, ip in enumerate((head, worker)):

@@ -198,3 +198,34 @@ def test_large_corpora_are_indexed_in_ray_data_tasks(ray_local, shards, tmp_path
     pq.write_table(pa.table({"body": ["a" * 100]}), tmp_path / "data" / "bad.parquet")
     with pytest.raises(DataError, match=r"^data.text_column: no column 'text' in .*bad.parquet \(columns: body\)$"):
         build_data(cfg(tmp_path / "data"))
+
+
+def test_training_reads_decode_each_row_group_once_per_node(shards, tmp_path, monkeypatch):
+    """A Parquet row group read to its end is kept in the node's cache: a later read of it, by any
+    process on the node, decodes nothing (and equals the first); a read that needs only the start
+    of a row group decodes only its first rows; without an identity (no mtime) nothing is kept."""
+    from e2e_dist.data import node_cache
+
+    monkeypatch.setenv("E2E_DIST_NODE_CACHE", str(tmp_path / "node"))
+    monkeypatch.setattr(rec, "PARQUET_READ_ROWS", 1)
+    uri, docs = next((u, d) for u, d in shards.items() if u.endswith(".parquet"))
+    ck = np.array(rec.index_shard(uri, "text", None)["checkpoints"]).reshape(-1, 2)
+    expected = _tokens(docs)
+
+    def read(off: int, n: int, identity: str = "shard-v1") -> tuple[np.ndarray, int]:
+        rec._cursor.clear()  # as another process would: nothing of this one's last row group
+        return rec.read_stream(uri, off, n, column="text", offsets=ck[:, 0], locators=ck[:, 1], storage_cfg=None,
+                               eos=EOS, identity=identity, cache_mb=64)
+
+    second_rg = int(ck[1, 0])
+    head, decoded = read(second_rg - 3, 6)  # the end of row group 0 and the first bytes of row group 1
+    assert (head == expected[second_rg - 3: second_rg + 3]).all()
+    assert decoded < second_rg + len(docs[5]) + 10  # row group 0 and the first document of row group 1 only
+    whole, decoded = read(0, len(expected))
+    assert (whole == expected).all() and decoded < len(expected)  # row group 0 came from the node's cache
+    again, decoded = read(0, len(expected))
+    assert (again == expected).all() and decoded == 0
+    _, decoded = read(0, len(expected), identity="")
+    assert decoded > 0.9 * len(expected)  # no identity: nothing is kept, everything is decoded
+    node_cache.evict(0)  # over any limit: the oldest entries go
+    assert node_cache.get("shard-v1", "text", 0) is None

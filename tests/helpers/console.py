@@ -24,6 +24,8 @@ OUR_LINES = [re.compile(p) for p in (
     r"W&B (run|files) +\S+",
     r" {15}upload it: .+",
     r"log file {7}/\S+\.log",
+    r"data read {6}.+",
+    r"data: .+",                                                         # what the data plan did (data/)
     # submit / jobs (cluster/jobs.py)
     r"submitted \S+: .+",
     r"  env vars forwarded \(values hidden\): .*",

@@ -69,9 +69,9 @@ def test_a_resume_late_in_the_epoch_reads_nothing_before_its_position(split, mon
     asked: list[np.ndarray] = []
     real = BatchStream._rows
 
-    def recording(self, ids, per_task):
+    def recording(self, ids, windows):
         asked.append(ids.copy())
-        return real(self, ids, per_task)
+        return real(self, ids, windows)
 
     monkeypatch.setattr(BatchStream, "_rows", recording)
     late = stream(split, samples=40)  # 5 of 6 batches done
