@@ -229,3 +229,20 @@ def test_training_reads_decode_each_row_group_once_per_node(shards, tmp_path, mo
     assert decoded > 0.9 * len(expected)  # no identity: nothing is kept, everything is decoded
     node_cache.evict(0)  # over any limit: the oldest entries go
     assert node_cache.get("shard-v1", "text", 0) is None
+
+
+def test_data_plan_says_what_a_config_costs_and_reuses_the_stored_index(ray_local, shards, tmp_path):
+    from e2e_dist.config import load_run_config
+    from e2e_dist.data.data_plan import plan_data
+
+    root = str(next(iter(shards))).rsplit("/", 1)[0]
+    cfg = load_run_config("tiny-text", ["data.source=text", f"data.paths=[{root}]", "data.max_files=null",
+                                        "data.seq_len=16", "model.max_seq_len=16", f"storage.path={tmp_path}/runs"])
+    first, second = plan_data(cfg), plan_data(cfg)
+    assert "shard index    6 shards: 0 from the stored index, 6 indexed now" in first
+    assert "shard index    6 shards: 6 from the stored index, 0 indexed now" in second
+    assert (tmp_path / "runs" / ".e2e-index").is_dir()  # kept with the runs, where every node finds it
+    train = next(line for line in first if line.startswith("train "))
+    per_rank = next(line for line in first if line.startswith("per rank "))
+    n = int(train.split()[1].replace(",", ""))
+    assert f"{n // 2:,} samples per epoch" in per_rank  # 2 workers: half each
