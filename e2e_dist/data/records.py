@@ -14,6 +14,10 @@ the column: built once per dataset, read back by later runs, sweep trials and ot
 every record: a missing column, a non-string value or an unreadable shard stops the run before
 training with one line naming the shard (and line), whatever data.strict says.
 
+Training reads (`read_stream`) decode Parquet a few rows at a time from the checkpoint and stop
+when they have their bytes (`_RowGroupCursor`); a row group read to its end is kept on the node
+for every rank there (data/node_cache.py).
+
 Why tasks over pyarrow instead of `ray.data.read_parquet` / `read_json` for the windows: packing
 documents into windows needs each shard's documents in order with their stream offsets, and
 Ray Data's readers choose their own block boundaries (and may merge small files into one read
@@ -64,30 +68,18 @@ def _row_group_docs(pf, rg: int, column: str) -> list[bytes]:
 
 
 def _docs_parquet(uri: str, column: str, storage_cfg: Any, row_group: int = 0) -> Iterator[tuple[Any, bytes]]:
-    """(row group, document bytes) from row group `row_group` on, the text column only."""
+    """(row group, document bytes) from row group `row_group` on, the text column only (the index
+    pass; training reads go through `_RowGroupCursor`)."""
     with open_input_file(uri, storage_cfg) as f:
         pf = _parquet_file(f, uri, column)
         for rg in range(row_group, pf.num_row_groups):
-            for doc in _cached_row_group(uri, column, rg, lambda: _row_group_docs(pf, rg, column)):
+            for doc in _row_group_docs(pf, rg, column):
                 yield rg, doc
 
 
 DECODED = [0]
-"""Bytes of documents this process has decoded from record shards (Parquet row groups as a whole,
-JSONL lines as read): what `read_stream` reports as read."""
-_last_row_group: dict = {}
-"""This process's most recently decoded row group: consecutive chunks of a shard land in the same
-Ray worker process, and would otherwise decode the same row group again for every chunk."""
-
-
-def _cached_row_group(uri: str, column: str, rg: int, decode) -> list[bytes]:
-    key = (uri, column, rg)
-    if key not in _last_row_group:
-        docs = decode()
-        DECODED[0] += sum(len(d) for d in docs)
-        _last_row_group.clear()
-        _last_row_group[key] = docs
-    return _last_row_group[key]
+"""Bytes of documents this process has decoded from record shards for training (Parquet rows as
+decoded, JSONL lines as read): what `read_stream` reports as read."""
 
 
 def _docs_jsonl(uri: str, column: str, storage_cfg: Any, offset: int = 0) -> Iterator[tuple[Any, bytes]]:
