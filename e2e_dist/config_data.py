@@ -82,10 +82,10 @@ class DataConfig(Section):
     """Read/decode tasks each rank keeps running (Ray Data): enough to keep the step fed. None: the
     node's CPUs per training worker on it (at least 1)."""
     cache_mb: int = Field(1024, ge=0)
-    """A decoded train set estimated at up to this many MiB is read and decoded once, before
-    training, and kept in Ray's object store: every epoch's samples are then gathered from memory
-    instead of read and decoded again. Larger sets are read by each rank, its own samples only.
-    0 = always read."""
+    """A decoded train set of images, clips or glyphs estimated at up to this many MiB is read and
+    decoded once, before training, and kept in Ray's object store: every epoch's samples are then
+    gathered from memory instead of read and decoded again. Larger sets, and text (its windows are
+    cheap to read again), are read by each rank, its own samples only. 0 = always read."""
     node_cache_mb: int = Field(2048, ge=0)
     """Decoded Parquet row groups each node keeps on local disk for all its ranks' reads
     (data/node_cache.py: a window crossing into the next row group, blocks that neighbouring ranks

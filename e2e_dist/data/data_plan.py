@@ -45,13 +45,13 @@ def describe(bundle: Any, cfg: Any, *, seconds: float) -> list[str]:
     world = cfg.trainer.worker_range[1]
     batch = cfg.trainer.global_batch_size or cfg.trainer.micro_batch_size * cfg.trainer.grad_accum * world
     m = default_window_blocks(cfg)
-    in_memory = train.n * train.sample_bytes <= cfg.data.cache_mb * 2**20
+    in_memory = train.keep_in_memory(cfg.data.cache_mb)
     per_rank_bytes = st.get("train_bytes", 0) / world
     lines = [
         f"train          {train.n:,} samples in {train.blocks:,} blocks ({train.n / max(train.blocks, 1):.1f} per block)",
         f"val            {val.n:,} samples; each evaluation scores {min(val.n, cfg.trainer.eval_samples):,} of them",
         f"order          windows of {m} blocks, global batch {batch} at {world} worker(s)"
-        + ("" if batch >= m else f" (below {m}: each rank reads from more blocks than its share)"),
+        + ("" if batch >= m or in_memory else f" (below {m}: each rank reads from more blocks than its share)"),
         f"per rank       {train.n // world:,} samples per epoch"
         + (f", ~{per_rank_bytes / 2**20:,.1f} MiB of {st['train_bytes'] / 2**20:,.1f} MiB" if st.get("train_bytes") else "")
         + (" (decoded once into memory: under data.cache_mb)" if in_memory else " (read by each rank, its own samples)"),

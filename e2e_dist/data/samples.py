@@ -95,6 +95,14 @@ class SampleSet:
     """Samples per read task: enough to amortize a task, few enough to stream."""
     materialized: bool = False
     """Read from a copy in the object store (no storage reads, no decoding)."""
+    worth_caching: bool = True
+    """Decoding a sample costs more than reading it again (images, clips, rendered glyphs): a small
+    set is decoded once into memory (data.cache_mb). Text windows are read again instead: a copy in
+    memory would cost the driver a pass over the data before training and save nothing."""
+
+    def keep_in_memory(self, cache_mb: int) -> bool:
+        """Whether the launcher reads this set once into the object store (data.cache_mb)."""
+        return self.worth_caching and self.n * self.sample_bytes <= cache_mb * 2**20
 
     @property
     def n(self) -> int:

@@ -183,7 +183,7 @@ def text_samples(plan: StreamPlan, *, name: str, storage_cfg: Any, strict: bool,
                         eos=EOS, pad=PAD, column=column, node_cache_mb=node_cache_mb)
     starts = block_starts(arrays, uris, checkpoints, plan.seq_len, plan.windows)
     return SampleSet(name=name, starts=starts, reader=reader, sample_bytes=(plan.seq_len + 1) * 2 + 9,
-                     rows_per_task=max(64, BLOCK_STREAM_BYTES // plan.seq_len))
+                     rows_per_task=max(64, BLOCK_STREAM_BYTES // plan.seq_len), worth_caching=False)
 
 
 def build_text_bundle(files: Sequence[FileItem], data_cfg: Any, storage_cfg: Any, paths_label: str,

@@ -176,15 +176,16 @@ def _fit(cfg: RunConfig, address: str | None, progress, callbacks, fault: str | 
 def prepare_splits(bundle, cfg: RunConfig):
     """(train, val) as the workers get them. Validation: the fixed selection every evaluation scores
     (trainer.eval_samples spread over the split), read once into the object store, and never more
-    of the split. Train: a set whose decoded size is under data.cache_mb is read and decoded once
-    too, so every epoch gathers from memory; a larger one is read by each rank, its samples only."""
+    of the split. Train: a set worth it whose decoded size is under data.cache_mb is read and
+    decoded once too, so every epoch gathers from memory; any other is read by each rank, its
+    samples only."""
     from e2e_dist.console import FILE_ONLY
     from e2e_dist.data.order import eval_selection
 
     t0 = time.perf_counter()
     val = bundle.val.materialize(eval_selection(bundle.val.n, cfg.trainer.eval_samples))
     train = bundle.train.shared()
-    if train.n * train.sample_bytes <= cfg.data.cache_mb * 2**20:
+    if train.keep_in_memory(cfg.data.cache_mb):
         train = train.materialize()
     log.info("data: train %d samples in %d blocks (%s), val selection %d of %d samples; prepared in %.1f s",
              train.n, train.blocks, "in memory" if train.materialized else "read by each rank", val.n, bundle.val.n,
