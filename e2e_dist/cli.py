@@ -59,11 +59,16 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:
     from e2e_dist import checkpoint as ckpt
+    from e2e_dist import storage
     from e2e_dist.checkpoint import universal
     from e2e_dist.config import StorageConfig
 
     storage_cfg = StorageConfig(path=args.run_uri, endpoint_url=args.endpoint_url)
     infos = ckpt.list_checkpoints(args.run_uri, storage_cfg, verify_checksums=args.verify)
+    if not infos:
+        if not storage.exists(args.run_uri, storage_cfg):
+            raise UserError(f"no run at {args.run_uri} (no such directory or prefix)")
+        print(f"no checkpoints under {args.run_uri} (no step_NNNNNNNN/ folder)")
     for info in infos:
         status = "committed" if info.committed else "CORRUPT  " if info.corrupt else "PARTIAL  "
         layout = universal.describe(info.manifest, info.uri, storage_cfg)
@@ -329,9 +334,17 @@ def _add_builtin_verbs(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_presets)
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse with our one-line usage errors: the problem and where the rest is (`--help`), not
+    argparse's usage block first. Its verbs' parsers are of this class too (add_subparsers)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"e2e-dist: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="e2e-dist", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrors(prog="e2e-dist", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show what Ray, DeepSpeed and other libraries print (always in the run's log file)")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")

@@ -52,6 +52,8 @@ def read_yaml_with_includes(source: str, _seen: tuple[Path, ...] = ()) -> dict[s
     merged: dict[str, Any] = {}
     for inc in includes:
         inc_source = inc if (path is None or inc in preset_names()) else str(path.parent / inc)
+        if inc_source not in preset_names() and not Path(inc_source).expanduser().is_file():
+            raise ConfigError(f"{source}: include: file not found: {inc} (looked for {inc_source})")
         merged = deep_merge(merged, read_yaml_with_includes(inc_source, _seen + ((path,) if path else ())))
     return deep_merge(merged, data)
 

@@ -43,3 +43,34 @@ def test_every_verb_group_is_registered():
     verbs = cli.build_parser()._subparsers._group_actions[0].choices
     for verb in ("train", "sweep", "plan", "scaling", "export", "generate", "predict", "checkpoints", "data", "presets"):
         assert verb in verbs
+
+
+def test_usage_errors_are_one_line_naming_where_help_is(capsys):
+    """argparse's own errors, for every verb: our one line (no usage block), exit 2."""
+    import pytest
+
+    for argv, what in [(["plan", "gpt-1.3b", "--gpus", "8", "--gpu-mem", "-5"], "argument --gpu-mem: '-5' is not GiB > 0"),
+                       (["train"], "the following arguments are required: config"),
+                       (["checkpoints"], "the following arguments are required: run_uri"),
+                       (["nonsense"], "argument VERB: invalid choice: 'nonsense'")]:
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        err = capsys.readouterr().err.splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("e2e-dist: error: " + what), err
+        assert "--help`)" in err[0] and "usage:" not in err[0]
+
+
+def test_checkpoints_of_a_run_that_is_not_there_is_an_error(tmp_path, capsys, s3_server, s3_bucket):
+    for uri, extra in ((str(tmp_path / "nope"), []), (f"{s3_bucket}/runs/nope", ["--endpoint-url", s3_server.url])):
+        assert cli.main(["checkpoints", uri, *extra]) == 2
+        assert capsys.readouterr().err.splitlines() == [f"e2e-dist: error: no run at {uri} (no such directory or prefix)"]
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["checkpoints", str(tmp_path / "empty")]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"no checkpoints under {tmp_path / 'empty'} (no step_NNNNNNNN/ folder)"]
+
+
+def test_cluster_local_says_where_the_token_of_its_home_is(tmp_path):
+    from e2e_dist.cluster.commands import token_hint
+
+    line = token_hint(tmp_path / "h")
+    assert f"$(cat {tmp_path / 'h' / '.ray' / 'auth_token'})" in line and "~" not in line

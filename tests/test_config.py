@@ -75,6 +75,11 @@ def test_missing_file_and_bad_yaml(tmp_path):
     cyc.write_text("include: cyc.yaml\n")
     with pytest.raises(ConfigError, match="include cycle"):
         load_run_config(str(cyc))
+    # a missing include names the file that includes it, and where it looked
+    (tmp_path / "run.yaml").write_text("include: [tiny-text, base.yaml]\n")
+    with pytest.raises(ConfigError) as e:
+        load_run_config(str(tmp_path / "run.yaml"))
+    assert str(e.value) == f"{tmp_path / 'run.yaml'}: include: file not found: base.yaml (looked for {tmp_path / 'base.yaml'})"
 
 
 def test_secrets_redacted():

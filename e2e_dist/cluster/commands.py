@@ -16,6 +16,7 @@ import argparse
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from e2e_dist.errors import UserError
@@ -96,6 +97,12 @@ def cmd_cluster_validate(args: argparse.Namespace) -> int:
     return 2 if bad else 0
 
 
+def token_hint(home: Path) -> str:
+    """How clients authenticate to a token-auth local cluster: where its token really is (`--home`)."""
+    token = Path(home).expanduser().resolve() / ".ray" / "auth_token"
+    return f"  clients           : export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(cat {token})"
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -122,7 +129,7 @@ def cmd_cluster_local(args: argparse.Namespace) -> int:
             cluster.expose(port)
         print(cluster.describe())
         if args.auth == "token":
-            print("  clients           : export RAY_AUTH_MODE=token (the token is in ~/.ray/auth_token)")
+            print(token_hint(cluster.home))
         print("Ctrl-C stops every process this command started (and nothing else).", flush=True)
         while True:
             time.sleep(1)

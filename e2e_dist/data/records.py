@@ -94,13 +94,15 @@ def _docs_jsonl(uri: str, column: str, storage_cfg: Any, offset: int = 0) -> Ite
             DECODED[0] += len(line)
             if not line.strip():
                 continue
+            where = f"at byte {start}" + ("" if offset else f" (line {lineno})")  # lines counted from the file's start
             try:
-                record = json.loads(line)
+                record = json.loads(line.rstrip(b"\r\n"))
+            except json.JSONDecodeError as e:  # its own "line 1 column 34" is of this line alone: say the column
+                raise DataError(f"data.paths: {uri} {where}: not a JSON line ({e.msg} at column {e.colno})") from None
             except ValueError as e:
-                raise DataError(f"data.paths: {uri} at byte {start}: not a JSON line ({e})") from None
+                raise DataError(f"data.paths: {uri} {where}: not a JSON line ({e})") from None
             if not isinstance(record, dict) or column not in record:
-                raise DataError(f"data.text_column: no field {column!r} in {uri} at byte {start}"
-                                + ("" if offset else f" (line {lineno})"))  # numbered from the file's start
+                raise DataError(f"data.text_column: no field {column!r} in {uri} {where}")
             value = record[column]
             if value is not None and not isinstance(value, str):
                 raise DataError(f"data.text_column: field {column!r} in {uri} at byte {start} is "

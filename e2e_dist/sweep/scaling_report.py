@@ -95,34 +95,12 @@ def scaling_report(results_uri: str, budget: float | None = None, out_uri: str |
         missing = [k for k in _NEEDS[fit.form] if k not in p]
         if missing:
             raise ScalingError(f"--predict: {fit.formula} needs {' and '.join(missing)}")
-    optimal, note = None, None
-    if budget is not None:
-        if fit.form != "joint":
-            note = f"no compute-optimal split: it needs L(N, D), and this sweep only fits {fit.formula}"
-        else:
-            try:
-                optimal = compute_optimal(fit, budget)
-            except ScalingError as e:
-                note = str(e)
-    held = None
-    if holdout is not None:
-        i = int(np.flatnonzero(~keep)[0])
-        held = {"trial": names[i], "measured": float(loss[i]),
-                **_predicted(fit, {"N": float(n[i]), "D": float(d[i])}, n[keep], d[keep])}
-        held["error"] = held["predicted"] / held["measured"] - 1
-        held["inside"] = bool(held["interval"][0] <= held["measured"] <= held["interval"][1])
+    optimal, note = _optimal(fit, budget)
     # L(D) asks what each amount of data supports: a trial still learning at its end answers what
     # its steps allowed instead (the compute floor), and a law through it describes that compute.
     learning = still_learning(rows, names) if fit.form == "data" else {}
-    if held is not None:
-        held["still_learning"] = learning.get(held["trial"])
-    warnings = [f"{k} is not identified by these points: {why}" for k, why in fit.unidentified.items()]
-    if learning:
-        warnings.append(f"{len(learning)} of {len(names)} trials were still learning when they ended (best "
-                        f"evaluation in the last fifth of their steps: "
-                        + "D = " + ", ".join(fmt(float(d[names.index(t)])) for t in learning)
-                        + "): their loss is what their steps allowed, not what their data supports; "
-                        "give the trials more steps to measure L(D) there")
+    held = _held_out(fit, names, n, d, loss, keep, learning) if holdout is not None else None
+    warnings = _warnings(fit, names, d, learning)
     report: dict[str, Any] = {
         "results": redact(uri), "metric": metric, "d_key": d_used, "formula": fit.formula, "form": fit.form,
         "params": fit.params, "ci": {k: list(v) for k, v in fit.ci.items()}, "ci_level": fit.ci_level,
@@ -135,12 +113,57 @@ def scaling_report(results_uri: str, budget: float | None = None, out_uri: str |
     }
     report["summary"] = summary_text(report)
     out_dir = out_uri.rstrip("/") if out_uri else (uri.rsplit("/", 1)[0] if "/" in uri else ".")
+
+    def draw(path: Path) -> None:
+        plot.plot_fit(fit, n, d, loss, path, held_out=~keep, optimal=optimal, d_label=d_used, metric=metric,
+                      still_learning=np.array([t in learning for t in names]))
+
+    _write_report(report, out_dir, draw, storage_cfg)
+    return report
+
+
+def _optimal(fit: Fit, budget: float | None) -> tuple[dict[str, Any] | None, str | None]:
+    """(the compute-optimal split at `budget`, or None and why not)."""
+    if budget is None:
+        return None, None
+    if fit.form != "joint":
+        return None, f"no compute-optimal split: it needs L(N, D), and this sweep only fits {fit.formula}"
+    try:
+        return compute_optimal(fit, budget), None
+    except ScalingError as e:
+        return None, str(e)
+
+
+def _held_out(fit: Fit, names: list[str], n: np.ndarray, d: np.ndarray, loss: np.ndarray, keep: np.ndarray,
+              learning: dict[str, Any]) -> dict[str, Any]:
+    """The held-out trial: measured, predicted by the fit of the others, interval, error."""
+    i = int(np.flatnonzero(~keep)[0])
+    held = {"trial": names[i], "measured": float(loss[i]),
+            **_predicted(fit, {"N": float(n[i]), "D": float(d[i])}, n[keep], d[keep])}
+    held["error"] = held["predicted"] / held["measured"] - 1
+    held["inside"] = bool(held["interval"][0] <= held["measured"] <= held["interval"][1])
+    held["still_learning"] = learning.get(held["trial"])
+    return held
+
+
+def _warnings(fit: Fit, names: list[str], d: np.ndarray, learning: dict[str, Any]) -> list[str]:
+    warnings = [f"{k} is not identified by these points: {why}" for k, why in fit.unidentified.items()]
+    if learning:
+        warnings.append(f"{len(learning)} of {len(names)} trials were still learning when they ended (best "
+                        f"evaluation in the last fifth of their steps: "
+                        + "D = " + ", ".join(fmt(float(d[names.index(t)])) for t in learning)
+                        + "): their loss is what their steps allowed, not what their data supports; "
+                        "give the trials more steps to measure L(D) there")
+    return warnings
+
+
+def _write_report(report: dict[str, Any], out_dir: str, draw, storage_cfg: Any) -> None:
+    """scaling_fit.{png,md,json} into out_dir; their URIs, and png_local (a local copy for W&B), into report."""
     report.update(png=storage.join(out_dir, "scaling_fit.png"), json=storage.join(out_dir, "scaling_fit.json"),
                   md=storage.join(out_dir, "scaling_fit.md"))
     # Render locally (W&B logs a local file), then store the copy next to the results.
     png_local = Path(tempfile.mkdtemp(prefix="e2e-dist-scaling-")) / "scaling_fit.png"
-    plot.plot_fit(fit, n, d, loss, png_local, held_out=~keep, optimal=optimal, d_label=d_used, metric=metric,
-                  still_learning=np.array([t in learning for t in names]))
+    draw(png_local)
     storage.write_bytes(report["png"], png_local.read_bytes(), storage_cfg)
     if not storage.is_s3(out_dir):  # the stored file is local already: no second copy
         shutil.rmtree(png_local.parent)
@@ -149,7 +172,6 @@ def scaling_report(results_uri: str, budget: float | None = None, out_uri: str |
     storage.write_text(report["md"], summary_markdown(report), storage_cfg)
     storage.write_text(report["json"], json.dumps({k: v for k, v in report.items() if k not in ("summary", "png_local")},
                                                   indent=2), storage_cfg)
-    return report
 
 
 # ------------------------------------------------------------------------------------- verb

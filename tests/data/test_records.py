@@ -154,7 +154,7 @@ def test_s3_shards_read_the_same_windows_as_local(ray_local, shards, s3_server, 
     ("parquet-not-string", r"data.text_column: column 'text' of .*bad.parquet is int64, not a string"),
     ("jsonl-missing-field", r"data.text_column: no field 'text' in .*bad.jsonl at byte 16 \(line 2\)"),
     ("jsonl-not-string", r"data.text_column: field 'text' in .*bad.jsonl at byte 0 is int, not a string"),
-    ("jsonl-not-json", r"data.paths: .*bad.jsonl at byte 16: not a JSON line"),
+    ("jsonl-not-json", r"data.paths: .*bad.jsonl at byte 16 \(line 2\): not a JSON line \(Expecting ',' delimiter at column 13\)$"),
     ("parquet-corrupt", r"data.paths: cannot read shard .*bad.parquet: "),
 ])
 def test_bad_shards_stop_before_training_with_one_line(ray_local, tmp_path, no_index_cache, case, match):
