@@ -76,3 +76,18 @@ def test_raw_writes_to_fd_2_go_to_the_log_file_while_a_run_is_open(tmp_path):
     assert proc.stderr.splitlines() == ["warning: ours", "plain ours", "after"]
     logged = log.read_text()
     assert "core_worker.cc:609: lost objects" in logged and "ours" in logged and "after" not in logged
+
+
+def test_the_terminal_bar_knows_the_run_length_before_the_workers_report(ray_local):
+    """Drawn on a terminal before any update arrived: 0/20 (the config's max_steps), not 0/None."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    from e2e_dist.train.progress import ProgressDisplay
+
+    out = io.StringIO()
+    with ProgressDisplay("bar", interval_s=0.05, total=20, console=Console(file=out, force_terminal=True, width=120)):
+        time.sleep(0.3)
+    assert "0/20" in out.getvalue() and "None" not in out.getvalue(), out.getvalue()

@@ -35,9 +35,10 @@ class RunSummary:
 
 
 def prepare_run_dir(cfg: RunConfig, *, resume: bool | None) -> CommittedCheckpoint | None:
-    """Check storage, find the newest committed checkpoint (the run's one look before it starts),
-    and record the config. resume: True = continue (something must be committed), False = a new
-    run (nothing may be), None = continue if there is something (a sweep trial run again)."""
+    """Check storage and find the newest committed checkpoint (the run's one look before it starts);
+    writes nothing (`record_run` does, once every check has passed). resume: True = continue
+    (something must be committed), False = a new run (nothing may be), None = continue if there is
+    something (a sweep trial run again)."""
     from e2e_dist import checkpoint as ckpt
     from e2e_dist import storage
     from e2e_dist.checkpoint import universal
@@ -54,12 +55,20 @@ def prepare_run_dir(cfg: RunConfig, *, resume: bool | None) -> CommittedCheckpoi
         # A layout no resume can load (ZeRO-0 <-> ZeRO-1..3) is refused here, before Ray starts.
         saved = universal.layout_of(found.manifest)
         universal.needs_universal(saved, universal.run_layout(cfg.deepspeed, saved.world_size), found.step)
-        # Ray Train's run snapshot lists every checkpoint ever reported; our keep-N pruning deletes
-        # old ones, and Ray 2.60 then refuses to start the run. Resume reads storage itself
-        # (checkpoint.restore_latest), so the snapshot is not needed.
-        storage.delete_file(storage.join(cfg.run_uri, "checkpoint_manager_snapshot.json"), cfg.storage)
-    storage.write_text(storage.join(cfg.run_uri, "config.yaml"), dump_yaml(cfg), cfg.storage)
     return found
+
+
+def record_run(cfg: RunConfig) -> None:
+    """What a run writes before training, once its storage, checkpoints and data all checked out:
+    the config, and no stale Ray Train snapshot. (A run refused for bad input leaves an earlier
+    run of the same name as it was.)"""
+    from e2e_dist import storage
+
+    # Ray Train's run snapshot lists every checkpoint ever reported; our keep-N pruning deletes old
+    # ones, and Ray 2.60 then refuses to start the run. Resume reads storage itself
+    # (checkpoint.restore_latest), so the snapshot is not needed.
+    storage.delete_file(storage.join(cfg.run_uri, "checkpoint_manager_snapshot.json"), cfg.storage)
+    storage.write_text(storage.join(cfg.run_uri, "config.yaml"), dump_yaml(cfg), cfg.storage)
 
 
 def build_trainer(cfg: RunConfig, *, train, val, collate, progress_actor=None, callbacks=None,
@@ -154,7 +163,9 @@ def _fit(cfg: RunConfig, address: str | None, progress, callbacks, fault: str | 
     init_ray(address)  # an open RunLog takes over Ray's worker output here (console.ray_started)
     bundle = build_data(cfg.data, cfg.model, cfg.storage)
     train, val = prepare_splits(bundle, cfg)
-    display_cm = (ProgressDisplay(cfg.name, quiet=progress == "quiet", ckpt_every=cfg.trainer.ckpt_every)
+    record_run(cfg)
+    display_cm = (ProgressDisplay(cfg.name, quiet=progress == "quiet", ckpt_every=cfg.trainer.ckpt_every,
+                                  total=cfg.trainer.max_steps)
                   if progress else contextlib.nullcontext())
     with display_cm as display:
         trainer = build_trainer(cfg, train=train, val=val, collate=bundle.collate,

@@ -67,9 +67,12 @@ class ProgressDisplay:
     """Driver side: a background thread that renders what rank 0 pushed to the actor."""
 
     def __init__(self, run_name: str, interval_s: float = 1.0, quiet: bool = False,
-                 ckpt_every: int | None = None) -> None:
+                 ckpt_every: int | None = None, total: int | None = None, console: Any = None) -> None:
+        """total: the run's steps (trainer.max_steps), shown before the workers report; console: a
+        rich Console to draw the bar on (default: the bar on a terminal, plain lines elsewhere)."""
         self.actor = ProgressActor.remote()
         self.run_name, self.interval_s, self.quiet, self.ckpt_every = run_name, interval_s, quiet, ckpt_every
+        self.total, self.console = total, console
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -98,7 +101,7 @@ class ProgressDisplay:
             return []
 
     def _run(self) -> None:
-        if sys.stdout.isatty():
+        if self.console is not None or sys.stdout.isatty():
             self._run_rich()
         else:
             self._run_plain()
@@ -119,8 +122,8 @@ class ProgressDisplay:
 
         cols = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
-        with Progress(*cols, transient=False) as bar:
-            task = bar.add_task(self.run_name, total=None, info="starting workers...")
+        with Progress(*cols, transient=False, console=self.console) as bar:
+            task = bar.add_task(self.run_name, total=self.total, info="starting workers...")
             while not self._stop.wait(self.interval_s):
                 updates = self._drain()
                 if updates:

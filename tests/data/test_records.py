@@ -246,3 +246,24 @@ def test_data_plan_says_what_a_config_costs_and_reuses_the_stored_index(ray_loca
     per_rank = next(line for line in first if line.startswith("per rank "))
     n = int(train.split()[1].replace(",", ""))
     assert f"{n // 2:,} samples per epoch" in per_rank  # 2 workers: half each
+
+
+def test_a_run_refused_for_a_bad_shard_leaves_the_earlier_run_of_its_name_as_it_was(ray_local, tmp_path):
+    """Nothing is written before every check has passed: a bad shard is found when the data is built
+    (after storage and checkpoints were checked), and the run's config.yaml is still the old one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from e2e_dist.config import load_run_config
+    from e2e_dist.train.launcher import fit_run
+
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"body": ["a" * 100]}), tmp_path / "data" / "bad.parquet")
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("name: r  # the earlier attempt\n")
+    cfg = load_run_config("tiny-text", ["name=r", f"storage.path={tmp_path / 'runs'}", "data.source=text",
+                                        f"data.paths=[{tmp_path / 'data'}]"])
+    with pytest.raises(DataError, match="no column 'text'"):
+        fit_run(cfg, resume=None)
+    assert (run / "config.yaml").read_text() == "name: r  # the earlier attempt\n"
