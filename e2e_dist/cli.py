@@ -128,7 +128,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     if not variants:
         raise UserError(f"--voices held-out: --held-out {args.held_out} holds out no voice variant")
     speeds = (args.speed, args.speed) if args.speed else SPEEDS
-    manifest = make_speech_corpus(args.out, n_utterances=args.n, seed=args.seed, variants=variants, speeds=speeds)
+    limit = args.max_seconds
+    if limit is None and args.voices == "training":  # what the preset trains on, whole
+        from e2e_dist.config import load_run_config
+
+        limit = load_run_config("tiny-speech").data.max_audio_seconds
+    manifest = make_speech_corpus(args.out, n_utterances=args.n, seed=args.seed, variants=variants, speeds=speeds,
+                                  max_seconds=limit)
     print(f"wrote {args.n} clips ({args.voices} voices: {len(variants)} variants x 8 accents; "
           f"{'speed ' + str(args.speed) if args.speed else f'speeds {SPEEDS[0]}-{SPEEDS[1]}'} wpm) and {manifest}")
     if args.voices == "training":
@@ -312,6 +318,9 @@ def _add_builtin_verbs(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--split-seed", type=int, default=0, help="data.seed of the run (which variants are held out)")
     q.add_argument("--speed", type=_number(int, "words per minute in 80-450", lambda v: 80 <= v <= 450),
                    help="every clip at this speed (default: a random speed per clip)")
+    q.add_argument("--max-seconds", type=_number(float, "seconds > 0", lambda v: v > 0),
+                   help="no clip longer: longer ones are spoken faster (default: tiny-speech's data.max_audio_seconds "
+                        "for training voices, none for held-out ones)")
     q.set_defaults(func=cmd_data)
 
     from e2e_dist.data.glyph_eval import STYLES

@@ -322,12 +322,14 @@ def build_spoken_digits(data_cfg, *, model_cfg=None, storage_cfg=None) -> DataBu
     train_variants, held = split_variants(data_cfg.held_out, data_cfg.seed)
     # The corpus speaks with the training voices only: its folder is named by the held-out split.
     folder = data_cfg.paths[0] if data_cfg.paths else cache_root() / spoken_digits_folder(data_cfg)
-    manifest = ensure_speech_corpus(folder, SPOKEN_DIGITS_UTTERANCES, seed=0, variants=train_variants)
+    manifest = ensure_speech_corpus(folder, SPOKEN_DIGITS_UTTERANCES, seed=0, variants=train_variants,
+                                    max_seconds=data_cfg.max_audio_seconds)
     log.info("spoken digits: voice variants held out: %s", " ".join(held) or "none", extra=FILE_ONLY)
     return build_speech_bundle(data_cfg.model_copy(update={"paths": [str(manifest)]}), model_cfg, storage_cfg,
                                augment=data_cfg.augment)
 
 
 def spoken_digits_folder(data_cfg: Any) -> str:
-    """The cache folder of the built-in corpus for this held-out split."""
-    return f"spoken-digits-v2-heldout{data_cfg.held_out:g}-seed{data_cfg.seed}"
+    """The cache folder of the built-in corpus for this held-out split and clip length (no clip of
+    it longer than data.max_audio_seconds: what the model hears, it hears whole)."""
+    return f"spoken-digits-v3-max{data_cfg.max_audio_seconds:g}s-heldout{data_cfg.held_out:g}-seed{data_cfg.seed}"

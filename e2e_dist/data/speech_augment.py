@@ -35,9 +35,10 @@ def change_speed(x: np.ndarray, factor: float) -> np.ndarray:
 
 def augment_clip(x: np.ndarray, rng: np.random.Generator, sample_rate: int, max_samples: int,
                  aug: ClipAugment = ClipAugment()) -> np.ndarray:
-    """One augmented copy of mono float samples, never longer than max_samples unless the input was."""
+    """One augmented copy of mono float samples, never longer than max_samples unless the input was
+    (and then never longer than the input: slowing it down would cut more of it)."""
     y = change_speed(x, float(rng.uniform(*aug.speed)))
-    if len(y) > max_samples >= len(x):  # slowed past the limit: keep every word instead
+    if len(y) > max(max_samples, len(x)):  # slowed past the limit: keep every word instead
         y = x.astype(np.float32)
     room = max(0, min(int(aug.max_pad_s * sample_rate), max_samples - len(y)))
     pad = int(rng.integers(0, room + 1))

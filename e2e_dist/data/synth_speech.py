@@ -14,12 +14,13 @@ generator, so the same (n_utterances, seed) gives the same corpus whatever the t
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,8 @@ except the robotic and effect ones (robosoft*, UniRobot, announcer, Demonic, Ric
 whispers (no voicing at all). A voice is an accent + a variant."""
 SPEEDS = (130, 190)
 """Words per minute, inclusive range."""
+MAX_SPEED = 450
+"""eSpeak NG's fastest speed (words per minute)."""
 PITCHES = (25, 75)
 """eSpeak pitch (0-99), inclusive range."""
 SNR_DB = (12.0, 30.0)
@@ -111,11 +114,10 @@ def plan_corpus(n_utterances: int, seed: int, min_words: int = 1, max_words: int
     return plans
 
 
-def synthesize(plan: UtterancePlan, out_dir: Path, espeak: str, noise: bool = True) -> None:
-    """Speak one planned utterance with eSpeak NG, add silence/gain/noise, write it as 16-bit WAV."""
+def _speak(plan: UtterancePlan, target: Path, espeak: str) -> tuple[np.ndarray, int]:
+    """eSpeak NG's mono samples for the plan's text, voice, speed and pitch."""
     import soundfile as sf
 
-    target = out_dir / plan.audio
     raw = target.with_suffix(".raw.wav")
     cmd = [espeak, "-w", str(raw), "-v", plan.voice, "-s", str(plan.speed), "-p", str(plan.pitch), plan.text]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
@@ -128,20 +130,41 @@ def synthesize(plan: UtterancePlan, out_dir: Path, espeak: str, noise: bool = Tr
     speech = speech.mean(axis=1)
     if not speech.size:
         raise SynthesisError(f"espeak-ng produced no audio for {plan.text!r} (voice {plan.voice!r})")
-    x = np.concatenate([np.zeros(int(plan.lead_s * sr), np.float32), speech])
+    return speech, sr
+
+
+def synthesize(plan: UtterancePlan, out_dir: Path, espeak: str, noise: bool = True,
+               max_seconds: float | None = None) -> UtterancePlan:
+    """Speak one planned utterance with eSpeak NG, add silence/gain/noise, write it as 16-bit WAV.
+    max_seconds: a clip that would be longer (lead silence included) is spoken faster until it fits
+    (what a model trained on clips of that length hears whole). Returns the plan as spoken."""
+    import soundfile as sf
+
+    target = out_dir / plan.audio
+    speech, sr = _speak(plan, target, espeak)
+    lead = int(plan.lead_s * sr)
+    for _ in range(4):
+        if max_seconds is None or lead + len(speech) <= max_seconds * sr or plan.speed >= MAX_SPEED:
+            break
+        faster = math.ceil(plan.speed * (lead + len(speech)) / (max_seconds * sr) * 1.05)
+        plan = replace(plan, speed=min(MAX_SPEED, faster))
+        speech, sr = _speak(plan, target, espeak)
+    x = np.concatenate([np.zeros(lead, np.float32), speech])
     x = x * (plan.gain / max(float(np.abs(x).max()), 1e-6))
     if noise:
         # White noise at the planned SNR relative to the speech's RMS power.
         rms = float(np.sqrt(np.mean(speech ** 2))) * plan.gain / max(float(np.abs(speech).max()), 1e-6)
         x = x + np.random.default_rng(plan.noise_seed).normal(0.0, rms / 10 ** (plan.snr_db / 20), x.shape)
     sf.write(target, np.clip(x, -1.0, 1.0).astype(np.float32), sr, subtype="PCM_16")
+    return plan
 
 
 def make_speech_corpus(out_dir: str | os.PathLike, n_utterances: int = 600, seed: int = 0, *,
                        min_words: int = 1, max_words: int = 3, noise: bool = True, overwrite: bool = False,
                        workers: int = 4, variants: tuple[str, ...] = VARIANTS,
-                       speeds: tuple[int, int] = SPEEDS) -> Path:
+                       speeds: tuple[int, int] = SPEEDS, max_seconds: float | None = None) -> Path:
     """Synthesize `n_utterances` spoken digit sequences into `out_dir`; returns the manifest's path.
+    max_seconds: no clip longer (those that would be are spoken faster: `synthesize`).
 
     The corpus is built in a sibling temporary directory and moved into place at the end, so a
     crash or a concurrent caller never leaves a half-written corpus behind. `out_dir` must not
@@ -159,7 +182,7 @@ def make_speech_corpus(out_dir: str | os.PathLike, n_utterances: int = 600, seed
         (tmp / "wavs").mkdir()
         # espeak-ng is a subprocess: threads overlap its runs without fighting over the GIL.
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            list(pool.map(lambda p: synthesize(p, tmp, espeak, noise), plans))
+            plans = list(pool.map(lambda p: synthesize(p, tmp, espeak, noise, max_seconds), plans))
         with open(tmp / MANIFEST, "w") as f:
             for p in plans:
                 row = {k: v for k, v in asdict(p).items() if k not in ("gain", "lead_s", "noise_seed")}
@@ -175,7 +198,7 @@ def make_speech_corpus(out_dir: str | os.PathLike, n_utterances: int = 600, seed
 
 
 def ensure_speech_corpus(out_dir: str | os.PathLike, n_utterances: int = 600, seed: int = 0, *,
-                         variants: tuple[str, ...] = VARIANTS) -> Path:
+                         variants: tuple[str, ...] = VARIANTS, max_seconds: float | None = None) -> Path:
     """The manifest of the corpus in `out_dir`, generating it first if it is not there yet.
 
     Safe when several processes race (sweep trials): the loser of the final rename discards its copy.
@@ -184,7 +207,7 @@ def ensure_speech_corpus(out_dir: str | os.PathLike, n_utterances: int = 600, se
     if (out / MANIFEST).is_file():
         return out / MANIFEST
     try:
-        return make_speech_corpus(out, n_utterances, seed, variants=variants)
+        return make_speech_corpus(out, n_utterances, seed, variants=variants, max_seconds=max_seconds)
     except SynthesisError:
         if (out / MANIFEST).is_file():  # another process finished first
             return out / MANIFEST

@@ -117,14 +117,28 @@ def build_trainer(cfg: RunConfig, *, train, val, collate, progress_actor=None, c
 
 
 class RunFailed(UserError):
-    """A run's Train fit failed; the message is one line ending in the root cause."""
+    """A run's Train fit failed; the message is one line: the root cause, then what to do now."""
 
-    def __init__(self, name: str, root: str) -> None:
-        self.name, self.root_cause = name, root
-        super().__init__(f"run {name!r} failed: {root}")
+    def __init__(self, name: str, root: str, what_now: str = "") -> None:
+        self.name, self.root_cause, self.what_now = name, root, what_now
+        super().__init__(f"run {name!r} failed: {root}" + (f"; {what_now}" if what_now else ""))
 
-    def __reduce__(self):  # Tune ships a trial's error to the driver: rebuild it from both fields
-        return (RunFailed, (self.name, self.root_cause))
+    def __reduce__(self):  # Tune ships a trial's error to the driver: rebuild it from its fields
+        return (RunFailed, (self.name, self.root_cause, self.what_now))
+
+
+def what_now(cfg: RunConfig) -> str:
+    """After a failed fit: where the run can continue from, and how."""
+    from e2e_dist import checkpoint as ckpt
+
+    retries = "" if cfg.trainer.max_failures else " (trainer.max_failures > 0 restarts it by itself)"
+    try:
+        found, _ = ckpt.find_latest_committed(cfg.run_uri, cfg.storage)
+    except Exception:  # noqa: BLE001 - storage gone too: the root cause says enough
+        return ""
+    if found is None:
+        return f"no checkpoint was committed{retries}"
+    return f"its newest committed checkpoint is step {found.step}: the same command with --resume continues from it{retries}"
 
 
 def fit_run(cfg: RunConfig, *, resume: bool | None, address: str | None = None,
@@ -175,7 +189,7 @@ def _fit(cfg: RunConfig, address: str | None, progress, callbacks, fault: str | 
         try:
             result = trainer.fit()
         except Exception as e:  # Ray wraps worker errors; surface the root cause's one line
-            raise RunFailed(cfg.name, root_cause(e)) from e
+            raise RunFailed(cfg.name, root_cause(e), what_now(cfg)) from e
     metrics = dict(result.metrics or {})
     # The final checkpoint is saved synchronously: a fit that returned has committed it.
     final = storage.join(cfg.run_uri, checkpoint_dir_name(metrics["step"])) if "step" in metrics else None

@@ -62,6 +62,25 @@ def test_corpus_generator_writes_playable_wavs_and_a_manifest(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary folders left behind
 
 
+def test_no_clip_of_a_corpus_is_longer_than_its_limit(tmp_path):
+    """Three words at 80 wpm run past 1.5 s: spoken faster until they fit, and the manifest says so."""
+    manifest = synth_speech.make_speech_corpus(tmp_path / "c", n_utterances=4, seed=5, min_words=3, max_words=3,
+                                               speeds=(80, 80), max_seconds=1.5)
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for r in lines:
+        info = sf.info(manifest.parent / r["audio"])
+        assert info.duration <= 1.5, r
+    assert all(r["speed"] > 80 for r in lines)  # every one had to speed up
+
+
+def test_augmenting_never_lengthens_a_clip_already_over_the_limit():
+    from e2e_dist.data.speech_augment import augment_clip
+
+    x = np.random.default_rng(0).normal(0, 0.1, 2100).astype(np.float32)  # over a limit of 2000 samples
+    for seed in range(20):
+        assert len(augment_clip(x, np.random.default_rng(seed), 1000, max_samples=2000)) <= len(x)
+
+
 def test_missing_espeak_is_a_one_line_user_error(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(UserError, match="espeak-ng not found.*apt-get install espeak-ng"):

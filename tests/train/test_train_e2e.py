@@ -195,8 +195,12 @@ def test_resized_and_restaged_resumes_follow_the_uninterrupted_run(reference_z3,
                        "trainer.ckpt_every=4", "trainer.keep_last=4")
         if fault:
             monkeypatch.setenv("E2E_DIST_FAULT", fault)
-            with pytest.raises(UserError, match="run 'resized' failed"):
+            with pytest.raises(UserError, match="run 'resized' failed") as failed:
                 run_training(cfg, resume=i > 0, quiet=True)  # max_failures=0: the run stops
+            # one line: the cause, then where it can go on from and how
+            assert str(failed.value).endswith(f"; its newest committed checkpoint is step {8 if i == 0 else 12}: the "
+                                              "same command with --resume continues from it (trainer.max_failures > 0 "
+                                              "restarts it by itself)"), str(failed.value)
             if i == 0:  # a new run over committed checkpoints is refused, before anything starts
                 with pytest.raises(UserError, match="already has checkpoints.*--resume"):
                     run_training(cfg, quiet=True)
