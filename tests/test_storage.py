@@ -224,3 +224,37 @@ def test_check_access_unreachable_endpoint():
         storage.check_access("s3://some-bucket/runs", cfg)
     msg = _one_line(e.value)
     assert "unreachable" in msg and f"127.0.0.1:{port}" in msg
+
+
+def test_a_wrong_secret_reads_the_same_for_data_paths_and_storage(s3_server, s3_bucket, monkeypatch):
+    """A known key with a wrong secret: S3 answers pyarrow's first look (a HEAD) with a bare 403,
+    which alone reads "access denied"; every verb names the real cause, as check_access does."""
+    import boto3
+
+    from e2e_dist.data.common import DataError, list_files
+
+    iam = boto3.client("iam", endpoint_url=s3_server.url, region_name="us-east-1")
+    iam.create_user(UserName="wrong-secret")
+    key = iam.create_access_key(UserName="wrong-secret")["AccessKey"]["AccessKeyId"]
+    storage.write_bytes(f"{s3_bucket}/data/a.txt", b"text", StorageConfig(endpoint_url=s3_server.url))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    cfg = StorageConfig(path=s3_bucket, endpoint_url=s3_server.url)
+    s3_server.set_auth(True)
+    try:
+        with pytest.raises(DataError) as data_err:
+            list_files([f"{s3_bucket}/data/"], cfg)
+        with pytest.raises(StorageError) as storage_err:
+            storage.check_access(f"{s3_bucket}/runs", cfg)
+    finally:
+        s3_server.set_auth(False)
+    for e in (data_err.value, storage_err.value):
+        assert "credentials rejected (SignatureDoesNotMatch)" in _one_line(e), e
+
+
+def test_a_bucket_typo_in_data_paths_says_the_bucket_does_not_exist(s3_server):
+    from e2e_dist.data.common import DataError, list_files
+
+    with pytest.raises(DataError) as e:
+        list_files(["s3://no-such-bucket-e2e/corpus/"], StorageConfig(endpoint_url=s3_server.url))
+    assert _one_line(e.value) == "data.paths: bucket no-such-bucket-e2e does not exist (s3://no-such-bucket-e2e/corpus/)"

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from e2e_dist.config import absolute_path
 from e2e_dist.errors import UserError
-from e2e_dist.storage import describe_error, resolve
+from e2e_dist.storage import describe_error_at, resolve
 from e2e_dist.storage import is_s3 as is_remote  # the name the data sources and predict use
 from e2e_dist.storage import read_range  # noqa: F401 - re-exported: the data sources import it from here
 
@@ -211,12 +211,15 @@ def _list_remote(raw: str, storage_cfg: Any, field: str) -> list[FileItem]:
                 return [FileItem(uri=raw, key=base.rsplit("/", 1)[-1], size=info.size, mtime=_seconds(info.mtime))
                         ] if info.size else []
             if info.type == pafs.FileType.NotFound:
+                bucket = base.split("/", 1)[0]
+                if base != bucket and fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                    raise DataError(f"{field}: bucket {bucket} does not exist ({raw})")
                 raise DataError(f"{field}: no such object or prefix: {raw}")
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
     except DataError:
         raise
     except OSError as e:
-        raise DataError(f"{field}: cannot list {raw}: {describe_error(e, storage_cfg)}") from None
+        raise DataError(f"{field}: cannot list {raw}: {describe_error_at(raw, e, storage_cfg)}") from None
     rx = glob_regex(raw[len(root) + 1:]) if root else None
     out = []
     for info in infos:

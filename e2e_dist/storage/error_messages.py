@@ -57,6 +57,26 @@ def describe_error(exc: BaseException, storage_cfg: StorageConfig | None = None)
     return redact(f"{code + ': ' if code else ''}{message}"[:300])
 
 
+def describe_error_at(uri: str, exc: BaseException, storage_cfg: StorageConfig | None = None) -> str:
+    """describe_error, with the real cause where the request could not carry one: S3 answers a HEAD
+    (pyarrow's first look at a path) with a bare 403, which reads "access denied" whether the key is
+    unknown, the secret wrong or the permission missing. Then one listing request asks again, and
+    its error body names the cause, as `check_access` and `checkpoints` already do."""
+    cause = describe_error(exc, storage_cfg)
+    if not (cause.startswith("access denied") and str(uri).startswith("s3://")):
+        return cause
+    from e2e_dist.storage.clients import boto3_client
+    from e2e_dist.storage.uris import split_s3
+
+    bucket, prefix = split_s3(uri)
+    try:
+        boto3_client(storage_cfg, connect_timeout=3.0, read_timeout=15.0, max_attempts=1, cached=False
+                     ).list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+    except Exception as again:  # the listing's error body says which
+        return describe_error(again, storage_cfg)
+    return cause
+
+
 def operation_error(op: str, uri: str, exc: BaseException, storage_cfg=None) -> StorageError:
     """`StorageError("<op> <uri>: <cause>")`, e.g. "reading s3://b/run/x: not found (404)"."""
-    return StorageError(f"{op} {redact(uri)}: {describe_error(exc, storage_cfg)}")
+    return StorageError(f"{op} {redact(uri)}: {describe_error_at(uri, exc, storage_cfg)}")
