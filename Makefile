@@ -12,12 +12,13 @@ export PYTHONUNBUFFERED := 1
 setup: $(STAMP)
 
 # torch first and pinned: this exact spec takes the CPU build on disk; anything looser pulls CUDA wheels.
+# The editable install runs with warnings off: setuptools prints a multi-line note about same-named folders.
 $(STAMP): requirements/lock.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -r requirements/lock.txt
-	$(BIN)/python -m pip install -q --no-deps -e .
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 demo: setup
