@@ -98,6 +98,10 @@ def _console_handler(stream: TextIO | None = None) -> logging.Handler:
     return h
 
 
+RAY_CLIENT_CHATTER = ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging")
+"""Ray's loggers that narrate a job submission's upload at INFO on the console."""
+
+
 def setup_console(verbose: bool = False) -> None:
     """The CLI's logging: our records on the console (INFO and up), libraries' warnings too until a
     run opens its log file (verbs such as export have no run); `verbose` shows libraries' INFO."""
@@ -115,6 +119,9 @@ def setup_console(verbose: bool = False) -> None:
         # `submit --follow` would print the job SDK's "WebSocket closed ..." INFO line. A level on
         # the child survives that.
         logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)
+        # `submit` with a working dir: "Creating a file package ...", "Uploading package ..." (INFO).
+        for name in RAY_CLIENT_CHATTER:
+            logging.getLogger(name).setLevel(logging.WARNING)
         # DeepSpeed's import says "Setting accelerator to CPU ..." at WARNING on every CPU machine
         # (export, predict); its logger sets its own level and handler at import, a filter stays.
         logging.getLogger("DeepSpeed").addFilter(_not_the_accelerator_notice)

@@ -91,3 +91,21 @@ def test_the_terminal_bar_knows_the_run_length_before_the_workers_report(ray_loc
     with ProgressDisplay("bar", interval_s=0.05, total=20, console=Console(file=out, force_terminal=True, width=120)):
         time.sleep(0.3)
     assert "0/20" in out.getvalue() and "None" not in out.getvalue(), out.getvalue()
+
+
+def test_submitting_a_job_does_not_narrate_its_upload():
+    """Ray's job client logs 'Creating a file package ...' and 'Uploading package ...' at INFO through
+    the "ray" logger's own console handler; after setup_console those records are not even made."""
+    import logging
+
+    import ray  # noqa: F401 - its import installs the "ray" logger's console handler
+
+    from e2e_dist.console import setup_console
+
+    for name in ("ray._private.runtime_env.packaging", "ray.dashboard.modules.dashboard_sdk"):
+        logging.getLogger(name).setLevel(logging.NOTSET)  # as Ray leaves them
+    assert logging.getLogger("ray.dashboard.modules.dashboard_sdk").isEnabledFor(logging.INFO)
+    setup_console(verbose=False)
+    for name in ("ray._private.runtime_env.packaging", "ray.dashboard.modules.dashboard_sdk"):
+        assert not logging.getLogger(name).isEnabledFor(logging.INFO), name
+        assert logging.getLogger(name).isEnabledFor(logging.WARNING), name
