@@ -212,6 +212,7 @@ def log_scaling_to_wandb(results_uri: str, report: dict[str, Any], storage_cfg, 
     Returns where the run is, or None when the sweep has no sweep.json or tracking is off."""
     from e2e_dist.config import validate_run_config
     from e2e_dist.tracking import Tracker, resolve_mode
+    from e2e_dist.tracking.run_location import discard_offline_run
 
     if record is None:
         return None
@@ -230,6 +231,8 @@ def log_scaling_to_wandb(results_uri: str, report: dict[str, Any], storage_cfg, 
     fit = {k: report[k] for k in ("formula", "form", "params", "ci", "ci_level", "n_points", "rmse_log", "d_key",
                                   "metric", "optimal", "note", "warnings", "still_learning", "holdout", "predictions",
                                   "isoflop")}
+    if resolve_mode(cfg) == "offline":  # a new fit replaces the last one: one folder, not one per call
+        discard_offline_run(cfg)
     tracker = Tracker.start(cfg, rank=0, resume_step=None, extra_config={"scaling": fit})
     with tracker:
         tracker.log_image("scaling/fit", report["png_local"])

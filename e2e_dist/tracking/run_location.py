@@ -107,3 +107,18 @@ def sync_command(run_dir: str) -> str:
 def _stamp(folder: str) -> str:
     m = re.search(r"-(\d{8}_\d{6})-", folder)
     return m.group(1) if m else ""
+
+
+def discard_offline_run(cfg: RunConfig) -> None:
+    """Delete this run's offline W&B folders and state on this machine: for a run that replaces,
+    not continues, an earlier one of its id (a scaling fit made again). Offline W&B cannot append to
+    an earlier folder; each init would leave another one for `wandb sync` to upload twice."""
+    import shutil
+
+    from e2e_dist.tracking.state import STATE_PREFIX
+
+    folder, run_id = wandb_root(cfg) / "wandb", wandb_run_id(cfg)
+    for old in folder.glob(f"offline-run-*-{run_id}"):
+        shutil.rmtree(old, ignore_errors=True)
+    (folder / f"{STATE_PREFIX}{run_id}.json").unlink(missing_ok=True)
+

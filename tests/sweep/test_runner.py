@@ -139,6 +139,11 @@ def test_scaling_on_the_finished_sweep(ablation, tmp_path, capsys) -> None:
     summary = read_summary(files[0])
     assert summary["scaling/fit"]["_type"] == "image-file"
     assert summary["scaling/beta"] == pytest.approx(report["params"]["beta"])
+    # The fit made again replaces the W&B run's files: still one offline folder (wandb sync uploads it once).
+    assert main(["scaling", spec.sweep_uri]) == 0
+    capsys.readouterr()
+    files = find_run_files(Path(spec.sweep_uri) / f"{spec.name}-scaling" / "wandb")
+    assert len(files) == 1 and read_summary(files[0])["scaling/beta"] == pytest.approx(report["params"]["beta"])
 
     # The extrapolation check would fit 3 points for 3 parameters: refused in one line, nothing lost.
     assert main(["scaling", spec.sweep_uri, "--holdout", "largest"]) == 2

@@ -366,3 +366,21 @@ def test_isoflop_minima_follow_the_planted_law() -> None:
     lopsided = isoflop_analysis(n * 30, d / 30, law(n * 30, d / 30))
     assert all(m["n_opt"] is None and "not bracketed" in m["note"] for m in lopsided["budgets"])
     assert isoflop_analysis(n[:5], d[:5], law(n[:5], d[:5])) is None  # one budget is no design
+
+
+def test_the_plot_says_its_units_and_its_tick_labels_do_not_overlap() -> None:
+    """A data ablation over 3e4..4e4 tokens (under a decade): matplotlib's own log axis labels the
+    minor ticks there until "3x10^4 4x10^4" collide; ours labels 1-2-5 per decade, in our format."""
+    from e2e_dist.sweep.plot import fit_figure, tick_labels_overlap
+
+    d = np.linspace(3e4, 4.6e4, 8)
+    n = np.full(8, 3e5)
+    loss = TRUE["E"] + TRUE["B"] / d ** TRUE["beta"]
+    fit = fit_scaling(n, d, loss, n_boot=20, seed=0)
+    fig = fit_figure(fit, n, d, loss, d_label="train_tokens", metric="val_loss")
+    assert tick_labels_overlap(fig) == []
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "D: train_tokens (tokens)" and ax.get_ylabel() == "val_loss (nats)"
+    joint = fit_scaling(*joint_points(6), n_boot=20, seed=0)
+    fig = fit_figure(joint, *joint_points(6), d_label="tokens_seen", metric="val_bpb")
+    assert tick_labels_overlap(fig) == [] and fig.axes[0].get_ylabel() == "val_bpb (bits per byte)"
