@@ -185,6 +185,7 @@ class RunLog:
         self._file: TextIO | None = None
         self._handler: logging.Handler | None = None
         self._ray_printer: Any = None
+        self._error_printer: Any = None
         self._fd2: tuple[int, TextIO, TextIO, list[logging.StreamHandler]] | None = None
 
     # ------------------------------------------------------------------------ lifecycle
@@ -286,13 +287,16 @@ class RunLog:
         """Ray connected: workers' lines go through `handle_worker_output` instead of Ray's printer."""
         printer = ray_compat.route_worker_output(_HANDLER_NAME, self.handle_worker_output, keep_ray_printer=self.verbose)
         self._ray_printer = self._ray_printer or printer  # connected twice (init_ray after __enter__): keep the first
+        errors = ray_compat.route_error_messages(self.handle_worker_output, keep_printing=self.verbose)
+        self._error_printer = self._error_printer or errors
 
     def release_worker_output(self) -> None:
         try:
             ray_compat.unroute_worker_output(_HANDLER_NAME, self._ray_printer)
+            ray_compat.unroute_error_messages(self._error_printer)
         except ray_compat.RayCompatError:
             return
-        self._ray_printer = None
+        self._ray_printer = self._error_printer = None
 
     def handle_worker_output(self, data: dict[str, Any]) -> None:
         """One batch of a Ray process's output lines (Ray's log stream): all to the file, ours to the console."""

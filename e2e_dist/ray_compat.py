@@ -143,6 +143,33 @@ def unroute_worker_output(name: str, printer: Any) -> None:
         dispatcher.add_handler(*printer)
 
 
+def route_error_messages(handler: Callable[[dict], None], *, keep_printing: bool) -> Callable | None:
+    """The driver's error-message thread (worker.listen_error_messages: raylet warnings such as "N
+    PYTHON worker processes have been started", "A worker died or was killed", "The node ... has been
+    marked dead") prints through `ray._private.worker.print_to_stdstream` itself, not through the
+    worker-output dispatcher `route_worker_output` takes over. Send its lines (pid "raylet") to
+    `handler` too, printed only when `keep_printing`. Returns what to restore (`unroute_error_messages`)."""
+    worker = _internal("ray._private.worker", None, "send Ray's raylet messages to the run's log file")
+    original = _internal("ray._private.worker", "print_to_stdstream", "send Ray's raylet messages to the run's log file")
+    original = getattr(original, "_e2e_dist_original", original)
+
+    def route(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") != "raylet":
+            return original(data, ignore_prefix)
+        handler({**data, "actor_name": "raylet"})
+        if keep_printing:
+            original(data, ignore_prefix)
+
+    route._e2e_dist_original = original  # type: ignore[attr-defined]
+    worker.print_to_stdstream = route
+    return original
+
+
+def unroute_error_messages(original: Callable | None) -> None:
+    if original is not None:
+        _internal("ray._private.worker", None, "restore Ray's raylet message printer").print_to_stdstream = original
+
+
 def autoscaler_events(lines: list[str]) -> list[str]:
     """Of the autoscaler's lines that Ray streams to drivers, the events (node added, ...) that Ray's
     own printer keeps; its periodic status tables are dropped."""
@@ -244,6 +271,7 @@ def check_all() -> list[str]:
                          ("ray.data._internal.logging", "SessionFileHandler"),
                          ("ray._private.ray_logging", "global_worker_stdstream_dispatcher"),
                          ("ray._private.worker", "filter_autoscaler_events"),
+                         ("ray._private.worker", "print_to_stdstream"),
                          ("ray.data._internal.stats", "get_or_create_stats_actor"),
                          ("ray.train.v2._internal.execution.context", "get_train_context"),
                          ("ray.train.v2._internal.constants", "ENV_VARS_TO_PROPAGATE"),

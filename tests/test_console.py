@@ -102,10 +102,34 @@ def test_submitting_a_job_does_not_narrate_its_upload():
 
     from e2e_dist.console import setup_console
 
-    for name in ("ray._private.runtime_env.packaging", "ray.dashboard.modules.dashboard_sdk"):
-        logging.getLogger(name).setLevel(logging.NOTSET)  # as Ray leaves them
-    assert logging.getLogger("ray.dashboard.modules.dashboard_sdk").isEnabledFor(logging.INFO)
-    setup_console(verbose=False)
-    for name in ("ray._private.runtime_env.packaging", "ray.dashboard.modules.dashboard_sdk"):
-        assert not logging.getLogger(name).isEnabledFor(logging.INFO), name
-        assert logging.getLogger(name).isEnabledFor(logging.WARNING), name
+    ray_logger = logging.getLogger("ray")
+    level = ray_logger.level
+    ray_logger.setLevel(logging.INFO)  # as Ray configures it at import
+    try:
+        for name in ("ray._private.runtime_env.packaging", "ray.dashboard.modules.dashboard_sdk"):
+            logging.getLogger(name).setLevel(logging.NOTSET)  # as Ray leaves them
+        assert logging.getLogger("ray.dashboard.modules.dashboard_sdk").isEnabledFor(logging.INFO)
+        setup_console(verbose=False)
+        for name in ("ray._private.runtime_env.packaging", "ray.dashboard.modules.dashboard_sdk"):
+            assert not logging.getLogger(name).isEnabledFor(logging.INFO), name
+            assert logging.getLogger(name).isEnabledFor(logging.WARNING), name
+    finally:
+        ray_logger.setLevel(level)
+
+
+def test_raylet_messages_go_to_the_log_file_not_the_console(ray_local, tmp_path, capfd):
+    """What the driver's error thread prints (Ray's listen_error_messages: '(raylet) WARNING: 8 PYTHON
+    worker processes have been started ...', a worker or node lost) goes to the run's log file; after
+    the run, Ray prints them again."""
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+    shown = io.StringIO()
+    message = {"lines": ["WARNING: 8 PYTHON worker processes have been started on node: x with address: "
+                         "127.0.0.1. This could be a result of using a large number of actors."],
+               "pid": "raylet", "is_err": False}
+    with console.RunLog(tmp_path / "r.log", console=shown, verbose=False):
+        ray_worker.print_to_stdstream(message, ignore_prefix=False)  # as listen_error_messages calls it
+    assert shown.getvalue() == "" and "PYTHON worker processes" not in capfd.readouterr().err
+    assert "(raylet pid=raylet" in (tmp_path / "r.log").read_text()
+    assert ray_worker.print_to_stdstream is original

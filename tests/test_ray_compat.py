@@ -18,7 +18,7 @@ PACKAGE = Path(ray_compat.__file__).parent
 
 def test_every_internal_resolves():
     checked = ray_compat.check_all()
-    assert len(checked) == 14
+    assert len(checked) == 15
     assert ray_compat.function_trainable_class(lambda config: None).__name__
     assert hasattr(ray_compat.train_context_callback_base(), "on_report")
     prepare, validate = ray_compat.autoscaler_config_checks()
