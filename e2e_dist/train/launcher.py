@@ -138,7 +138,8 @@ def what_now(cfg: RunConfig) -> str:
         return ""
     if found is None:
         return f"no checkpoint was committed{retries}"
-    return f"its newest committed checkpoint is step {found.step}: the same command with --resume continues from it{retries}"
+    return (f"its newest committed checkpoint is step {found.step}: the same command with --resume continues "
+            f"from it{retries}")
 
 
 def fit_run(cfg: RunConfig, *, resume: bool | None, address: str | None = None,
