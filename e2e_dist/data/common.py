@@ -82,6 +82,30 @@ def split_by_hash(
     return seeded_order(ranked[n_val:], seed=seed, key=key), seeded_order(ranked[:n_val], seed=seed, key=key)
 
 
+def split_inside(units: str, count: int, share: float, val_fraction: float, measure: str) -> bool:
+    """After a split of `count` whole units (files, row groups) that held out `share` of the data:
+    whether to split inside each unit instead. Only when the share misses val_fraction by more than
+    2x and there are too few units (under 2 / val_fraction) to come closer whole; with many, one
+    warning naming both shares (of the `measure`: bytes, rows)."""
+    if val_fraction / 2 <= share <= 2 * val_fraction:
+        return False
+    if count >= 2 / val_fraction:
+        log.warning("data: the validation %s hold %.1f%% of the %s (data.val_fraction %.1f%%)", units, 100 * share,
+                    measure, 100 * val_fraction)
+        return False
+    return True
+
+
+def tail_sizes(sizes: Sequence[int], val_fraction: float) -> list[int]:
+    """How much of each unit's end to hold out when splitting inside units: cumulative rounding, so
+    the tails add up to val_fraction of the whole."""
+    out, seen = [], 0
+    for n in sizes:
+        out.append(int((seen + n) * val_fraction) - int(seen * val_fraction))
+        seen += n
+    return out
+
+
 def share_note(what: str, share: float, val_fraction: float, instead: str) -> None:
     """One line saying a split was made inside files/groups, because whole ones missed val_fraction by > 2x."""
     log.info("data: splitting %s whole would hold out %.1f%% for validation (data.val_fraction %.1f%%): held out %s "

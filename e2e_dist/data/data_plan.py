@@ -41,9 +41,11 @@ def describe(bundle: Any, cfg: Any, *, seconds: float) -> list[str]:
     """The plan of a built DataBundle under run config cfg, as lines for people."""
     import ray.cloudpickle
 
+    from e2e_dist.plan.report import global_batch_of
+
     train, val, st = bundle.train, bundle.val, bundle.stats
     world = cfg.trainer.worker_range[1]
-    batch = cfg.trainer.global_batch_size or cfg.trainer.micro_batch_size * cfg.trainer.grad_accum * world
+    batch = global_batch_of(cfg, world)
     m = default_window_blocks(cfg)
     in_memory = train.keep_in_memory(cfg.data.cache_mb)
     per_rank_bytes = st.get("train_bytes", 0) / world

@@ -32,7 +32,7 @@ from e2e_dist.data.common import (
 )
 from e2e_dist.data.images import collate, decode_image
 from e2e_dist.data.registry import DataBundle, register_source
-from e2e_dist.data.samples import VALID, SampleSet
+from e2e_dist.data.samples import VALID, SampleSet, Shared, gather
 from e2e_dist.errors import ConfigError
 from e2e_dist.storage import open_input_file
 
@@ -83,8 +83,6 @@ class RowGroupReader:
     touches once (its image and label column chunks) and decodes only the rows asked for."""
 
     def __init__(self, groups: list[dict], fn_kwargs: dict):
-        from e2e_dist.data.samples import Shared
-
         self.groups = Shared.put([(g["uri"], g["row_group"], g["first"]) for g in groups])
         self.cum = np.concatenate([[0], np.cumsum([g["count"] for g in groups])]).astype(np.int64)
         self.fn_kwargs = fn_kwargs
@@ -95,8 +93,6 @@ class RowGroupReader:
     def read_chunks(self, ids: np.ndarray, chunk: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
         """Every row group the ids touch is fetched first, once (its image and label column
         chunks: the bytes read come with the first chunk), then rows are decoded chunk by chunk."""
-        from e2e_dist.data.samples import gather
-
         groups, which = self.groups.get(), np.searchsorted(self.cum, ids, side="right") - 1
         tables, nbytes = {}, 0
         for g in np.unique(which):
@@ -222,21 +218,14 @@ def split_groups(groups: list[dict], val_fraction: float, seed: int) -> tuple[li
     """(train, val) row groups by key hash. When whole groups hold out more than twice or less than half
     of val_fraction of the rows: with few groups (fewer than 2 / val_fraction), the last val_fraction
     of each group's rows instead, said in one line; with many, a warning naming both shares."""
-    from e2e_dist.data.common import share_note
+    from e2e_dist.data.common import share_note, split_inside, tail_sizes
 
     train, val = split_by_hash(groups, val_fraction=val_fraction, seed=seed, key=lambda g: g["key"])
-    total = sum(g["count"] for g in groups)
-    share = sum(g["count"] for g in val) / max(total, 1)
-    if val_fraction / 2 <= share <= 2 * val_fraction:
+    share = sum(g["count"] for g in val) / max(sum(g["count"] for g in groups), 1)
+    if not split_inside("row groups", len(groups), share, val_fraction, "rows"):
         return train, val
-    if len(groups) >= 2 / val_fraction:
-        log.warning("data: the validation row groups hold %.1f%% of the rows (data.val_fraction %.1f%%)",
-                    100 * share, 100 * val_fraction)
-        return train, val
-    train, val, seen = [], [], 0
-    for g in groups:  # cumulative rounding: the held-out rows add up to val_fraction of all
-        n_val = int((seen + g["count"]) * val_fraction) - int(seen * val_fraction)
-        seen += g["count"]
+    train, val = [], []
+    for g, n_val in zip(groups, tail_sizes([g["count"] for g in groups], val_fraction)):
         if g["count"] - n_val:
             train.append({**g, "count": g["count"] - n_val})
         if n_val:

@@ -16,13 +16,11 @@ validation selection), as zero-copy gathers from the object store.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-log = logging.getLogger("e2e_dist.data")
 READ_BYTES = "read_bytes"
 """Column of a read task's output: the bytes it read from storage, on its first row (0 elsewhere)."""
 READ_SAMPLES = "read_samples"

@@ -34,7 +34,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from e2e_dist.data.common import (
-    DataError, FileItem, list_files, read_range, seeded_order, share_note, split_by_hash, walk_files,
+    DataError, FileItem, list_files, read_range, seeded_order, share_note, split_by_hash, split_inside, tail_sizes,
+    walk_files,
 )
 from e2e_dist.console import FILE_ONLY
 from e2e_dist.data.records import as_stream_items, index_shards, record_kind
@@ -102,15 +103,11 @@ def plan_splits(files: Sequence[FileItem], data_cfg: Any, paths_label: str) -> t
         val = [Segment(f.uri, 0, f.size, True) for f in val_f]
         total = sum(f.size for f in files)
         share = sum(f.size for f in val_f) / max(total, 1)
-        if not vf / 2 <= share <= 2 * vf:
-            if len(files) < 2 / vf:  # too few files to come close whole: hold out the tail of each
-                tails = _tail_split(files, vf, need)
-                if tails is not None:
-                    train, val = tails
-                    share_note(f"{len(files)} files", share, vf, "the tail of each file")
-            else:
-                log.warning("data: the validation files hold %.1f%% of the bytes (data.val_fraction %.1f%%)",
-                            100 * share, 100 * vf)
+        if split_inside("files", len(files), share, vf, "bytes"):  # too few files: the tail of each
+            tails = _tail_split(files, vf, need)
+            if tails is not None:
+                train, val = tails
+                share_note(f"{len(files)} files", share, vf, "the tail of each file")
     val_plan = StreamPlan(tuple(val), S)
     full = StreamPlan(tuple(train), S)
     if not val_plan.windows or not full.windows:
@@ -140,10 +137,8 @@ def _tail_split(files: Sequence[FileItem], vf: float, need: int) -> tuple[list[S
     """Train = each file's head, val = its tail, the tails adding up to vf of all bytes (cumulative
     rounding); None when that leaves no val window. A head ends with EOS like a whole file: the
     next file's text is another document."""
-    train, val, seen = [], [], 0
-    for f in files:
-        n_val = int((seen + f.size) * vf) - int(seen * vf)
-        seen += f.size
+    train, val = [], []
+    for f, n_val in zip(files, tail_sizes([f.size for f in files], vf)):
         if f.size > n_val:
             train.append(Segment(f.uri, 0, f.size - n_val, True))
         if n_val:
