@@ -77,9 +77,8 @@ class ConvFrontEnd(nn.Module):
         self.convs = nn.ModuleList()
         c_in = 1
         for s in self.strides:
-            conv = nn.Conv1d(c_in, channels, kernel_size=2 * s, stride=s, padding=s // 2)
-            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-            self.convs.append(conv)
+            # kaiming-normal weights: CTCSpeech.init_module
+            self.convs.append(nn.Conv1d(c_in, channels, kernel_size=2 * s, stride=s, padding=s // 2))
             c_in = channels
         self.norm = nn.LayerNorm(channels)
 
@@ -131,9 +130,10 @@ class MelFrontEnd(nn.Module):
 
     def forward(self, x: torch.Tensor, lens: torch.Tensor | None = None) -> torch.Tensor:
         # fp32 whatever the engine's dtype (a bf16 engine casts buffers too): STFT and logs need the range
-        spec = torch.stft(x.float(), self.n_fft, self.hop, self.win, self.window.float(), center=True,
-                          return_complex=True).abs() ** 2
-        logmel = torch.log(self.filterbank.float() @ spec + 1e-6)  # (B, n_mels, frames)
+        # .to(x.device): the buffers are real even on a model built on 'meta' (see __init__)
+        spec = torch.stft(x.float(), self.n_fft, self.hop, self.win, self.window.to(x.device, torch.float32),
+                          center=True, return_complex=True).abs() ** 2
+        logmel = torch.log(self.filterbank.to(x.device, torch.float32) @ spec + 1e-6)  # (B, n_mels, frames)
         # Normalized over the clip's own frames only, padding then zeroed: a clip scores the same
         # alone (predict) as padded in a batch (training).
         n = logmel.shape[2]
@@ -219,9 +219,13 @@ class CTCSpeech(E2EModel):
         self.blocks_ = nn.ModuleList(EncoderBlock(d_model, n_head) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, len(alphabet) + 1)
-        for name, p in self.named_parameters():
-            if name.endswith(("proj.weight", "mlp.2.weight")) and name.startswith("blocks_"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+        self.init_weights()
+
+    def init_module(self, name: str, module: nn.Module) -> None:
+        if name.startswith("front.convs."):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        elif name.startswith("blocks_") and name.endswith(("proj", "mlp.2")):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02 / math.sqrt(2 * len(self.blocks_)))
 
     @property
     def vocab_size(self) -> int:
@@ -250,6 +254,15 @@ class CTCSpeech(E2EModel):
     def forward(self, batch: Batch) -> torch.Tensor:
         lp, frames = self.log_probs(batch["audio"], batch["audio_lens"])
         return self._ctc(lp, frames, batch, "mean")  # per target character, averaged over the batch
+
+    def train_flops(self, batch_size: int) -> int:
+        """As counted on the whole model, with the backward started at the log-probs: CTC's loss
+        has no 'meta' kernel, and its dynamic programme holds no matmul FLOPs to count."""
+        from e2e_dist.train.flops import train_flops_per_batch
+
+        device = next(self.parameters()).device
+        return train_flops_per_batch(self, self.example_batch(batch_size, device),
+                                     loss_of=lambda m, b: m.log_probs(b["audio"], b["audio_lens"])[0].sum())
 
     def eval_sums(self, batch: Batch) -> dict[str, torch.Tensor]:
         lp, frames = self.log_probs(batch["audio"], batch["audio_lens"])

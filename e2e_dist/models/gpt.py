@@ -67,16 +67,18 @@ class ByteGPT(E2EModel):
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, VOCAB_SIZE, bias=False)
         self.head.weight = self.tok_emb.weight  # tied: one table for bytes in and bytes out
-        self.apply(self._init)
-        # GPT-2's scaled init of residual projections keeps the residual stream's variance flat in depth.
-        for name, p in self.named_parameters():
-            if name.endswith(("proj.weight", "mlp.2.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+        self.init_weights()
 
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+    def init_module(self, name: str, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            # GPT-2's scaled init of residual projections keeps the residual stream's variance flat in depth.
+            residual = name.endswith(("attn.proj", "mlp.2"))
+            std = 0.02 / math.sqrt(2 * len(self.blocks_)) if residual else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def train_flops(self, batch_size: int) -> int:
+        n_layer, d_model = len(self.blocks_), self.tok_emb.embedding_dim
+        return gpt_train_flops(n_layer=n_layer, d_model=d_model, seq_len=self.example_len, batch_size=batch_size)
 
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.shape[1]
@@ -139,6 +141,17 @@ class ByteGPT(E2EModel):
             out.append(int(nxt))
             idx = torch.cat([idx, nxt], dim=1)
         return bytes(out)
+
+
+def gpt_train_flops(*, n_layer: int, d_model: int, seq_len: int, batch_size: int) -> int:
+    """Training FLOPs of a micro-batch from the shapes: 6N per token for the N matmul weights
+    (12 d^2 per block: qkv 3, proj 1, MLP 8; the d x vocab head; forward 2N, backward 4N) plus
+    attention's 12 L T d per token (QK^T and AV, 2 T d each forward, twice that backward; the full
+    T x T square, causal or not) - PaLM's "model FLOPs", so MFU excludes recomputation. Equal to
+    PyTorch's FlopCounterMode on the math attention kernel (tests/train/test_flops.py)."""
+    matmul = n_layer * 12 * d_model * d_model + d_model * VOCAB_SIZE
+    per_token = 6 * matmul + 12 * n_layer * seq_len * d_model
+    return batch_size * seq_len * per_token
 
 
 def _filtered_probs(logits: torch.Tensor, top_k: int | None, top_p: float) -> torch.Tensor:

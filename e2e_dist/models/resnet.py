@@ -46,10 +46,7 @@ class BasicBlock(nn.Module):
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
         self.bn1 = BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
-        self.bn2 = BatchNorm2d(c_out)
-        # Zero-init the last BN's scale: every block starts as (ReLU of) its shortcut, which lets
-        # deep stacks train from step one at a high learning rate (Goyal et al., 2017).
-        nn.init.zeros_(self.bn2.weight)
+        self.bn2 = BatchNorm2d(c_out)  # its scale starts at zero: ResNet.init_module
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), BatchNorm2d(c_out))
@@ -95,9 +92,15 @@ class ResNet(E2EModel):
                 c_in = w
         self.blocks_ = nn.ModuleList(blocks)
         self.head = nn.Linear(c_in, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.init_weights()
+
+    def init_module(self, name: str, module: nn.Module) -> None:
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif name.endswith(".bn2"):
+            # Zero-init each block's last BN scale: every block starts as (ReLU of) its shortcut,
+            # which lets deep stacks train from step one at a high learning rate (Goyal et al., 2017).
+            nn.init.zeros_(module.weight)
 
     def normalize_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """Per-image input normalization (see INPUT_NORMS), in fp32; part of the model, so an exported

@@ -35,28 +35,23 @@ def hardware(*, gpu: str = "H100", gpus_per_node: int = 1, nodes: int = 1, gpu_m
 
 
 def shape_of(cfg: RunConfig, precision: str) -> ModelShape:
-    """Sizes, FLOPs and the activation model of cfg's model, without allocating its weights."""
+    """Sizes, FLOPs and the activation model of cfg's model, without allocating its weights (built
+    on 'meta'; the models' own FLOP counts, train/flops.py)."""
     from e2e_dist.models.registry import build_model
 
     m = cfg.model
+    with torch.device("meta"):
+        model = build_model(m, cfg.data)
+    flops, n_params, largest = model.train_flops(1), model.num_params(), largest_layer_params(model)
     if m.kind == "gpt":
-        with torch.device("meta"):
-            model = build_model(m, cfg.data)
-        s, L, h = cfg.data.seq_len, m.n_layer, m.d_model
-        matmul_params = model.num_params() - model.pos_emb.weight.numel()  # the tied table is also the head matmul
-        flops = 6 * matmul_params * s + 12 * L * h * s * s
+        s = cfg.data.seq_len
         act = partial(_gpt_activations, m, s, 2 if precision in ("bf16", "fp16") else 4)
-        return ModelShape(name=cfg.name, n_params=model.num_params(), largest_layer=largest_layer_params(model),
-                          flops_per_example=flops, units_per_example=s, unit_name="tokens", precision=precision,
-                          activations=act)
-    from e2e_dist.train.flops import train_flops_per_batch
-
-    model = build_model(m, cfg.data)  # convolutional / audio presets are small enough to measure on CPU
-    flops = train_flops_per_batch(model, model.example_batch(1))
-    act = partial(_measured_activations, model, DTYPES[precision])
-    return ModelShape(name=cfg.name, n_params=model.num_params(), largest_layer=largest_layer_params(model),
-                      flops_per_example=flops, units_per_example=1, unit_name="samples", precision=precision,
-                      activations=act)
+        return ModelShape(name=cfg.name, n_params=n_params, largest_layer=largest, flops_per_example=flops,
+                          units_per_example=s, unit_name="tokens", precision=precision, activations=act)
+    # convolutional / audio presets are small enough to measure their activations on CPU
+    act = partial(_measured_activations, partial(build_model, m, cfg.data), DTYPES[precision])
+    return ModelShape(name=cfg.name, n_params=n_params, largest_layer=largest, flops_per_example=flops,
+                      units_per_example=1, unit_name="samples", precision=precision, activations=act)
 
 
 def _gpt_activations(m, seq, act_bytes, micro_batch, checkpointing):
@@ -69,10 +64,10 @@ def _gpt_activations(m, seq, act_bytes, micro_batch, checkpointing):
 _measured_cache: dict = {}
 
 
-def _measured_activations(model, dtype, micro_batch, checkpointing):
-    key = (id(model), dtype, checkpointing)
-    if key not in _measured_cache:  # measured once at batch 1; linear in the batch
-        _measured_cache[key] = measured_activation_bytes(model, batch=1, dtype=dtype, checkpointing=checkpointing)
+def _measured_activations(build, dtype, micro_batch, checkpointing):
+    key = (repr(build.args), dtype, checkpointing)
+    if key not in _measured_cache:  # measured once at batch 1 on a real model; linear in the batch
+        _measured_cache[key] = measured_activation_bytes(build(), batch=1, dtype=dtype, checkpointing=checkpointing)
     one = _measured_cache[key]
     return type(one)(stored=one.stored * micro_batch, working=one.working * micro_batch)
 
