@@ -73,7 +73,11 @@ def measure_rank(rank: int, world: int, port: int, d_model: int, layers: int, wa
     import torch
 
     from e2e_dist.models.registry import build_model
-    from e2e_dist.train.build import build_model_for, freed_memory_returned, skip_cpu_shm_comm
+    from e2e_dist.train.build import (
+        build_model_for,
+        freed_memory_returned,
+        skip_cpu_shm_comm,
+    )
     from e2e_dist.train.deepspeed_config import build_deepspeed_config
     from e2e_dist.train.flops import shape_counts
     from e2e_dist.train.rendezvous import init_loopback_process_group

@@ -30,7 +30,8 @@ verbs:
   cluster     `cluster validate FILE`, `cluster local` (a local multi-node or autoscaling cluster)
   submit      submit `e2e-dist train|sweep ...` as a Ray job to a cluster
   jobs        status | logs | stop | list of Ray jobs
-  presets     list the built-in configs"""
+  presets     list the built-in configs, model kinds and data sources (plug-ins included)
+  check-plugin check a model / data plug-in against the contract (docs/plugins.md)"""
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -46,14 +47,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_run_config(args.config, args.overrides)
     summary = run_training(cfg, resume=args.resume, address=args.address, quiet=args.quiet)
-    print_run_summary(summary)
+    print_run_summary(summary, cfg)
     return 0
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
     from e2e_dist.config import preset_names
+    from e2e_dist.registry import entry_point_names
 
     print("\n".join(preset_names()))
+    print(f"\nmodel kinds:  {', '.join(entry_point_names('e2e_dist.models'))}\n"
+          f"data sources: {', '.join(entry_point_names('e2e_dist.data_sources'))}")
     return 0
 
 
@@ -119,9 +123,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from e2e_dist.data.synth_speech import make_speech_corpus
-
-    from e2e_dist.data.synth_speech import SPEEDS, split_variants
+    from e2e_dist.data.synth_speech import SPEEDS, make_speech_corpus, split_variants
 
     train, held = split_variants(args.held_out, args.split_seed)
     variants = held if args.voices == "held-out" else train
@@ -360,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_verbs(sub)
     _add_model_verbs(sub)
     _add_builtin_verbs(sub)
+    importlib.import_module("e2e_dist.plugins").register_cli(sub)
     try:
         commands = importlib.import_module("e2e_dist.cluster.commands")
         commands.register(sub)

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from e2e_dist.config_data import DataConfig, Section, refuse_retired
 from e2e_dist.config_files import (  # noqa: F401 - re-exported: their users import them from here
     apply_overrides,
     deep_merge,
@@ -23,10 +29,17 @@ from e2e_dist.config_files import (  # noqa: F401 - re-exported: their users imp
     read_yaml_with_includes,
     set_dotted,
 )
-from e2e_dist.config_data import DataConfig, Section, refuse_retired  # noqa: F401 - re-exported
+from e2e_dist.config_model import (  # noqa: F401 - re-exported
+    BUILTIN_MODEL_KINDS,
+    CTCSpeechConfig,
+    GPTConfig,
+    ModelConfig,
+    PluginModelConfig,
+    ResNetConfig,
+)
 from e2e_dist.errors import ConfigError
 
-SECRET_KEYS = re.compile(r"(secret|password|token|api_key|access_key|session_key)", re.I)
+SECRET_KEYS = re.compile(r"(secret|password|token|api_key|access_key|session_key)", re.IGNORECASE)
 
 
 def absolute_path(path: str) -> str:
@@ -36,76 +49,6 @@ def absolute_path(path: str) -> str:
     if "://" in path and not path.startswith("file://"):
         return path
     return os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
-
-
-# ---------------------------------------------------------------------------------------- model
-class GPTConfig(Section):
-    kind: Literal["gpt"] = "gpt"
-    """Byte-level GPT: bytes in, next-byte logits out."""
-    n_layer: int = Field(2, ge=1)
-    """Transformer blocks."""
-    n_head: int = Field(2, ge=1)
-    """Attention heads; must divide d_model."""
-    d_model: int = Field(64, ge=8)
-    """Residual stream width."""
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """Dropout on attention and MLP outputs."""
-    max_seq_len: int = Field(1024, ge=8)
-    """Size of the learned position table; must be >= data.seq_len."""
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> "GPTConfig":
-        if self.d_model % self.n_head:
-            raise ValueError(f"n_head={self.n_head} does not divide d_model={self.d_model}")
-        return self
-
-
-class ResNetConfig(Section):
-    kind: Literal["resnet"] = "resnet"
-    """ResNet-style CNN: pixels in, class logits out."""
-    widths: list[int] = [16, 32, 64]
-    """Channels of each stage; each stage after the first halves the resolution."""
-    blocks_per_stage: int = Field(1, ge=1)
-    """Residual blocks in each stage."""
-    stem: Literal["conv3", "conv7"] = "conv3"
-    """conv3: one 3x3 conv (small images); conv7: 7x7 stride-2 + max-pool (ImageNet style)."""
-    in_channels: int = Field(1, ge=1)
-    """Image channels (1 = grayscale, 3 = RGB)."""
-    num_classes: int = Field(10, ge=2)
-    """Output classes."""
-    input_norm: Literal["none", "standardize", "standardize-polarity"] = "none"
-    """Per-image input normalization inside the model (so `predict` applies it too): `standardize`
-    each image to zero mean, unit deviation; `standardize-polarity` also flips it to a dark
-    background (glyphs in either polarity look alike)."""
-
-
-class CTCSpeechConfig(Section):
-    kind: Literal["ctc-speech"] = "ctc-speech"
-    """Waveform -> characters: strided conv front end, transformer encoder, CTC head."""
-    front_end: Literal["conv", "mel"] = "conv"
-    """conv: strided convs over the raw samples; mel: log-mel energies computed in the model (fixed
-    filterbank, 10 ms hop) then two stride-2 convs (40 ms frames): learns several times faster."""
-    conv_channels: int = Field(64, ge=4)
-    """Channels of the front end's convs."""
-    conv_strides: list[int] = [5, 4, 4, 2]
-    """conv front end: strides of its convs (their product is samples per encoder frame)."""
-    n_layer: int = Field(2, ge=1)
-    """Encoder blocks."""
-    n_head: int = Field(2, ge=1)
-    """Encoder attention heads; must divide d_model."""
-    d_model: int = Field(64, ge=8)
-    """Encoder width."""
-    alphabet: str = " abcdefghijklmnopqrstuvwxyz'"
-    """Characters the head predicts (CTC blank is added as index 0)."""
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> "CTCSpeechConfig":
-        if self.d_model % self.n_head:
-            raise ValueError(f"n_head={self.n_head} does not divide d_model={self.d_model}")
-        return self
-
-
-ModelConfig = Annotated[Union[GPTConfig, ResNetConfig, CTCSpeechConfig], Field(discriminator="kind")]
 
 
 # -------------------------------------------------------------------------------------- trainer
@@ -204,7 +147,7 @@ class TrainerConfig(Section):
         return self.worker_range[0] != self.worker_range[1]
 
     @model_validator(mode="after")
-    def _global_batch_divides(self) -> "TrainerConfig":
+    def _global_batch_divides(self) -> TrainerConfig:
         g, m = self.global_batch_size, self.micro_batch_size
         if g is None:
             return self
@@ -238,7 +181,7 @@ class DeepSpeedConfig(Section):
     """Raw DeepSpeed config keys merged over the generated config (expert escape hatch)."""
 
     @model_validator(mode="after")
-    def _offload_needs_stage(self) -> "DeepSpeedConfig":
+    def _offload_needs_stage(self) -> DeepSpeedConfig:
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("offload_params needs zero_stage=3")
         if self.offload_optimizer and self.zero_stage == 0:
@@ -320,7 +263,19 @@ class RunConfig(Section):
         return v
 
     @model_validator(mode="after")
-    def _cross_section(self) -> "RunConfig":
+    def _data_source_options(self) -> RunConfig:
+        from e2e_dist.plugins import source_options
+
+        try:
+            typed = source_options(self.data.source, self.data.options)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        if typed is not None and typed is not self.data.options:
+            self.data.options = typed
+        return self
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> RunConfig:
         if isinstance(self.model, GPTConfig) and self.model.max_seq_len < self.data.seq_len:
             raise ValueError(
                 f"model.max_seq_len={self.model.max_seq_len} < data.seq_len={self.data.seq_len}"
@@ -351,13 +306,15 @@ def redact(obj: Any) -> Any:
 def format_validation_error(err: ValidationError, source: str) -> str:
     """First pydantic error as one line: `<source>: <dotted.field>: <message> (got <value>)`."""
     e = err.errors()[0]
-    loc = [str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("gpt", "resnet", "ctc-speech"))]
+    loc = [str(p) for p in e["loc"] if not (isinstance(p, str) and p in (*BUILTIN_MODEL_KINDS, "plugin"))]
     field = ".".join(loc)
     msg = e["msg"].removeprefix("Value error, ")
+    if re.match(r"(model|data)\.[\w.]+: ", msg):  # a plug-in's own error names its field in full
+        field = ""
     if e["type"] == "extra_forbidden":
         msg = "unknown field"
     elif e["type"] == "union_tag_invalid":
-        msg = f"unknown kind {e.get('input', {}).get('kind') if isinstance(e.get('input'), dict) else e.get('input')!r} (known: gpt, resnet, ctc-speech)"
+        msg = f"missing kind (known: {', '.join(BUILTIN_MODEL_KINDS)}, or a plug-in)"
     got = e.get("input")
     shown = e["type"] not in ("extra_forbidden", "missing", "union_tag_invalid") and not isinstance(got, (dict, list))
     got_txt = f" (got {got!r})" if shown and repr(got) not in msg else ""

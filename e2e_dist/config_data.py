@@ -31,9 +31,14 @@ class DataConfig(Section):
     their data.text_column), `stdlib-text` (built-in corpus: this Python's standard library sources),
     `image-folder` (class folders), `image-parquet` (image bytes + label columns in Parquet shards),
     `digits` (scikit-learn's 8x8 digits), `digit-glyphs` (digits rendered from the installed fonts and
-    augmented, plus the scikit-learn digits), `speech-manifest`, `spoken-digits`."""
+    augmented, plus the scikit-learn digits), `speech-manifest`, `spoken-digits`; or a plug-in: a
+    name installed packages declare under the `e2e_dist.data_sources` entry points, or an import
+    path `package.module:builder` (docs/plugins.md)."""
     paths: list[str] = []
     """Files, globs or `s3://` prefixes for sources that read user data."""
+    options: Any = {}
+    """A plug-in source's own options (validated against the pydantic model it declares when the
+    config loads; docs/plugins.md). Built-in sources take their settings from the fields here."""
     text_column: str = Field("text", min_length=1)
     """Text from Parquet / JSONL shards (`*.parquet`, `*.jsonl`, `*.ndjson` under data.paths): the
     column or field holding each document (UTF-8 strings; other files are read as raw bytes)."""

@@ -39,7 +39,7 @@ def test_include_and_override_order(tmp_path):
         (["trainer.max_step=5"], "tiny-text: trainer.max_step: unknown field"),
         (["trainer.lr=abc"], "tiny-text: trainer.lr: Input should be a valid number"),
         (["trainer.max_steps=0"], "tiny-text: trainer.max_steps: Input should be greater than or equal to 1"),
-        (["model.kind=transformer"], "tiny-text: model: unknown kind 'transformer'"),
+        (["model.kind=transformer"], "tiny-text: model.kind: unknown kind 'transformer' (known: ctc-speech, gpt, resnet; or a module:attr import path)"),
         (["model.n_head=3"], "tiny-text: model: n_head=3 does not divide d_model=128"),
         (["deepspeed.zero_stage=4"], "tiny-text: deepspeed.zero_stage: Input should be less than or equal to 3"),
         (["deepspeed.offload_params=true"], "tiny-text: deepspeed: offload_params needs zero_stage=3"),

@@ -14,7 +14,7 @@ from typing import Callable
 from e2e_dist.data.samples import SampleSet
 from e2e_dist.registry import Registry
 
-SOURCES: Registry = Registry("data.source", ["e2e_dist.data.text", "e2e_dist.data.images", "e2e_dist.data.image_records",
+SOURCES: Registry = Registry("data.source", "e2e_dist.data_sources", ["e2e_dist.data.text", "e2e_dist.data.images", "e2e_dist.data.image_records",
                                              "e2e_dist.data.glyphs", "e2e_dist.data.speech"])
 
 

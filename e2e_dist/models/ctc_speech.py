@@ -17,7 +17,7 @@ Batch: {"audio": float (B, N) zero-padded samples, "audio_lens": long (B,) valid
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
