@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shlex
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,39 +71,77 @@ def wandb_dir(cfg: RunConfig) -> Path:
     return wandb_root(cfg) / "wandb"
 
 
-def wandb_run_dir(cfg: RunConfig) -> str | None:
-    """The newest local W&B folder of this run, for the end-of-run summary; None when tracking is
+def wandb_session_dirs(cfg: RunConfig) -> list[str]:
+    """Every local W&B folder of this run, one per session, oldest first; [] when tracking is
     disabled or nothing was written on this machine (rank 0 ran on another node)."""
+    from e2e_dist.tracking.offline_history import find_run_files
+
     if resolve_mode(cfg) == "disabled":
-        return None
-    run_id = wandb_run_id(cfg)
-    files = sorted(wandb_dir(cfg).glob(f"*run-*-{run_id}*/run-{run_id}.wandb"),
-                   key=lambda p: (_stamp(p.parent.name), p.stat().st_mtime))
-    return str(files[-1].parent) if files else None
+        return []
+    return [str(f.parent) for f in find_run_files(wandb_dir(cfg), wandb_run_id(cfg))]
 
 
-def wandb_stored_dir(cfg: RunConfig) -> str | None:
-    """The newest W&B folder of this run in its copy next to the run (`<run>/wandb/<folder>`,
-    written for runs whose W&B files do not live in the run dir); None if there is none."""
+def wandb_run_dir(cfg: RunConfig) -> str | None:
+    """The newest local W&B folder of this run, for the end-of-run summary; None when there is none."""
+    dirs = wandb_session_dirs(cfg)
+    return dirs[-1] if dirs else None
+
+
+def wandb_stored_dirs(cfg: RunConfig) -> list[str]:
+    """Every W&B folder of this run in its copy next to the run (`<run>/wandb/<folder>`, written for
+    runs whose W&B files do not live in the run dir), oldest first; [] if there is none."""
     if resolve_mode(cfg) == "disabled" or stored_in_run_dir(cfg):
-        return None
+        return []
     from e2e_dist import storage
 
     stored, run_id = storage.join(cfg.run_uri, "wandb"), wandb_run_id(cfg)
     try:
         names = storage.list_files(stored, cfg.storage)
     except storage.StorageError:
-        return None
-    folders = sorted({n.split("/")[0] for n in names if n.endswith(f"/run-{run_id}.wandb")}, key=_stamp)
-    return storage.join(stored, folders[-1]) if folders else None
+        return []
+    folders = sorted({n.split("/")[0] for n in names if n.endswith(f"/run-{run_id}.wandb")},
+                     key=lambda f: (_stamp(f), f))
+    return [storage.join(stored, f) for f in folders]
 
 
-def sync_command(run_dir: str) -> str:
-    """How to upload an offline W&B folder (local, or its copy in S3) to W&B."""
-    if not run_dir.startswith("s3://"):
-        return f"wandb sync {run_dir}"
-    folder = run_dir.rstrip("/").rsplit("/", 1)[-1]
-    return f"aws s3 sync {run_dir} ./{folder} && wandb sync ./{folder}"
+def wandb_stored_dir(cfg: RunConfig) -> str | None:
+    """The newest of `wandb_stored_dirs`, or None."""
+    dirs = wandb_stored_dirs(cfg)
+    return dirs[-1] if dirs else None
+
+
+def wandb_sync_command(cfg: RunConfig) -> str | None:
+    """One command that uploads every offline session of this run, oldest first (each later session
+    continues the same W&B run, so syncing only the newest would lose the earlier steps). From this
+    machine's folders when they hold every stored session, else from the copy in storage (rank 0 ran
+    some sessions on other nodes). None when no offline session is found."""
+    local = [d for d in wandb_session_dirs(cfg) if _offline(d)]
+    stored = [d for d in wandb_stored_dirs(cfg) if _offline(d)]
+    here = {_folder(d) for d in local}
+    if local and all(_folder(d) in here for d in stored):
+        return sync_command(local)
+    return sync_command(stored) if stored else None
+
+
+def sync_command(run_dirs: str | Sequence[str]) -> str:
+    """How to upload offline W&B folders of one run (local, or their copies in S3) to W&B, in the
+    order given: `wandb sync` takes several folders and appends a run's sessions in order."""
+    dirs = [run_dirs] if isinstance(run_dirs, str) else list(run_dirs)
+    if not dirs[0].startswith("s3://"):
+        return "wandb sync " + " ".join(shlex.quote(d) for d in dirs)
+    # The stored copy `<run>/wandb/` holds this run's W&B files only: fetch it whole, once.
+    parent = dirs[0].rstrip("/").rsplit("/", 1)[0]
+    local = f"./{_folder(parent.rsplit('/', 1)[0])}-wandb"
+    folders = " ".join(shlex.quote(f"{local}/{_folder(d)}") for d in dirs)
+    return f"aws s3 sync {shlex.quote(parent)} {shlex.quote(local)} && wandb sync {folders}"
+
+
+def _folder(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _offline(path: str) -> bool:
+    return _folder(path).startswith("offline-run-")
 
 
 def _stamp(folder: str) -> str:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from e2e_dist.tracking.run_location import sync_command
+from e2e_dist.config import RunConfig
+from e2e_dist.tracking.run_location import wandb_sync_command
 from e2e_dist.train.launcher import RunSummary
 
 
@@ -10,7 +11,7 @@ def _num(v, fmt: str = ".4f") -> str:
     return format(v, fmt) if isinstance(v, (int, float)) else "-"
 
 
-def print_run_summary(s: RunSummary) -> None:
+def print_run_summary(s: RunSummary, cfg: RunConfig) -> None:
     m = s.metrics
     unit = "tokens" if "tokens_per_s" in m else "samples"
     lines = [
@@ -30,13 +31,18 @@ def print_run_summary(s: RunSummary) -> None:
     if isinstance(read, (int, float)) and read > 0:  # streamed (a train set in memory reads nothing)
         lines.append(f"data read      {read:,.0f} samples, {m.get('data/bytes_read', 0) / 2**20:,.1f} MiB by the ranks; "
                      f"the largest rank {m.get('data/samples_read_max_rank', 0) / read:.0%} of the samples")
+    fetched = m.get("restore/bytes_fetched")
+    if isinstance(fetched, (int, float)):  # this start resumed: what its nodes downloaded to restore
+        lines.append(f"restored       {fetched / 1e6:,.1f} MB fetched by all nodes, "
+                     f"{m.get('restore/bytes_fetched_max_node', 0) / 1e6:,.1f} MB by the busiest")
     lines.append(f"checkpoint     {s.checkpoint_uri or '-'}")
     lines.append(f"W&B run        {s.wandb_dir or '-'}")
     if s.wandb_copy:
         lines.append(f"W&B files      {s.wandb_copy}")
-    offline = next((d for d in (s.wandb_dir, s.wandb_copy) if d and "offline-run-" in d), None)
-    if offline:
-        lines.append(f"               upload it: {sync_command(offline)}")
+    # Every session of the run, not just the newest folder shown above: a restart starts a new one.
+    sync = wandb_sync_command(cfg)
+    if sync:
+        lines.append(f"               upload it: {sync}")
     if s.log_path:
         lines.append(f"log file       {s.log_path}")
     print("\n".join(lines))
