@@ -49,20 +49,14 @@ class Registry(Generic[F]):
 
     def _entry_points(self) -> dict[str, metadata.EntryPoint]:
         eps = {ep.name: ep for ep in metadata.entry_points(group=self.group)}
-        if not eps:  # not installed: the built-ins register themselves when imported
-            for mod in self.source_modules:
+        if not _declares_own(eps.values()):  # e2e-dist on the path without its metadata (a checkout
+            for mod in self.source_modules:  # on a node): the built-ins register themselves on import
                 importlib.import_module(mod)
         return eps
 
     def names(self) -> list[str]:
         """Every name a config may use (besides import paths), without importing plug-ins."""
         return sorted(set(self._entry_points()) | set(self._entries))
-
-    def builtin(self, name: str) -> bool:
-        """Whether `name` is one of e2e-dist's own entries (their options are typed config fields)."""
-        ep = self._entry_points().get(name)
-        module = ep.value.split(":")[0] if ep is not None else getattr(self._entries.get(name), "__module__", "")
-        return module.startswith("e2e_dist.")
 
     def get(self, name: str) -> F:
         if is_import_path(name):
@@ -102,10 +96,15 @@ def declared_builtin(group: str, name: str) -> bool:
     """Whether e2e-dist itself declares `name` under `group` - read from package metadata, nothing
     imported. Without metadata (a source tree) every plain name counts as built in."""
     eps = {ep.name: ep for ep in metadata.entry_points(group=group)}
-    if not eps:
-        return True
+    if not _declares_own(eps.values()):
+        return name not in eps  # only plug-ins are declared: any other plain name is ours
     ep = eps.get(name)
     return ep is not None and ep.value.startswith("e2e_dist.")
+
+
+def _declares_own(eps) -> bool:
+    """Whether e2e-dist's own package metadata is among these entry points."""
+    return any(ep.value.startswith("e2e_dist.") for ep in eps)
 
 
 def entry_point_names(group: str) -> list[str]:
