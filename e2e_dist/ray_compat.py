@@ -219,6 +219,28 @@ def train_context_callback_base() -> type:
                      "end a scheduler-stopped trial's W&B run at its next report")
 
 
+def train_controller_callback_base() -> type:
+    """Base class of controller-side Train callbacks (a DeveloperAPI that no public module exports):
+    `before_controller_execute_failure_decision` runs in the controller before each retry."""
+    return _internal("ray.train.v2._internal.execution.callback", "ControllerCallback",
+                     "refresh Ray's view of the nodes before an elastic restart")
+
+
+def refresh_autoscaling_coordinator(timeout_s: float = 10.0) -> None:
+    """Have Ray's AutoscalingCoordinator re-read the cluster's live nodes now. Train V2's elastic
+    policy sizes each new worker group from the coordinator's per-node reservations, which it
+    recomputes from `ray.nodes()` every 20 s (`_AutoscalingCoordinatorActor.TICK_INTERVAL_S`) or when
+    a request changes: right after a node loss they still hold the lost node, so Train asks for a
+    group of the old size and waits its worker-group start timeout for it.
+    `get_reserved_resources(..., recompute=True)` is how Ray's own callers refresh it (a full tick;
+    for an unknown requester it reserves nothing); no public API does."""
+    import ray
+
+    coordinator = _internal("ray.data._internal.cluster_autoscaler", "get_or_create_autoscaling_coordinator",
+                            "refresh Ray's view of the nodes before an elastic restart")()
+    ray.get(coordinator.get_reserved_resources.remote("e2e-dist-refresh", recompute=True), timeout=timeout_s)
+
+
 def abort_current_train_run() -> None:
     """From a controller callback: abort the Train run as Ray does on Ctrl+C (`TrainController.abort`:
     workers shut down, placement group removed). Train V2 has no public way to end a run early."""
@@ -276,6 +298,7 @@ def check_all() -> list[str]:
                          ("ray.train.v2._internal.execution.context", "get_train_context"),
                          ("ray.train.v2._internal.constants", "ENV_VARS_TO_PROPAGATE"),
                          ("ray.train.v2._internal.execution.callback", "TrainContextCallback"),
+                         ("ray.train.v2._internal.execution.callback", "ControllerCallback"),
                          ("ray.tune.trainable.function_trainable", "wrap_function"),
                          ("ray.autoscaler._private.util", "prepare_config"),
                          ("ray.autoscaler._private.util", "validate_config"),

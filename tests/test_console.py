@@ -93,6 +93,35 @@ def test_the_terminal_bar_knows_the_run_length_before_the_workers_report(ray_loc
     assert "0/20" in out.getvalue() and "None" not in out.getvalue(), out.getvalue()
 
 
+def test_the_progress_actor_lives_on_the_drivers_node(ray_local, monkeypatch, capsys):
+    """Hard affinity to the driver's node: Ray may put a 0-CPU actor on any node, and one on a node
+    that is later lost took every later progress line with it (a node lost under a run:
+    tests/cluster/test_separate_hosts.py). Plain lines: a step logged again by a group restarted
+    from a checkpoint is shown again; the final update's repeat of the last step is not."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from e2e_dist.train import progress
+
+    real, options = progress.ProgressActor, []
+
+    class Recording:
+        @staticmethod
+        def options(**kw):
+            options.append(kw)
+            return real.options(**kw)
+
+    monkeypatch.setattr(progress, "ProgressActor", Recording)
+    with progress.ProgressDisplay("p", interval_s=0.05) as display:
+        for step, done in ((5, False), (10, False), (10, False), (15, False), (15, True)):
+            ray.get(display.actor.put.remote({"step": step, "total": 15, "metrics": {}, "done": done}))
+    strategy = options[0]["scheduling_strategy"]
+    assert isinstance(strategy, NodeAffinitySchedulingStrategy) and strategy.soft is False
+    assert strategy.node_id == ray.get_runtime_context().get_node_id()
+    shown = [ln.split()[2] for ln in capsys.readouterr().out.splitlines() if ln.startswith("[p] step ")]
+    assert shown == ["5/15", "10/15", "10/15", "15/15"]
+
+
 def test_submitting_a_job_does_not_narrate_its_upload():
     """Ray's job client logs 'Creating a file package ...' and 'Uploading package ...' at INFO through
     the "ray" logger's own console handler; after setup_console those records are not even made."""

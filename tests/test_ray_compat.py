@@ -18,9 +18,10 @@ PACKAGE = Path(ray_compat.__file__).parent
 
 def test_every_internal_resolves():
     checked = ray_compat.check_all()
-    assert len(checked) == 15
+    assert len(checked) == 16
     assert ray_compat.function_trainable_class(lambda config: None).__name__
     assert hasattr(ray_compat.train_context_callback_base(), "on_report")
+    assert hasattr(ray_compat.train_controller_callback_base(), "before_controller_execute_failure_decision")
     prepare, validate = ray_compat.autoscaler_config_checks()
     assert callable(prepare) and callable(validate)
 

@@ -48,7 +48,7 @@ from e2e_dist.cluster.local_node import (
 from e2e_dist.cluster.local_ports import node_port_args, pick_worker_port_range
 from e2e_dist.cluster.local_provider import read_node_records
 from e2e_dist.cluster.netns import GATEWAY_IP, Host, Network, netns_unavailable_reason
-from e2e_dist.train.ray_env import LOOPBACK, free_port
+from e2e_dist.train.ray_env import LOOPBACK, NODE_DEATH_ENV, free_port
 
 __all__ = [
     "DEFAULT_AUTOSCALE_CONFIG", "REPO_ROOT", "LocalCluster", "LocalClusterError", "LocalNode",
@@ -195,6 +195,10 @@ class LocalCluster:
         # Local nodes start in seconds: decide every second, not every 5 s (what Ray's own
         # single-machine autoscaling clusters use too).
         head_env.setdefault("AUTOSCALER_UPDATE_INTERVAL_S", "1")
+        # A lost node is declared dead in ~5 s, not ~15-65 s: until then an elastic run waits for a
+        # group of the old size (the GCS reads these; ray_env.NODE_DEATH_ENV says why these values).
+        for var, value in NODE_DEATH_ENV.items():
+            head_env.setdefault(var, value)
 
         def build() -> tuple[list[str], dict[str, int]]:
             self.gcs_port, self.dashboard_port = free_port(), free_port()
@@ -259,9 +263,10 @@ class LocalCluster:
         """PIDs of every live process this cluster owns (all nodes)."""
         return set().union(*(node_pids(n) for n in [*self.nodes, *self.autoscaled_nodes()]))
 
-    def stop(self, timeout_s: float = 20.0) -> None:
+    def stop(self, timeout_s: float = 20.0, keep_dirs: bool = False) -> None:
         """Stop exactly what this cluster started: worker nodes, the head (and with it the
-        autoscaler), then any node the autoscaler left; then the network and the directories."""
+        autoscaler), then any node the autoscaler left; then the network and the directories
+        (kept with `keep_dirs` or $E2E_DIST_KEEP_CLUSTER_DIRS: the nodes' logs are in them)."""
         if self._stopped:
             return
         self._stopped = True
@@ -273,7 +278,7 @@ class LocalCluster:
             fwd.stop()
         if self.network is not None:
             self.network.destroy()
-        if self._own_base and not os.environ.get("E2E_DIST_KEEP_CLUSTER_DIRS"):
+        if self._own_base and not keep_dirs and not os.environ.get("E2E_DIST_KEEP_CLUSTER_DIRS"):
             shutil.rmtree(self.base_dir, ignore_errors=True)
 
     def describe(self) -> str:

@@ -88,7 +88,11 @@ class StopBoard:
 def start_board():
     import ray
 
-    return ray.remote(num_cpus=0)(StopBoard).remote()
+    from e2e_dist.train.ray_env import on_this_node
+
+    # on the sweep driver's node: a board Ray put on a worker node would die with it, and with it
+    # every trial's stop (trials and their Train controllers read it)
+    return ray.remote(num_cpus=0)(StopBoard).options(**on_this_node()).remote()
 
 
 @dataclass

@@ -80,6 +80,7 @@ def build_trainer(cfg: RunConfig, *, train, val, collate, progress_actor=None, c
     from ray.train.torch import TorchTrainer
 
     from e2e_dist import storage
+    from e2e_dist.train import elastic
     from e2e_dist.train.faults import fault_marker_dir
     from e2e_dist.train.loop import train_loop_per_worker
     from e2e_dist.train.ray_env import local_runtime_env_vars
@@ -98,7 +99,8 @@ def build_trainer(cfg: RunConfig, *, train, val, collate, progress_actor=None, c
         # keep-N is ours (checkpoint.py deletes only after a newer commit): Ray keeps everything.
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
         worker_runtime_env={"env_vars": local_runtime_env_vars()},
-        callbacks=callbacks or [],
+        # an elastic run re-reads the live nodes before each restart (train/elastic.py)
+        callbacks=[*(callbacks or []), *elastic.callbacks(t.elastic)],
         logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         **storage.ray_storage_kwargs(cfg.storage.path, cfg.storage),
     )
@@ -172,6 +174,7 @@ def _fit(cfg: RunConfig, address: str | None, progress, callbacks, fault: str | 
     from e2e_dist.checkpoint import checkpoint_dir_name
     from e2e_dist.data.registry import build_data
     from e2e_dist.tracking.run_location import wandb_run_dir, wandb_stored_dir
+    from e2e_dist.train import elastic
     from e2e_dist.train.progress import ProgressDisplay
     from e2e_dist.train.ray_env import init_ray
 
@@ -188,7 +191,9 @@ def _fit(cfg: RunConfig, address: str | None, progress, callbacks, fault: str | 
                                 data_stats=bundle.stats,
                                 fault=fault if fault is not None else os.environ.get("E2E_DIST_FAULT"))
         try:
-            result = trainer.fit()
+            # an elastic run's short worker-group start timeout, which Train's controller copies (train/elastic.py)
+            with elastic.fit_env(cfg.trainer.elastic):
+                result = trainer.fit()
         except Exception as e:  # Ray wraps worker errors; surface the root cause's one line
             raise RunFailed(cfg.name, root_cause(e), what_now(cfg)) from e
     metrics = dict(result.metrics or {})

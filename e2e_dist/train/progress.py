@@ -3,7 +3,8 @@
 Rank 0 pushes every update to a tiny Ray actor (fire-and-forget, never blocks a step; only the
 last one waits until it arrived). The actor keeps them until the driver takes them: a rich
 progress bar on a TTY shows the newest; otherwise (CI logs, `ray job logs`) every update becomes
-one plain line, none dropped however fast the steps go.
+one plain line, none dropped however fast the steps go. The actor lives on the driver's node,
+so a lost worker node takes no progress with it.
 """
 
 from __future__ import annotations
@@ -70,7 +71,11 @@ class ProgressDisplay:
                  ckpt_every: int | None = None, total: int | None = None, console: Any = None) -> None:
         """total: the run's steps (trainer.max_steps), shown before the workers report; console: a
         rich Console to draw the bar on (default: the bar on a terminal, plain lines elsewhere)."""
-        self.actor = ProgressActor.remote()
+        from e2e_dist.train.ray_env import on_this_node
+
+        # on the driver's node: an actor Ray put on a worker node died with it, and every progress
+        # line after the node loss with it (the workers' updates are fire-and-forget)
+        self.actor = ProgressActor.options(**on_this_node()).remote()
         self.run_name, self.interval_s, self.quiet, self.ckpt_every = run_name, interval_s, quiet, ckpt_every
         self.total, self.console = total, console
         self._stop = threading.Event()
@@ -110,8 +115,9 @@ class ProgressDisplay:
         last_step = -1
         while True:
             stopping = self._stop.wait(self.interval_s)
-            for s in self._drain():  # one line per logged step (the final update repeats the last)
-                if s["step"] != last_step:
+            for s in self._drain():  # one line per logged step; the final update repeats the last: once
+                # (a group restarted from a checkpoint logs the steps since it again: shown again)
+                if not (s["done"] and s["step"] == last_step):
                     last_step = s["step"]
                     print(f"[{self.run_name}] step {s['step']}/{s['total']} {self._info(s)}", flush=True)
             if stopping:  # the run ended: what arrived since the last poll is printed above

@@ -27,6 +27,36 @@ WORKER_SETUP_HOOK = "e2e_dist.train.ray_env.setup_worker_process"
 # read when Ray is imported, keeps a local instance on loopback. Set it before `import ray`.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+NODE_DEATH_ENV = {
+    # How soon a cluster's head calls a lost node dead. Its GCS health-checks every raylet with
+    # these settings, read from the environment of the head's `ray start` (cluster/local.py sets
+    # them on the heads we start; cluster/README.md says what a real cluster's head needs). Until
+    # the node is dead, Train's elastic policy still counts it and tries a group of the old size
+    # (train/elastic.py). Ray 2.60's defaults (3 s apart, 10 s timeout, dead after 5 failures in a
+    # row) took 14.8 s for a killed node (connections refused) and 64.9 s for one gone from the
+    # network (each check waits out its timeout); these take 5.1 s and 19.5 s (measured on the
+    # separate-hosts cluster). A live node is declared dead only after 5 checks in a row went
+    # unanswered (15+ s of silence). A raylet stopped with SIGTERM (a spot reclaim's notice, a node
+    # stopped by hand) says goodbye and is dead at once either way. Not set on a private local
+    # instance (init_ray): one node, nothing to lose but itself.
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "3000",
+    "RAY_health_check_failure_threshold": "5",
+}
+
+
+def on_this_node() -> dict:
+    """`.options(**on_this_node())`: hard affinity to this process's node, for a driver's helper
+    actors (the progress display's, a sweep's stop board). Ray places a 0-CPU actor on whichever
+    node it likes, and one placed on a node that is later lost dies with it (seen: the progress
+    lines of an elastic run stopped for good after a node loss, and the driver said nothing). The
+    driver's node lives as long as the driver."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                  soft=False)}
+
 
 def setup_worker_process() -> None:
     """Runs at the start of every Ray worker process of a run or sweep (the job's
