@@ -155,6 +155,7 @@ def _round_trip(cfg: RunConfig, stage: int, batch: dict, failures: list[str]) ->
         fresh = _engine(cfg)
         load_engine(fresh, Path(tmp))
         again = _steps(fresh, batch, 2)
+    _eval_through_engine(engine, batch, stage, failures)
     if after != again:
         failures.append(f"ZeRO-{stage} checkpoint: losses after a save/load {again} differ from {after}")
     elif any(not torch.equal(w, v) for w, v in zip(weights.values(), _gathered(fresh).values())):
@@ -162,6 +163,19 @@ def _round_trip(cfg: RunConfig, stage: int, batch: dict, failures: list[str]) ->
     if stage == 2:
         _export_fits(cfg, weights, failures)
     return initial
+
+
+def _eval_through_engine(engine, batch: dict, stage: int, failures: list[str]) -> None:
+    """eval_sums on the engine's module as the loop's evaluation calls it (train/evaluate.py)."""
+    from e2e_dist.train.evaluate import own_parameters_gathered
+
+    engine.eval()
+    try:
+        with torch.no_grad(), own_parameters_gathered(engine.module):
+            engine.module.eval_sums(batch)
+    except Exception as e:  # noqa: BLE001 - one line about what evaluation would hit
+        failures.append(f"ZeRO-{stage} evaluation: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+    engine.train()
 
 
 def _export_fits(cfg: RunConfig, weights: dict[str, torch.Tensor], failures: list[str]) -> None:

@@ -36,6 +36,9 @@ class TinyMLP(E2EModel):
         self.breach, self.in_channels = breach, 1
         self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU())
         self.head = nn.Linear(hidden, 10)
+        # Owned by the model itself, and above ZeRO-3's persistence threshold (1e5 elements): a
+        # shard in evaluation unless gathered there (eval_sums is not forward).
+        self.bias_map = nn.Parameter(torch.zeros(1, 64 * 2048)) if breach == "own-param" else None
         if breach == "init-after-children":  # a child's weight re-initialized after it was built (not in init_module)
             nn.init.kaiming_normal_(self.head.weight)
         self.init_weights()
@@ -45,7 +48,10 @@ class TinyMLP(E2EModel):
             nn.init.normal_(module.weight, std=0.1)
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(pixels.float()))
+        x = pixels.float()
+        if self.bias_map is not None:
+            x = x + self.bias_map.view(2048, 1, 8, 8)[0]
+        return self.head(self.body(x))
 
     def forward(self, batch):
         losses = nn.functional.cross_entropy(self.logits(batch["pixels"]), batch["labels"], reduction="none")
@@ -101,6 +107,7 @@ def test_a_sound_plugin_passes_and_zero3_init_breach_is_caught(ds):
     from e2e_dist.plugin_check import check_plugin
 
     assert check_plugin(cfg_for(), data=False) == []
+    assert check_plugin(cfg_for("own-param"), data=False) == []  # a parameter of its own, evaluated at ZeRO-3
     failures = check_plugin(cfg_for("init-after-children"), data=False)
     # head.weight lost its init; the random draws after it shifted too (body.1's)
     assert len(failures) == 1 and failures[0].startswith("ZeRO-3: initial weights differ from ZeRO-2's in [")

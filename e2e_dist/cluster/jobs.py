@@ -119,9 +119,10 @@ def forwarded_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def build_runtime_env(working_dir: str | Path | None, env_vars: dict[str, str]) -> dict[str, Any]:
-    """runtime_env for the job: the project dir (minus venvs/outputs), the env vars, and the
-    SIGTERM setup hook.
+def build_runtime_env(working_dir: str | Path | None, env_vars: dict[str, str],
+                      py_modules: Iterable[str | Path] = ()) -> dict[str, Any]:
+    """runtime_env for the job: the project dir (minus venvs/outputs), the env vars, the plug-in
+    packages to ship (`py_modules`: see `py_module`), and the SIGTERM setup hook.
 
     Why the hook here: Ray runs `worker_process_setup_hook` only from the job-level runtime_env
     (an actor's is ignored), and without it Ray's own SIGTERM handler kills a worker at once
@@ -135,8 +136,30 @@ def build_runtime_env(working_dir: str | Path | None, env_vars: dict[str, str]) 
         if not wd.is_dir():
             raise JobsError(f"--working-dir {working_dir}: not a directory")
         runtime_env["working_dir"] = str(wd)
+    modules = [py_module(p) for p in py_modules]
+    if modules:
+        runtime_env["py_modules"] = modules
+    if working_dir is not None or modules:  # Ray applies the one `excludes` to both uploads
         runtime_env["excludes"] = list(WORKING_DIR_EXCLUDES)
     return runtime_env
+
+
+def py_module(path: str | Path) -> str:
+    """`--py-module PATH` -> the absolute path Ray's `runtime_env.py_modules` takes: a package
+    folder (Ray uploads it and puts it on every node's import path, driver included, so a
+    plug-in named by import path imports there without being installed), a single `.py` module
+    or a `.whl`. One line naming PATH otherwise."""
+    p = Path(path).expanduser().resolve()
+    if p.is_file() and p.suffix in (".py", ".whl"):
+        return str(p)
+    if p.is_dir() and (p / "__init__.py").is_file():
+        return str(p)
+    if p.is_dir():  # most often a project folder: name the package inside it
+        inside = sorted(c.name for c in p.iterdir() if (c / "__init__.py").is_file())
+        hint = f" (give the package in it: --py-module {Path(path) / inside[0]})" if inside else ""
+        raise JobsError(f"--py-module {path}: a folder without __init__.py is not a Python package{hint}")
+    what = "no such file or folder" if not p.exists() else "not a package folder, .py file or .whl"
+    raise JobsError(f"--py-module {path}: {what}")
 
 
 def cluster_entrypoint(argv: list[str]) -> list[str]:
@@ -157,10 +180,12 @@ def submit(
     submission_id: str | None = None,
     entrypoint_num_cpus: float | None = None,
     entrypoint_resources: dict[str, float] | None = None,
+    py_modules: Iterable[str | Path] = (),
     out: IO[str] | None = None,
 ) -> str:
     """Submit `entrypoint` (argv list or shell string) and return the submission id.
-    entrypoint_resources: where the driver may run, e.g. {"node:10.0.0.5": 0.01} for one node."""
+    entrypoint_resources: where the driver may run, e.g. {"node:10.0.0.5": 0.01} for one node.
+    py_modules: packages shipped with the job (plug-ins named by import path)."""
     out = out or sys.stdout
     command = entrypoint if isinstance(entrypoint, str) else shlex.join(cluster_entrypoint(entrypoint))
     if not command.strip():
@@ -170,7 +195,7 @@ def submit(
     # setup hook where it is missing) may repeat a key we set: let Ray combine the two instead of
     # refusing to start the driver.
     env.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
-    runtime_env = build_runtime_env(working_dir, env)
+    runtime_env = build_runtime_env(working_dir, env, py_modules)
     jc = client(address)
     try:
         job_id = jc.submit_job(entrypoint=command, runtime_env=runtime_env, submission_id=submission_id,
@@ -181,6 +206,8 @@ def submit(
     names = ", ".join(sorted(env)) or "none"
     print(f"submitted {job_id}: {redact_entrypoint(command)}", file=out)
     print(f"  env vars forwarded (values hidden): {names}", file=out)
+    if runtime_env.get("py_modules"):
+        print(f"  py_modules shipped: {', '.join(runtime_env['py_modules'])}", file=out)
     return job_id
 
 

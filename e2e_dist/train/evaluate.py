@@ -31,7 +31,7 @@ def evaluate(engine, model, val, micro_batch: int, collate, device, rank: int, w
     chunks = cache["chunks"]
     engine.eval()
     sums = {k: torch.zeros((), device=device, dtype=torch.float64) for k in model.eval_sum_keys()}
-    with torch.no_grad():
+    with torch.no_grad(), own_parameters_gathered(model):
         for r in range(rounds):
             real = r < len(chunks)
             batch = {k: v.to(device) for k, v in model_batch(chunks[r] if real else cache["filler"], collate).items()}
@@ -41,6 +41,16 @@ def evaluate(engine, model, val, micro_batch: int, collate, device, rank: int, w
                     sums[k] = sums[k] + v.double()
     engine.train()
     return model.summarize_eval(all_reduce_sum(sums, device))
+
+
+def own_parameters_gathered(model):
+    """What `eval_sums` needs under ZeRO-3: it is not `forward`, and DeepSpeed's hooks gather a
+    submodule's shards only when that submodule is called, so the parameters the model owns
+    directly (a plug-in's class token, say) are gathered around it. Collective: every rank enters."""
+    import deepspeed
+
+    own = [p for p in model.parameters(recurse=False) if hasattr(p, "ds_id")]
+    return deepspeed.zero.GatheredParameters(own, enabled=bool(own))
 
 
 def final_sample(engine, model, rank: int, cfg: RunConfig) -> str:
