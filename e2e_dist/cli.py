@@ -27,7 +27,8 @@ verbs:
   data        `data plan CONFIG`: what a run's data costs (per rank, the shard index) before it trains;
               `data make-speech OUT` synthesizes the spoken-digits corpus,
               `data make-digits OUT` writes digit images in every input style from held-out fonts
-  cluster     `cluster validate FILE`, `cluster local` (a local multi-node or autoscaling cluster)
+  cluster     `cluster validate FILE`, `cluster local` (a local multi-node or autoscaling cluster),
+              `cluster check` (collective bandwidth between and within a running cluster's nodes)
   submit      submit `e2e-dist train|sweep ...` as a Ray job to a cluster
   jobs        status | logs | stop | list of Ray jobs
   presets     list the built-in configs, model kinds and data sources (plug-ins included)
@@ -222,6 +223,8 @@ def _add_run_verbs(sub: argparse._SubParsersAction) -> None:
                    help="memory per GPU (default: the card's)")
     p.add_argument("--mfu", type=_number(float, "a fraction in (0, 1]", lambda v: 0 < v <= 1), default=0.4,
                    help="model FLOPs utilization assumed for step-time estimates")
+    p.add_argument("--interconnect", choices=["efa", "ib", "tcp"],
+                   help="network between nodes (default: efa for A100/H100/H200/B200, the p4d/p5/p6 types; else tcp)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("scaling", help="fit scaling laws to sweep results")

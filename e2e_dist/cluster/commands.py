@@ -2,8 +2,9 @@
 
     e2e-dist cluster validate FILE [FILE ...]
     e2e-dist cluster local [--nodes N | --autoscale] [--num-cpus N] ...
+    e2e-dist cluster check [--address A]     (collective bandwidth between / inside the nodes)
     e2e-dist cluster stop-ray --tag T        (on a node: stop that cluster's Ray, nothing else)
-    e2e-dist submit [--address URL] [--follow] [--working-dir .] -- e2e-dist train|sweep ...
+    e2e-dist submit [--address URL] [--follow] [--working-dir .] [--py-module PATH] -- e2e-dist train|sweep ...
     e2e-dist jobs status|logs|stop|list [--address URL] [JOB_ID]
 
 Each verb sets `func=<callable(args) -> int>`. Ray is imported inside the functions only, so
@@ -17,9 +18,12 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from e2e_dist.errors import UserError
+
+if TYPE_CHECKING:
+    from e2e_dist.cluster.local import LocalCluster
 
 _ADDRESS_HELP = ("Ray dashboard / Jobs API URL (default: $RAY_API_SERVER_ADDRESS, or $RAY_ADDRESS if it is an "
                  "http URL, else http://127.0.0.1:8265 where `ray dashboard ray-cluster.yaml` forwards the head's)")
@@ -35,7 +39,7 @@ def register(subparsers: Any) -> None:
 # -------------------------------------------------------------------------------- cluster
 def _register_cluster(subparsers: Any) -> None:
     cluster = subparsers.add_parser("cluster", help="validate cluster yamls; run a local multi-node Ray cluster")
-    verbs = cluster.add_subparsers(dest="cluster_verb", metavar="{validate,local,stop-ray}")
+    verbs = cluster.add_subparsers(dest="cluster_verb", metavar="{validate,local,check,stop-ray}")
     verbs.required = True
 
     v = verbs.add_parser("validate", help="check cluster yamls offline (Ray's schema + checks Ray misses)")
@@ -64,20 +68,45 @@ def _register_cluster(subparsers: Any) -> None:
     loc.add_argument("--object-store-mb", type=int, default=256, help="object store per node in MiB (default 256)")
     loc.set_defaults(func=cmd_cluster_local)
 
+    chk = verbs.add_parser("check", help="measure collective bandwidth between and inside a running cluster's nodes "
+                                         "(before a long run), against what `plan` assumes")
+    chk.add_argument("--address", default=None,
+                     help="Ray address (default auto: $RAY_ADDRESS or the cluster on this machine), or the Jobs API "
+                          "URL (http://127.0.0.1:8265 through `ray dashboard`): the check then runs as a job")
+    chk.add_argument("--size-mb", type=float, default=64, help="MiB per collective (default 64)")
+    chk.add_argument("--iters", type=int, default=5, help="timed repetitions per collective (default 5)")
+    chk.add_argument("--interconnect", choices=("efa", "ib", "tcp"), default=None,
+                     help="what the plan should assume between nodes (default: as `plan` does for the GPU)")
+    chk.add_argument("--timeout", type=float, default=300, help="seconds a group may take (default 300)")
+    chk.set_defaults(func=cmd_cluster_check)
+
     stop = verbs.add_parser("stop-ray", help="stop this machine's Ray processes of one cluster only (what "
                                              "cluster/onprem.yaml runs instead of a machine-wide `ray stop`)")
     stop.add_argument("--tag", required=True,
                       help="the cluster's tag: the value of E2E_DIST_RAY_CLUSTER its `ray start` ran with")
     stop.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL (default 10)")
+    stop.add_argument("--workers-of", default=None, metavar="BOOTSTRAP_YAML",
+                      help="on the head of a `local`-provider cluster: then stop the tag on every worker machine of "
+                           "this config too, over SSH (~/ray_bootstrap_config.yaml; ignored where it does not exist)")
     stop.set_defaults(func=cmd_cluster_stop_ray)
 
 
-def cmd_cluster_stop_ray(args: argparse.Namespace) -> int:
-    from e2e_dist.cluster.stop_ray import stop_tagged
+def cmd_cluster_check(args: argparse.Namespace) -> int:
+    from e2e_dist.cluster.check import check_cli
 
+    return check_cli(args)
+
+
+def cmd_cluster_stop_ray(args: argparse.Namespace) -> int:
+    from e2e_dist.cluster.stop_ray import stop_tagged, stop_workers
+
+    # Here first: the head's autoscaler would otherwise restart workers it sees going away.
     termed, killed = stop_tagged(args.tag, grace_s=args.grace)
     print(f"stopped {termed} Ray process(es) of cluster {args.tag!r}" + (f" ({killed} needed SIGKILL)" if killed else ""))
-    return 0
+    failed = stop_workers(args.tag, Path(args.workers_of).expanduser(), args.grace) if args.workers_of else []
+    for line in failed:
+        print(f"e2e-dist: error: stop-ray on worker {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_cluster_validate(args: argparse.Namespace) -> int:
@@ -107,6 +136,30 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+WATCH_INTERVAL_S = 1.0
+
+
+def watch_nodes(cluster: LocalCluster, exited: set[str]) -> int:
+    """Watch the nodes until the head exits (returns 1; Ctrl-C raises out of here). A worker node
+    that exits is named once, with its log, and the rest go on: a real cluster loses machines and
+    keeps running, and a local one is where runs that survive that are tried. Names go to `exited`."""
+    while True:
+        time.sleep(WATCH_INTERVAL_S)
+        head = cluster.nodes[0]
+        if not head.alive():
+            exited.add(head.name)
+            print(f"ray head node exited; stopping the cluster (its log: {head.log_path})", file=sys.stderr,
+                  flush=True)
+            return 1
+        for node in cluster.nodes[1:]:
+            if node.name not in exited and not node.alive():
+                exited.add(node.name)
+                print(f"ray node {node.name} exited; the rest of the cluster goes on (its log: {node.log_path})",
+                      file=sys.stderr, flush=True)
+                # A lost machine takes all its processes along: end what outlived its `ray start`.
+                cluster.remove_worker(node)
+
+
 def cmd_cluster_local(args: argparse.Namespace) -> int:
     from e2e_dist.cluster.local import LocalCluster
 
@@ -123,6 +176,7 @@ def cmd_cluster_local(args: argparse.Namespace) -> int:
     # SIGTERM (e.g. from a CI runner) stops the cluster like Ctrl-C does; SIGINT explicitly too,
     # since a shell's background job starts with SIGINT ignored.
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    exited: set[str] = set()
     try:
         cluster.start()
         for port in args.expose:
@@ -131,18 +185,14 @@ def cmd_cluster_local(args: argparse.Namespace) -> int:
         if args.auth == "token":
             print(token_hint(cluster.home))
         print("Ctrl-C stops every process this command started (and nothing else).", flush=True)
-        while True:
-            time.sleep(1)
-            dead = [n.name for n in cluster.nodes if not n.alive()]
-            if dead:
-                print(f"ray node(s) {', '.join(dead)} exited; stopping the cluster (logs in {cluster.base_dir})",
-                      file=sys.stderr)
-                return 1
+        return watch_nodes(cluster, exited)
     except KeyboardInterrupt:
-        print("stopping ...", file=sys.stderr)
+        kept = f" (logs kept in {cluster.base_dir}: {', '.join(sorted(exited))} exited)" if exited else ""
+        print(f"stopping ...{kept}", file=sys.stderr)
         return 0
     finally:
-        cluster.stop()
+        # The logs of a node that exited on its own are what explains it: keep them.
+        cluster.stop(keep_dirs=bool(exited))
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -158,6 +208,10 @@ def _register_submit(subparsers: Any) -> None:
     s.add_argument("--follow", action="store_true", help="stream the logs until the job ends; exit 1 unless it succeeded")
     s.add_argument("--working-dir", default=".", help="directory uploaded as the job's working dir (default .)")
     s.add_argument("--no-working-dir", action="store_true", help="upload nothing (the cluster has the code)")
+    s.add_argument("--py-module", dest="py_modules", action="append", default=[], metavar="PATH",
+                   help="a package folder, .py file or .whl shipped with the job (Ray runtime_env py_modules): a "
+                        "plug-in named by import path then imports on every node without being installed there "
+                        "(repeatable)")
     s.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra env var for the job")
     s.add_argument("--submission-id", default=None, help="job id to use (default: Ray picks one)")
     s.add_argument("--timeout", type=float, default=None, help="--follow: stop waiting after this many seconds")
@@ -185,7 +239,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise UserError("submit: no command; put it after `--`, e.g. `e2e-dist submit -- e2e-dist train tiny-text`")
     job_id = jobs.submit(command, address=args.address,
                          working_dir=None if args.no_working_dir else args.working_dir,
-                         env_vars=_parse_env(args.env), submission_id=args.submission_id)
+                         env_vars=_parse_env(args.env), submission_id=args.submission_id,
+                         py_modules=args.py_modules)
     if not args.follow:
         print(f"follow it: e2e-dist jobs logs --follow {job_id}   stop it: e2e-dist jobs stop {job_id}")
         return 0

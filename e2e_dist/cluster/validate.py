@@ -9,7 +9,8 @@ seen accepted by Ray 2.60:
 - (warning) a file mount that is a single file, which Ray warns about on every command;
 - AWS (validate_aws.py): unknown `provider` keys, the region and zones, every `node_config`
   against EC2's RunInstances shape, GPU counts, world-open ingress; warnings for node types
-  without an instance profile;
+  without an instance profile; EFA types (validate_efa.py): their EFA interfaces, one subnet and
+  one security group for them, a cluster placement group;
 - secrets written into the file (AWS keys, W&B key, Ray token) instead of passed at submit time.
 
 KubeRay `RayCluster` / `RayJob` manifests: validate_kuberay.py (KubeRay's CRD schema + checks).
@@ -36,6 +37,7 @@ from e2e_dist.cluster.validate_aws import (
     gpu_count_of,
     node_types,
 )
+from e2e_dist.cluster.validate_efa import efa_errors
 from e2e_dist.cluster.validate_kuberay import kuberay_errors
 from e2e_dist.config_files import safe_load_yaml
 from e2e_dist.errors import UserError
@@ -117,7 +119,7 @@ def _lint_launcher(raw: dict[str, Any]) -> Findings:
     problems += _worker_bounds(config)
     warnings = _single_file_mounts(raw)
     if provider["type"] == "aws":
-        problems += aws_errors(raw, config)
+        problems += aws_errors(raw, config) + efa_errors(raw)
         warnings += aws_warnings(raw)
     # ours first: where Ray's schema sees the same field, our line says more
     return Findings(_dedupe(problems + ray_problems + _secret_problems(raw)), warnings)

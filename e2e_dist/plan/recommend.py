@@ -2,9 +2,11 @@
 
 Every option (layout x micro-batch x checkpointing) is costed: model states (plan/memory.py),
 activations (plan/activations.py), and a step time from FLOPs at a stated MFU plus the traffic each
-layout adds (gradient reduction, ZeRO-3's parameter gathers, offload over PCIe and the CPU's Adam).
+layout adds: the collectives DeepSpeed runs per optimizer step, by link (plan/comm.py: per
+micro-step for ZeRO >= 2, so the micro-batch matters), offload over PCIe and the CPU's Adam.
 An option fits when its bytes leave HEADROOM of the card free after RESERVED_GIB for the CUDA
-context and library workspaces. The recommendation is the fastest option that fits.
+context and library workspaces. The recommendation is the fastest option that fits (estimates within
+TIE of each other count as equal).
 """
 
 from __future__ import annotations
@@ -13,23 +15,22 @@ from dataclasses import dataclass, field
 
 from e2e_dist.errors import ConfigError
 from e2e_dist.plan.activations import Activations
-from e2e_dist.plan.memory import GiB, LAYOUTS, Layout, ModelStates, model_states
+from e2e_dist.plan.comm import Trace, comm_seconds, link_bandwidths, step_collectives
+from e2e_dist.plan.memory import LAYOUTS, GiB, Layout, ModelStates, model_states
 
 HEADROOM = 0.10
 """Share of the card kept free for the allocator's fragmentation and what the estimate misses."""
 RESERVED_GIB = 1.0
 """CUDA context, cuBLAS/NCCL workspaces: taken off the card before anything else."""
 DEFAULT_MFU = 0.40
-NVLINK_BYTES_S = 100e9
-"""Effective per-GPU collective bandwidth inside a node (NVLink class); not overlapped with compute."""
-NETWORK_BYTES_S = 12e9
-"""Effective per-GPU collective bandwidth between nodes (100-400 Gbit/s class networks)."""
 PCIE_BYTES_S = 20e9
 """Host <-> GPU copies for offloaded state."""
 CPU_ADAM_PARAMS_S = 1e9
 """Parameters per second a node's CPUs update under offload (DeepSpeed's CPU Adam class; torch's is slower)."""
 STAGE_PREFERENCE = {2: 0, 1: 1, 3: 2, 0: 3}
 """Order among options of equal estimated speed."""
+TIE = 0.03
+"""Step-time estimates closer than this (relative) count as equal: below what MFU and link figures resolve."""
 RECOMPUTE = 4 / 3
 """Activation checkpointing reruns each block's forward: 4 passes' FLOPs instead of 3."""
 
@@ -42,10 +43,20 @@ class Hardware:
     gpu_name: str = "H100"
     peak_flops: float = 989e12
     mfu: float = DEFAULT_MFU
+    interconnect: str = "efa"
+    """Between nodes: efa | ib | tcp (plan/comm.py); unused on one node."""
+    intra_bytes_s: float | None = None
+    """Per-GPU bus bandwidth inside a node; None: plan/comm.py's figure for the card."""
+    inter_bytes_s: float | None = None
+    """A node's network bandwidth; None: plan/comm.py's figure for the card and interconnect."""
 
     @property
     def world(self) -> int:
         return self.gpus_per_node * self.nodes
+
+    def links(self) -> tuple[float, float]:
+        intra, inter = link_bandwidths(self.gpu_name, self.interconnect)
+        return self.intra_bytes_s or intra, self.inter_bytes_s or inter
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +74,26 @@ class ModelShape:
     precision: str
     activations: object
     """callable(micro_batch, checkpointing) -> Activations."""
+    trace: Trace = ()
+    """Modules in forward order with their parameters (plan/comm.py model_trace): ZeRO-3's gathers."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepTime:
+    """One optimizer step's seconds by what takes them (not overlapped: conservative)."""
+
+    compute: float
+    intra: float
+    """Collectives inside nodes (NVLink)."""
+    inter: float
+    """Collectives across nodes (EFA / InfiniBand / TCP)."""
+    offload: float
+    comm_bytes: float
+    """Collective payload per rank and step (nccl-tests' size, all collectives together)."""
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.intra + self.inter + self.offload
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,8 +105,12 @@ class Option:
     states: ModelStates
     activations: Activations
     usable_bytes: float
-    step_s: float
+    time: StepTime
     units_s: float
+
+    @property
+    def step_s(self) -> float:
+        return self.time.total
 
     @property
     def gpu_bytes(self) -> int:
@@ -107,35 +142,41 @@ class Plan:
     @property
     def best(self) -> Option | None:
         fitting = [o for o in self.options if o.fits]
-        # Equal estimates: the larger micro-batch (fewer, fuller kernels: the MFU assumes it), then the
-        # usual layout order (ZeRO-0 last: its checkpoints resume only as ZeRO-0), then less memory.
-        return min(fitting, key=lambda o: (round(o.step_s, 6), -o.micro_batch, STAGE_PREFERENCE[o.layout.zero_stage],
-                                           o.gpu_bytes)) if fitting else None
+        if not fitting:
+            return None
+        # Estimates within TIE of the fastest are equal (the model cannot tell them apart): then the
+        # larger micro-batch (fewer, fuller kernels: the MFU assumes it), then the usual layout order
+        # (ZeRO-0 last: its checkpoints resume only as ZeRO-0), then less memory, then the faster.
+        fastest = min(o.step_s for o in fitting)
+        near = [o for o in fitting if o.step_s <= fastest * (1 + TIE)]
+        return min(near, key=lambda o: (-o.micro_batch, STAGE_PREFERENCE[o.layout.zero_stage], o.gpu_bytes, o.step_s))
 
 
 def usable_bytes(gpu_mem_gib: float) -> float:
     return (gpu_mem_gib - RESERVED_GIB) * (1 - HEADROOM) * GiB
 
 
-def step_seconds(shape: ModelShape, hw: Hardware, layout: Layout, global_batch: int, checkpointing: bool) -> float:
-    """Compute at the stated MFU, plus collectives and offload traffic, not overlapped (conservative)."""
+def step_time(shape: ModelShape, hw: Hardware, layout: Layout, global_batch: int, checkpointing: bool,
+              grad_accum: int = 1) -> StepTime:
+    """Compute at the stated MFU, plus DeepSpeed's collectives of one step (plan/comm.py) and offload
+    traffic, not overlapped (conservative)."""
     P, N = shape.n_params, hw.world
     compute = shape.flops_per_example * global_batch * (RECOMPUTE if checkpointing else 1) / (N * hw.peak_flops * hw.mfu)
-    comm = 0.0
+    intra = inter = comm_bytes = 0.0
     if N > 1:
-        bw = NVLINK_BYTES_S if hw.nodes == 1 else NETWORK_BYTES_S
-        grad_b = 2 if shape.precision in ("bf16", "fp16") else 4
-        # Ring all-reduce / reduce-scatter + all-gather move 2(N-1)/N of the grads; ZeRO-3 gathers the
-        # parameters again in forward and backward: 3x instead of 2x (the ZeRO paper's 1.5x).
-        passes = 3 if layout.zero_stage == 3 else 2
-        comm = passes * (N - 1) / N * P * grad_b / bw
+        collectives = step_collectives(stage=layout.zero_stage, grad_accum=grad_accum, n_params=P,
+                                       precision=shape.precision, trace=shape.trace)
+        intra_bw, inter_bw = hw.links()
+        intra, inter = comm_seconds(collectives, gpus_per_node=hw.gpus_per_node, nodes=hw.nodes,
+                                    intra_bytes_s=intra_bw, inter_bytes_s=inter_bw)
+        comm_bytes = sum(c.nbytes for c in collectives)
     offload = 0.0
     if layout.offload_optimizer:
         shard = P / N
         offload = shard * (2 + 2) / PCIE_BYTES_S + shard * hw.gpus_per_node / CPU_ADAM_PARAMS_S
     if layout.offload_params:
         offload += 2 * P * 2 / PCIE_BYTES_S  # every layer's 16-bit params up in forward and again in backward
-    return compute + comm + offload
+    return StepTime(compute=compute, intra=intra, inter=inter, offload=offload, comm_bytes=comm_bytes)
 
 
 def micro_batches(per_rank: int) -> list[int]:
@@ -156,12 +197,12 @@ def make_plan(shape: ModelShape, hw: Hardware, global_batch: int, *, layouts=LAY
                               world=hw.world, gpus_per_node=hw.gpus_per_node, precision=shape.precision,
                               reduce_bucket=reduce_bucket)
         for ckpt in (False, True):
-            step = step_seconds(shape, hw, layout, global_batch, ckpt)
-            for m in micro_batches(per_rank):
+            for m in micro_batches(per_rank):  # ZeRO >= 2 communicates per micro-step: time by micro-batch
+                step = step_time(shape, hw, layout, global_batch, ckpt, grad_accum=per_rank // m)
                 plan.options.append(Option(
                     layout=layout, micro_batch=m, grad_accum=per_rank // m, checkpointing=ckpt, states=states,
-                    activations=shape.activations(m, ckpt), usable_bytes=usable, step_s=step,
-                    units_s=global_batch * shape.units_per_example / step))
+                    activations=shape.activations(m, ckpt), usable_bytes=usable, time=step,
+                    units_s=global_batch * shape.units_per_example / step.total))
     return plan
 
 

@@ -10,8 +10,19 @@ import torch
 from e2e_dist.config import RunConfig
 from e2e_dist.errors import ConfigError
 from e2e_dist.plan.activations import gpt_activation_bytes, measured_activation_bytes
-from e2e_dist.plan.memory import GiB, LAYOUTS, Layout, largest_layer_params
-from e2e_dist.plan.recommend import DEFAULT_MFU, HEADROOM, RESERVED_GIB, Hardware, ModelShape, Option, Plan, make_plan, refuse_if_too_big
+from e2e_dist.plan.comm import INTERCONNECTS, default_interconnect, model_trace
+from e2e_dist.plan.memory import LAYOUTS, GiB, Layout, largest_layer_params
+from e2e_dist.plan.recommend import (
+    DEFAULT_MFU,
+    HEADROOM,
+    RESERVED_GIB,
+    Hardware,
+    ModelShape,
+    Option,
+    Plan,
+    make_plan,
+    refuse_if_too_big,
+)
 
 GPU_MEMORY_GIB: list[tuple[str, float]] = [
     ("H200", 141), ("GH200", 96), ("H100", 80), ("B200", 180), ("A100-SXM4-40GB", 40), ("A100-PCIE-40GB", 40),
@@ -22,7 +33,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def hardware(*, gpu: str = "H100", gpus_per_node: int = 1, nodes: int = 1, gpu_mem_gib: float | None = None,
-             mfu: float = DEFAULT_MFU) -> Hardware:
+             mfu: float = DEFAULT_MFU, interconnect: str | None = None) -> Hardware:
     from e2e_dist.train.flops import PEAK_FLOPS_BF16, peak_flops_of
 
     peak = peak_flops_of(gpu)
@@ -30,8 +41,11 @@ def hardware(*, gpu: str = "H100", gpus_per_node: int = 1, nodes: int = 1, gpu_m
         raise ConfigError(f"--gpu {gpu!r}: unknown card (known: {', '.join(k for k, _ in PEAK_FLOPS_BF16)})")
     if gpu_mem_gib is None:
         gpu_mem_gib = next(m for key, m in GPU_MEMORY_GIB if key.lower() in gpu.lower())
+    if interconnect is not None and interconnect not in INTERCONNECTS:
+        raise ConfigError(f"--interconnect {interconnect!r}: one of {', '.join(INTERCONNECTS)}")
+    # Default: what the card's AWS instance type brings (EFA on p4d/p5/p6; TCP on g5/g6)
     return Hardware(gpus_per_node=gpus_per_node, nodes=nodes, gpu_mem_gib=gpu_mem_gib, gpu_name=gpu,
-                    peak_flops=peak, mfu=mfu)
+                    peak_flops=peak, mfu=mfu, interconnect=interconnect or default_interconnect(gpu))
 
 
 def shape_of(cfg: RunConfig, precision: str) -> ModelShape:
@@ -43,15 +57,16 @@ def shape_of(cfg: RunConfig, precision: str) -> ModelShape:
     with torch.device("meta"):
         model = build_model(m, cfg.data)
     flops, n_params, largest = model.train_flops(1), model.num_params(), largest_layer_params(model)
+    trace = model_trace(model)
     if m.kind == "gpt":
         s = cfg.data.seq_len
         act = partial(_gpt_activations, m, s, 2 if precision in ("bf16", "fp16") else 4)
         return ModelShape(name=cfg.name, n_params=n_params, largest_layer=largest, flops_per_example=flops,
-                          units_per_example=s, unit_name="tokens", precision=precision, activations=act)
+                          units_per_example=s, unit_name="tokens", precision=precision, activations=act, trace=trace)
     # convolutional / audio presets are small enough to measure their activations on CPU
     act = partial(_measured_activations, partial(build_model, m, cfg.data), DTYPES[precision])
     return ModelShape(name=cfg.name, n_params=n_params, largest_layer=largest, flops_per_example=flops,
-                      units_per_example=1, unit_name="samples", precision=precision, activations=act)
+                      units_per_example=1, unit_name="samples", precision=precision, activations=act, trace=trace)
 
 
 def _gpt_activations(m, seq, act_bytes, micro_batch, checkpointing):
@@ -127,42 +142,61 @@ def format_plan(plan: Plan, cfg: RunConfig, config_label: str) -> str:
         f"on {hw.nodes} node(s) x {hw.gpus_per_node} GPU(s) = {hw.world}, {hw.gpu_mem_gib:g} GiB each "
         f"({plan.options[0].usable_bytes / GiB:.1f} GiB usable: {RESERVED_GIB:g} GiB reserved, {HEADROOM:.0%} headroom), "
         f"{hw.gpu_name} peak {hw.peak_flops / 1e12:.0f} TFLOP/s at MFU {hw.mfu:.0%}",
-        "",
-        f"{'layout':28} {'micro':>5} {'accum':>5} {'ckpt':>4} | {unit_name} per GPU: {'params':>6} {'grads':>6} {'optim':>6} "
-        f"{'buffer':>6} {'activ':>6} {'total':>6} | {'fits':4} {'step s':>7} {shape.unit_name + '/s':>12}  host GiB/node",
+        _links_line(hw), "", *_table(plan, size, unit_name), "",
     ]
-    for layout in LAYOUTS:  # per layout and checkpointing: the fastest fitting micro-batch, else the smallest
-        for ckpt in (False, True):
-            rows = [o for o in plan.options if o.layout == layout and o.checkpointing == ckpt]
-            fitting = [o for o in rows if o.fits]
-            o = max(fitting, key=lambda r: r.micro_batch) if fitting else min(rows, key=lambda r: r.micro_batch)
-            s = o.states
-            mark = "*" if o is plan.best else " "
-            lines.append(
-                f"{mark}{layout.label:27} {o.micro_batch:5} {o.grad_accum:5} {'on' if ckpt else 'off':>4} |              "
-                f"{size(s.params)} {size(s.grads)} {size(s.optimizer)} {size(s.buffers)} {size(o.activations.peak)} "
-                f"{size(o.gpu_bytes)} | {'yes' if o.fits else 'NO':4} {o.step_s:7.2g} {o.units_s:12,.0f}  "
-                f"{s.cpu_per_node / GiB:6.1f}")
-    lines.append("")
     best, mine = plan.best, configured_option(plan, cfg)
     if best is None:
         lines.append(f"nothing fits {hw.gpu_mem_gib:g} GiB per GPU: add GPUs (--gpus/--nodes) or shrink the model")
     else:
+        t = best.time
         lines += [
             f"recommended: {best.layout.label}, micro-batch {best.micro_batch} x grad accumulation {best.grad_accum}, "
             f"activation checkpointing {'on' if best.checkpointing else 'off'}: {size(best.gpu_bytes).strip()} {unit_name} per GPU; "
-            f"~{best.step_s:.2g} s per step, ~{best.units_s:,.0f} {shape.unit_name}/s",
+            f"~{best.step_s:.2g} s per step (compute {t.compute:.2g}, collectives {t.intra + t.inter:.2g}, offload "
+            f"{t.offload:.2g}), ~{best.units_s:,.0f} {shape.unit_name}/s",
             (f"  e2e-dist train {config_label} {changes}" if (changes := best.set_args(mine.settings()))
              else "  the config as written is this setting"),
         ]
     lines.append(f"the config as written ({mine.layout.label}, micro-batch {mine.micro_batch}, checkpointing "
                  f"{'on' if mine.checkpointing else 'off'}): {size(mine.gpu_bytes).strip()} {unit_name} per GPU, "
-                 f"{'fits' if mine.fits else 'does NOT fit'}")
+                 f"{'fits' if mine.fits else 'does NOT fit'}, ~{mine.step_s:.2g} s per step")
     lines.append("estimates: model states by DeepSpeed's accounting (its own estimators for ZeRO-2/3: "
                  + ", ".join(f"{o.layout.label} {o.states.deepspeed_gpu / GiB:.2f}" for o in _one_per_layout(plan)
                              if o.states.deepspeed_gpu is not None)
-                 + " GiB, buckets excluded); step time = FLOPs at the MFU + collectives and offload traffic, not overlapped")
+                 + " GiB, buckets excluded); step time = FLOPs at the MFU + DeepSpeed's collectives per step "
+                   "(GB/step: payload per rank) + offload traffic, not overlapped")
     return "\n".join(lines)
+
+
+def _links_line(hw: Hardware) -> str:
+    intra, inter = hw.links()
+    across = f"; across nodes {hw.interconnect} {inter / 1e9:g} GB/s per node" if hw.nodes > 1 else ""
+    return (f"links (plan/comm.py, `e2e-dist cluster check` measures them): inside a node {intra / 1e9:g} GB/s "
+            f"per GPU{across}; collectives hierarchical, as DeepSpeed 0.19.8 schedules them")
+
+
+def _table(plan: Plan, size, unit_name: str) -> list[str]:
+    """Per layout and checkpointing: the fastest fitting micro-batch (else the smallest), with the
+    step time split into compute, collectives inside / across nodes and offload."""
+    shape = plan.shape
+    lines = [f"{'layout':28} {'micro':>5} {'accum':>5} {'ckpt':>4} | {unit_name} per GPU: {'params':>6} {'grads':>6} "
+             f"{'optim':>6} {'buffer':>6} {'activ':>6} {'total':>6} | {'fits':4} {'step s':>6} = {'comp':>5} + "
+             f"{'intra':>5} + {'inter':>5} + {'offl':>5} {'GB/step':>7} {shape.unit_name + '/s':>12}  host GiB/node"]
+    for layout in LAYOUTS:
+        for ckpt in (False, True):
+            rows = [o for o in plan.options if o.layout == layout and o.checkpointing == ckpt]
+            fitting = [o for o in rows if o.fits]
+            o = min(fitting, key=lambda r: (round(r.step_s, 6), -r.micro_batch)) if fitting else \
+                min(rows, key=lambda r: r.micro_batch)
+            s, t = o.states, o.time
+            mark = "*" if o is plan.best else " "
+            lines.append(
+                f"{mark}{layout.label:27} {o.micro_batch:5} {o.grad_accum:5} {'on' if ckpt else 'off':>4} |              "
+                f"{size(s.params)} {size(s.grads)} {size(s.optimizer)} {size(s.buffers)} {size(o.activations.peak)} "
+                f"{size(o.gpu_bytes)} | {'yes' if o.fits else 'NO':4} {o.step_s:6.2f} = {t.compute:5.2f} + "
+                f"{t.intra:5.2f} + {t.inter:5.2f} + {t.offload:5.2f} {t.comm_bytes / 1e9:7.2f} {o.units_s:12,.0f}  "
+                f"{s.cpu_per_node / GiB:6.1f}")
+    return lines
 
 
 def _one_per_layout(plan: Plan) -> list[Option]:
@@ -178,7 +212,8 @@ def plan_cli(args) -> int:
     from e2e_dist.config import load_run_config
 
     cfg = load_run_config(args.config, args.overrides)
-    hw = hardware(gpu=args.gpu, gpus_per_node=args.gpus, nodes=args.nodes, gpu_mem_gib=args.gpu_mem, mfu=args.mfu)
+    hw = hardware(gpu=args.gpu, gpus_per_node=args.gpus, nodes=args.nodes, gpu_mem_gib=args.gpu_mem, mfu=args.mfu,
+                  interconnect=getattr(args, "interconnect", None))
     print(format_plan(plan_for(cfg, hw), cfg, args.config))
     return 0
 

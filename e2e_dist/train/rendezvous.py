@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from datetime import timedelta
 from typing import Any
@@ -97,9 +98,29 @@ IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 
 def collectives_env(address: str) -> dict[str, str]:
     """GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME naming the interface of `address`, for those the
-    user did not set (gloo and NCCL read them when a process group is created)."""
+    user did not set (gloo and NCCL read them when a process group is created). For NCCL that pins
+    its bootstrap and its socket transport only: EFA (aws-ofi-nccl) and InfiniBand pick their own
+    devices, and which transport NCCL chose is in its debug log (`nccl_transport`, cluster check)."""
     iface = interface_of(address)
     return {} if iface is None else {var: iface for var in IFNAME_VARS if var not in os.environ}
+
+
+_NCCL_NET = re.compile(r"Using network (\S[^\n]*)|via NET/([A-Za-z][A-Za-z ]*)")
+_NCCL_LOCAL = re.compile(r"via (P2P/[A-Za-z]+|SHM)")
+
+
+def nccl_transport(log: str) -> str | None:
+    """The network NCCL chose, from its NCCL_DEBUG=INFO output: NET/OFI (EFA through aws-ofi-nccl,
+    which NCCL names "AWS Libfabric" / "Libfabric"), NET/IB or NET/Socket; inside a node only, the
+    peer transports (P2P/..., SHM); None without NCCL lines."""
+    nets = {(m.group(1) or m.group(2)).strip() for m in _NCCL_NET.finditer(log)}
+    if nets:
+        names = sorted({"NET/OFI" if "fabric" in n.lower() or "ofi" in n.lower() else f"NET/{n.split()[0]}"
+                        for n in nets})
+        provider = re.search(r"Selected [Pp]rovider is (\w+)", log)
+        return " + ".join(names) + (f" ({provider.group(1)})" if provider and "NET/OFI" in names else "")
+    local = sorted(set(_NCCL_LOCAL.findall(log)))
+    return " + ".join(local) or None
 
 
 def init_process_group(*, backend: str, world_rank: int, world_size: int, master_addr: str, master_port: int,

@@ -7,14 +7,21 @@ nodes are tested on separate hosts (test_separate_hosts.py); the fast checks nee
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from e2e_dist.cli import main
-from e2e_dist.cluster import jobs
+from e2e_dist.cluster import commands, jobs
 from e2e_dist.cluster.local import LocalCluster
+from e2e_dist.cluster.local_node import LocalNode, node_pids, stop_node
 from e2e_dist.train.ray_env import WORKER_SETUP_HOOK, _cluster_runtime_env
 from tests.helpers.processes import alive, bystander
 
@@ -82,9 +89,133 @@ def test_stop_ends_exactly_what_it_started(cluster: LocalCluster) -> None:
         assert not cluster.base_dir.exists()
 
 
+def _wait_for_text(path: Path, text: str, timeout_s: float, proc: subprocess.Popen) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = path.read_text(errors="replace")
+        if text in found:
+            return found
+        assert proc.poll() is None, f"`e2e-dist cluster local` exited ({proc.returncode}):\n{found[-3000:]}"
+        time.sleep(0.5)
+    raise AssertionError(f"no {text!r} after {timeout_s:.0f}s:\n{path.read_text(errors='replace')[-3000:]}")
+
+
+NODE_LINE = re.compile(r"  node (\w+) *: 127\.0\.0\.1 +pid (\d+), dir (\S+), log (\S+)")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_cluster_local_goes_on_when_a_worker_node_is_lost(tmp_path: Path) -> None:
+    """`e2e-dist cluster local --nodes 1` (its own dirs and ports on 127.0.0.1): the worker node's
+    processes are killed, as when a machine is lost; the command names it and its log once and
+    keeps the head; SIGTERM then stops everything it started and keeps the logs."""
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    argv = [sys.executable, "-m", "e2e_dist.cli", "cluster", "local", "--nodes", "1", "--auth", "disabled",
+            "--object-store-mb", "100"]
+    proc = subprocess.Popen(argv, stdout=out.open("w"), stderr=err.open("w"), cwd=ROOT, start_new_session=True)
+    nodes: dict[str, LocalNode] = {}
+    try:
+        started = _wait_for_text(out, "Ctrl-C stops", 300, proc)
+        for name, pid, d, log in NODE_LINE.findall(started):
+            nodes[name] = LocalNode(name=name, temp_dir=Path(d) / "ray", log_path=Path(log), pid=int(pid),
+                                    ip="127.0.0.1")
+        assert sorted(nodes) == ["head", "worker1"], started
+        head_pids, worker = node_pids(nodes["head"]), nodes["worker1"]
+        os.killpg(worker.pgid, signal.SIGKILL)  # the machine is gone: its `ray start` and raylet at once
+
+        said = _wait_for_text(err, "ray node worker1 exited", 60, proc)
+        assert f"the rest of the cluster goes on (its log: {worker.log_path})" in said
+        time.sleep(3)  # a few more watch rounds: nothing else happens
+        assert proc.poll() is None and len(err.read_text().splitlines()) == 1, err.read_text()
+        assert nodes["head"].alive() and all(alive(p) for p in head_pids)
+        assert not node_pids(worker), "processes of the lost node outlived it"
+
+        proc.send_signal(signal.SIGTERM)  # as a CI runner stops it; Ctrl-C goes the same way
+        assert proc.wait(timeout=120) == 0, err.read_text()
+        assert not [p for p in head_pids if alive(p)], "processes of the cluster survived SIGTERM"
+        base = worker.log_path.parent
+        assert f"stopping ... (logs kept in {base}: worker1 exited)" in err.read_text()
+        assert worker.log_path.is_file()  # what explains the lost node is still there
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for node in nodes.values():
+            stop_node(node, timeout_s=10)
+        if nodes:
+            shutil.rmtree(nodes["head"].log_path.parent, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ fast checks (no cluster)
+class _FakeNode:
+    """alive() until `dies_at` watch rounds have passed; at the `sigterm_at` round the head sends SIGTERM to
+    this process, as a CI runner stopping `e2e-dist cluster local` does."""
+
+    def __init__(self, name: str, rounds: list[int], dies_at: int | None = None, sigterm_at: int | None = None):
+        self.name, self.log_path, self.pid = name, Path(f"/tmp/e2elc-fake/{name}.log"), 1
+        self.temp_dir, self.ip, self._rounds = Path(f"/tmp/e2elc-fake/{name}/ray"), "127.0.0.1", rounds
+        self._dies_at, self._sigterm_at = dies_at, sigterm_at
+
+    def alive(self) -> bool:
+        if self._sigterm_at is not None:  # the head is asked first every round: it counts them
+            self._rounds[0] += 1
+            if self._rounds[0] == self._sigterm_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return self._dies_at is None or self._rounds[0] < self._dies_at
+
+
+class _FakeCluster:
+    def __init__(self, nodes: list[_FakeNode]):
+        self.nodes, self.home, self.base_dir = nodes, Path("/tmp/e2elc-fake/home"), Path("/tmp/e2elc-fake")
+        self.removed: list[str] = []
+        self.stops: list[bool] = []
+
+    def start(self) -> "_FakeCluster":
+        return self
+
+    def describe(self) -> str:
+        return "local Ray cluster: fake"
+
+    def remove_worker(self, node: _FakeNode) -> None:
+        self.removed.append(node.name)
+
+    def stop(self, keep_dirs: bool = False) -> None:
+        self.stops.append(keep_dirs)
+
+
+def _run_cluster_local(monkeypatch: pytest.MonkeyPatch, nodes: list[_FakeNode]) -> tuple[int, _FakeCluster]:
+    made: list[_FakeCluster] = []
+    monkeypatch.setattr("e2e_dist.cluster.local.LocalCluster", lambda **kw: made.append(_FakeCluster(nodes)) or made[0])
+    monkeypatch.setattr(commands, "WATCH_INTERVAL_S", 0.01, raising=False)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    rc = main(["cluster", "local", "--nodes", str(len(nodes) - 1), "--auth", "disabled"])
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # put back as they were
+    return rc, made[0]
+
+
+def test_cluster_local_names_a_lost_worker_node_and_goes_on(monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    rounds = [0]
+    head = _FakeNode("head", rounds, sigterm_at=8)
+    nodes = [head, _FakeNode("worker1", rounds, dies_at=3), _FakeNode("worker2", rounds)]
+    rc, cluster = _run_cluster_local(monkeypatch, nodes)
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 0 and rounds[0] == 8  # watched on after the loss, until SIGTERM
+    assert err == ["ray node worker1 exited; the rest of the cluster goes on (its log: /tmp/e2elc-fake/worker1.log)",
+                   "stopping ... (logs kept in /tmp/e2elc-fake: worker1 exited)"]
+    assert cluster.removed == ["worker1"] and cluster.stops == [True]
+
+
+def test_cluster_local_stops_when_the_head_exits(monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    rounds = [0]
+    head = _FakeNode("head", rounds, dies_at=3, sigterm_at=100)
+    rc, cluster = _run_cluster_local(monkeypatch, [head, _FakeNode("worker1", rounds)])
+    assert rc == 1 and capsys.readouterr().err.splitlines() == [
+        "ray head node exited; stopping the cluster (its log: /tmp/e2elc-fake/head.log)"]
+    assert cluster.removed == [] and cluster.stops == [True]
+
+
 def test_unreachable_jobs_api_is_one_line() -> None:
     with pytest.raises(jobs.JobsError) as err:
         jobs.client("http://127.0.0.1:1")

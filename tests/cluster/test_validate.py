@@ -41,7 +41,8 @@ def test_onprem_config_stops_only_its_own_ray() -> None:
         stop, start = cfg[key]
         assert stop == "e2e-dist cluster stop-ray --tag e2e-dist-onprem" and tag in start, key
     env_step = next(c for c in cfg["setup_commands"] if "e2e-dist onprem env" in c)
-    assert 'then e2e-dist cluster stop-ray --tag e2e-dist-onprem; else command ray "$@"' in env_step
+    assert ('then e2e-dist cluster stop-ray --tag e2e-dist-onprem --workers-of ~/ray_bootstrap_config.yaml; '
+            'else command ray "$@"') in env_step
     assert "--dashboard-host=127.0.0.1" in cfg["head_start_ray_commands"][1]
 
 
@@ -70,6 +71,10 @@ def test_local_autoscale_has_the_same_node_types() -> None:
 
 
 Mutation = Callable[[dict[str, Any]], None]
+
+
+def _ni(cfg: dict[str, Any], node_type: str) -> list[dict[str, Any]]:
+    return cfg["available_node_types"][node_type]["node_config"]["NetworkInterfaces"]
 
 
 def _set(path: str, value: Any) -> Mutation:
@@ -164,6 +169,33 @@ BROKEN = [
      lambda c: c["available_node_types"]["cpu_worker"]["node_config"]["BlockDeviceMappings"][0]["Ebs"].update(
          VolumeSize="200GB"),
      "available_node_types.cpu_worker.node_config.BlockDeviceMappings[0].Ebs.VolumeSize: expected integer"),
+    # EFA node types (validate_efa.py): interfaces per network card, one subnet and group, placement
+    ("efa-none", "ray-cluster.yaml", lambda c: _ni(c, "gpu_8x").clear(),
+     "available_node_types.gpu_8x.node_config.NetworkInterfaces: no EFA interface: p4d.24xlarge has 4 EFA network "
+     "cards, and without them NCCL moves every collective over TCP"),
+    ("efa-too-few", "ray-cluster.yaml", lambda c: _ni(c, "gpu_8x_h100").__delitem__(slice(4, None)),
+     "available_node_types.gpu_8x_h100.node_config.NetworkInterfaces: EFA interfaces on network cards 0, 1, 2, 3 "
+     "but p5.48xlarge has 32"),
+    ("efa-only-primary", "ray-cluster.yaml", lambda c: _ni(c, "gpu_8x")[0].update(InterfaceType="efa-only"),
+     "available_node_types.gpu_8x.node_config.NetworkInterfaces[0].InterfaceType: the primary interface (card 0, "
+     "device 0) cannot be efa-only"),
+    ("efa-no-placement", "ray-cluster.yaml", lambda c: c["available_node_types"]["gpu_8x_spot"]["node_config"].pop(
+        "Placement"), "available_node_types.gpu_8x_spot.node_config.Placement.GroupName: missing: p4d.24xlarge nodes "
+                      "need a cluster placement group"),
+    ("efa-two-groups", "ray-cluster.yaml", lambda c: _ni(c, "gpu_8x")[2].update(Groups=["sg-0other"]),
+     "available_node_types.gpu_8x.node_config.NetworkInterfaces[2].Groups: another security group than the first; "
+     "EFA needs all its interfaces in one group that allows all traffic to and from itself"),
+    ("efa-two-subnets", "ray-cluster.yaml", lambda c: _ni(c, "gpu_8x_h100")[31].update(SubnetId="subnet-0other"),
+     "available_node_types.gpu_8x_h100.node_config.NetworkInterfaces[31].SubnetId: in another subnet than the first"),
+    ("efa-no-group", "ray-cluster.yaml", lambda c: _ni(c, "gpu_8x")[1].pop("Groups"),
+     "available_node_types.gpu_8x.node_config.NetworkInterfaces[1].Groups: missing (Ray needs it on every interface)"),
+    ("efa-and-subnetid", "ray-cluster.yaml", _set("available_node_types.gpu_8x.node_config.SubnetId", "subnet-0abc"),
+     "available_node_types.gpu_8x.node_config.SubnetId: not with NetworkInterfaces"),
+    ("interface-type-typo", "ray-cluster.yaml",
+     lambda c: c["available_node_types"]["cpu_worker"]["node_config"].update(NetworkInterfaces=[
+         {"DeviceIndex": 0, "InterfaceType": "EFA", "SubnetId": "subnet-0abc", "Groups": ["sg-0abc"]}]),
+     "available_node_types.cpu_worker.node_config.NetworkInterfaces[0].InterfaceType: 'EFA' is not one of interface, "
+     "efa, efa-only"),
     ("node-config-enum", "ray-cluster.yaml",
      _set("available_node_types.gpu_1x_spot.node_config.InstanceMarketOptions.MarketType", "spotty"),
      "available_node_types.gpu_1x_spot.node_config.InstanceMarketOptions.MarketType: 'spotty' is not one of"),
