@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from e2e_dist import storage
-from e2e_dist.checkpoint import find_latest_committed, load_universal, save_engine, universal
+from e2e_dist.checkpoint import find_latest_committed, save_engine, universal
 from e2e_dist.checkpoint.layout import MANIFEST
 from e2e_dist.errors import CheckpointError
 from tests.fixtures.tiny_deepspeed import batch, tiny_cfg, upload
@@ -66,17 +66,17 @@ def commit(engine, run_uri: str, tmp_path: Path, *, stage: int, offload: bool = 
 
 
 def reload(run_uri: str, tmp_path: Path, *, stage: int, offload: bool = False):
-    """What a resume on another layout does on rank 0: find, download, convert-or-reuse, load."""
-    from e2e_dist.checkpoint import download_checkpoint
-    from e2e_dist.train.resume import universal_copy_on_rank0
+    """What a resume on another layout does (train/resume.py, one rank): choose (find; convert or
+    reuse the universal form), build, restore (fetch the rank's share, verified; load)."""
+    from e2e_dist.train.resume import choose, restore
 
-    found, _ = find_latest_committed(run_uri)
-    shared = tmp_path / "restore"
-    download_checkpoint(found, shared / found.name)
-    conv = universal_copy_on_rank0(found, shared, tiny_cfg(stage, storage_path=str(Path(run_uri).parent)))
+    cfg = tiny_cfg(stage, storage_path=str(Path(run_uri).parent))
+    cfg.deepspeed.offload_optimizer = offload
+    plan = choose(cfg, rank=0, world=1, node_rank=0)
+    assert plan.load_universal
     engine = engine_at(stage, offload=offload, load_universal=True)
-    client = load_universal(engine, shared / found.name, zero_stage=stage)
-    return engine, client, conv
+    state = restore(engine, plan, cfg, rank=0, world=1)
+    return engine, state, plan.universal
 
 
 @pytest.mark.parametrize("source, target", [
@@ -92,8 +92,8 @@ def test_a_checkpoint_resumes_at_another_zero_stage_with_its_optimizer_state(ds,
     commit(before, run_uri, tmp_path, stage=source[0], offload=source[1])
     expected = snapshot(before)
 
-    after, client, _ = reload(run_uri, tmp_path, stage=target[0], offload=target[1])
-    assert client["step"] == 3 and client["data"] == {"epoch": 0, "samples": 6}
+    after, state, _ = reload(run_uri, tmp_path, stage=target[0], offload=target[1])
+    assert state.step == 3 and state.data == {"epoch": 0, "samples": 6}
     got = snapshot(after)
     for name, tensors in expected.items():
         for key, value in tensors.items():

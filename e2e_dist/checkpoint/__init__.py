@@ -6,7 +6,10 @@
 - `discover`: find_latest_committed / restore_latest / list_checkpoints: storage is the source of
               truth, a directory counts only if its manifest verifies.
 - `universal`: resharding - DeepSpeed's universal form of a checkpoint, converted on first need
-              and cached next to it, so any world size and ZeRO stage can resume it.
+              and cached next to it, so any world size and ZeRO stage can resume it; `spread`
+              converts it on every rank at once, a slice of the parameters each.
+- `needs`:    which files of a checkpoint one rank reads on load; `ranks`: the per-node fetch of
+              just those (one process per node) and the collectives restore uses.
 - `layout`:   names and formats.
 
 Importing this package imports neither Ray nor DeepSpeed (export and `generate` rely on that).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,14 +102,19 @@ def _first_bad_checksum(ckpt: CommittedCheckpoint, storage_cfg: Any) -> str:
 
 
 def download_checkpoint(ckpt: CommittedCheckpoint, local_dir: Path, verify: bool = True, *,
-                        storage_cfg: Any = None) -> Path:
-    """Copy the manifest's files (and the manifest) into `local_dir`; with verify, every file's
-    size and sha256 must match the manifest, or CheckpointError names the first bad file."""
+                        storage_cfg: Any = None, only: Collection[str] | None = None) -> Path:
+    """Copy the manifest's files (or `only` those of them: what one node's ranks load, see needs.py)
+    and the manifest into `local_dir`; with verify, every file's size and sha256 must match the
+    manifest, or CheckpointError names the first bad file."""
     cfg = storage_cfg if storage_cfg is not None else ckpt.storage_cfg
     local_dir = Path(local_dir)
     local_dir.mkdir(parents=True, exist_ok=True)
     expected = {f["path"]: f for f in ckpt.files}
-    got = storage.download_dir(ckpt.uri, local_dir, cfg, files=list(expected))
+    if only is not None:
+        unknown = sorted(set(only) - set(expected))
+        if unknown:
+            raise CheckpointError(f"checkpoint {ckpt.uri}: {unknown[0]} is not in its manifest")
+    got = storage.download_dir(ckpt.uri, local_dir, cfg, files=sorted(only) if only is not None else list(expected))
     if verify:
         for entry in got:
             want = expected[entry.path]

@@ -5,7 +5,8 @@ can read. Its *universal* form (`deepspeed.checkpoint.ds_to_universal`) holds ev
 whole: `zero/<name>/fp32.pt`, `exp_avg.pt`, `exp_avg_sq.pt`, `step.pt`, plus the model-states file
 (LR scheduler, our client state), and any engine at any world size and stage loads it with
 `{"checkpoint": {"load_universal": true}}`. We convert lazily - the first time a run resumes with
-another layout - on rank 0, and cache the result in storage next to the checkpoint:
+another layout - on every rank of the resuming group at once, each a slice of the parameters
+(spread.py), and cache the result in storage next to the checkpoint:
 
     <run_uri>/step_00000100/universal/
         mp_rank_00_model_states.pt, zero/...   DeepSpeed's universal files
@@ -16,24 +17,31 @@ sha256 on download. A crash mid-conversion leaves files without a manifest, whic
 (the next resume converts again); the original checkpoint is never touched. A cache converted from
 an earlier write of the same step (a re-done step after a restart) is recognised by its `source`
 id and converted again.
+
+One cache serves both ZeRO families, whichever wrote the source. ds_to_universal writes what the
+source's family reads back (checked on DeepSpeed 0.19.8): a ZeRO-1/2 source gives `{"param":
+tensor, "cat_dim": 0}` files, a step.pt per parameter and `mp_rank_00_model_states.pt`; a ZeRO-3
+source bare flat tensors, no step.pt and `zero_pp_rank_*` model states, and the ZeRO-3 loader wants
+an `optimizer_state_dict` (and `ds_version`) in zero/optimizer_state.pt that the ZeRO-1/2 converter
+leaves out. We write the union: every parameter file as `{"param": tensor of its shape, "cat_dim": 0}`
+with a step.pt, that optimizer state, and the model states under both names (only their scheduler,
+counters and client state are read on a universal load).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from e2e_dist import storage
-from e2e_dist.checkpoint.layout import DS_TAG, FORMAT_VERSION, MANIFEST, CommittedCheckpoint, ListedFile, now_utc, validate_json
+from e2e_dist.checkpoint.layout import MANIFEST, CommittedCheckpoint, ListedFile, validate_json
+from e2e_dist.checkpoint.ranks import Ledger, Ranks
+from e2e_dist.checkpoint.spread import convert_spread
 from e2e_dist.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -135,101 +143,24 @@ def find_universal(ckpt: CommittedCheckpoint, storage_cfg: Any) -> tuple[Committ
     return CommittedCheckpoint(uri, ckpt.step, doc, storage_cfg), ""
 
 
-def convert(native_dir: Path, out_dir: Path) -> None:
-    """DeepSpeed's ds_to_universal on a downloaded checkpoint (`native_dir/ds`) into `out_dir`.
-
-    In-process with one extract and one merge worker: its process pools would fork a Ray worker's
-    threads. DeepSpeed's own progress output goes to the log, not the console."""
-    import argparse
-
-    from deepspeed.checkpoint import ds_to_universal
-
-    args = argparse.Namespace(input_folder=str(native_dir / DS_TAG), output_folder=str(out_dir),
-                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              # our saves carry no Megatron-style universal_checkpoint_info: derive it
-                              inject_missing_state=True)
-    chatter = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-            ds_to_universal.main(args)
-    except Exception as e:  # noqa: BLE001 - any converter failure is one line about this checkpoint
-        log.debug("ds_to_universal output:\n%s", chatter.getvalue())
-        raise CheckpointError(f"{native_dir}: universal conversion failed: {type(e).__name__}: {e}") from None
-    log.debug("ds_to_universal output:\n%s", chatter.getvalue())
-    normalize(out_dir)
-
-
-MODEL_STATES_NAMES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
-"""What a ZeRO-1/2 and a ZeRO-3 engine look for in a universal folder (DeepSpeed 0.19)."""
-
-
-def normalize(out_dir: Path) -> None:
-    """Make one universal folder loadable by both ZeRO families, whichever wrote it.
-
-    ds_to_universal writes what the *source's* family reads back (checked on DeepSpeed 0.19.8): a
-    ZeRO-1/2 source gives `{"param": tensor, "cat_dim": 0}` files, a `step.pt` per parameter and
-    `mp_rank_00_model_states.pt`; a ZeRO-3 source gives bare flat tensors, no `step.pt`, no
-    `ds_version`, and `zero_pp_rank_*` model states; the ZeRO-3 loader also wants an
-    `optimizer_state_dict` the ZeRO-1/2 converter leaves out. We write the union. Only the model
-    states' scheduler, counters and client state are read on load: a copy under the other name does.
-    """
-    import deepspeed
-    import torch
-
-    zero = out_dir / "zero"
-    states = [out_dir / n for n in MODEL_STATES_NAMES if (out_dir / n).exists()]
-    if not states:
-        raise CheckpointError(f"{out_dir}: the universal conversion wrote no model-states file")
-    for name in MODEL_STATES_NAMES:
-        if not (out_dir / name).exists():
-            shutil.copy2(states[0], out_dir / name)
-    shapes = {k: v for group in torch.load(states[0], weights_only=False)["param_shapes"] for k, v in group.items()}
-    opt_path = zero / "optimizer_state.pt"
-    opt = torch.load(opt_path, weights_only=False)
-    step_files = [zero / n / "step.pt" for n in shapes if (zero / n / "step.pt").exists()]
-    step = (torch.load(step_files[0], weights_only=False) if step_files
-            else opt["optimizer_state_dict"]["state"][0]["step"])
-    opt.setdefault("ds_version", deepspeed.__version__)
-    opt.setdefault("optimizer_state_dict", {"state": {0: {"step": step}}, "param_groups": opt["param_groups"]})
-    torch.save(opt, opt_path)
-    for name, shape in shapes.items():
-        if not (zero / name / "step.pt").exists():
-            torch.save(step, zero / name / "step.pt")
-        for key in ("fp32", "exp_avg", "exp_avg_sq"):
-            f = zero / name / f"{key}.pt"
-            value = torch.load(f, weights_only=False)
-            if torch.is_tensor(value):
-                torch.save({"param": value.view(shape), "cat_dim": 0}, f)
-
-
-def ensure_universal(ckpt: CommittedCheckpoint, native_dir: Path, storage_cfg: Any) -> CommittedCheckpoint:
-    """The committed universal cache of `ckpt` (downloaded natively at `native_dir`): found, or
-    converted now and committed (files first, manifest last)."""
-    found, why = find_universal(ckpt, storage_cfg)
+def ensure_universal(ckpt: CommittedCheckpoint, local: Path, ranks: Ranks, storage_cfg: Any, ledger: Ledger,
+                     ) -> tuple[CommittedCheckpoint | None, list[str]]:
+    """Collective: the committed universal cache of `ckpt`, found (rank 0 looks) or converted now by
+    every rank (spread.py), with the native files fetched into `local` (this node's copy of the
+    checkpoint) as far as its ranks' slices need them and the converted files left in
+    `local/universal`. (None, problems) when a node's native files failed their checksums."""
+    found, why = find_universal(ckpt, storage_cfg) if ranks.rank == 0 else (None, "")
+    found, why = ranks.from_rank0((found, why))
     if found is not None:
-        return found
-    log.warning("converting checkpoint step %d to DeepSpeed's universal form (%s)", ckpt.step, why)
-    uri = universal_uri(ckpt)
-    with tempfile.TemporaryDirectory(prefix="e2e-universal-") as tmp:
-        out = Path(tmp) / UNIVERSAL_DIR
-        convert(native_dir, out)
-        try:
-            storage.delete_file(storage.join(uri, MANIFEST), storage_cfg)  # uncommitted while it changes
-            entries = storage.upload_dir(out, uri, storage_cfg, files=storage.local_files(out))
-            doc = {"format_version": FORMAT_VERSION, "kind": "universal", "step": ckpt.step, "source": source_id(ckpt.manifest),
-                   "files": [e.to_dict() for e in entries], "created_at": now_utc()}
-            storage.write_text(storage.join(uri, MANIFEST), json.dumps(doc, indent=1), storage_cfg)
-        except storage.StorageError as e:
-            raise CheckpointError(f"universal form of {ckpt.uri} not committed: {e}") from None
-    return CommittedCheckpoint(uri, ckpt.step, doc, storage_cfg)
+        return found, []
+    if ranks.rank == 0:
+        log.warning("converting checkpoint step %d to DeepSpeed's universal form on %d worker(s) (%s)",
+                    ckpt.step, ranks.world, why)
+    return convert_spread(ckpt, zero_stage=layout_of(ckpt.manifest).zero_stage, uri=universal_uri(ckpt),
+                          source=source_id(ckpt.manifest), local=local, out=local / UNIVERSAL_DIR, ranks=ranks,
+                          storage_cfg=storage_cfg, ledger=ledger)
 
 
 def discard(universal: CommittedCheckpoint, storage_cfg: Any) -> None:
     """Uncommit a cache that failed verification (the next ensure_universal converts again)."""
     storage.delete_file(storage.join(universal.uri, MANIFEST), storage_cfg)
-
-
-def local_copy_root(local_dir: Path) -> Path:
-    """Where a downloaded cache sits so that DeepSpeed finds it as tag UNIVERSAL_DIR under `local_dir`."""
-    shutil.rmtree(local_dir / UNIVERSAL_DIR, ignore_errors=True)
-    return local_dir / UNIVERSAL_DIR

@@ -116,7 +116,7 @@ class Worker:
         ctx = ray.train.get_context()
         device = ray.train.torch.get_device()
         world, rank = ctx.get_world_size(), ctx.get_world_rank()
-        plan = choose(cfg, rank=rank, world=world, node_rank=ctx.get_node_rank())
+        plan = choose(cfg, rank=rank, world=world, node_rank=ctx.get_node_rank(), local_rank=ctx.get_local_rank())
         return cls(cfg=cfg, rank=rank, world=world, device=device, loop_config=loop_config, plan=plan,
                    built=build_engine(cfg, device=device, world=world, load_universal=plan.load_universal))
 
@@ -142,7 +142,8 @@ class Worker:
             self.tracker.backfill(state.logged_rows)
             if self.rank == 0:
                 resized = f" on {self.world} workers (was {src.world_size})" if self.once else ""
-                log.info("resumed from the committed checkpoint of step %d%s", state.resumed_from, resized)
+                log.info("resumed from the committed checkpoint of step %d%s; %s", state.resumed_from, resized,
+                         self.plan.traffic())
         self.progress = ProgressSink.connect(self.loop_config.get("progress_actor"), self.rank)
         self.stream = stream_for(self.loop_config["train"], cfg, collate=self.loop_config["collate"], device=self.device,
                                  rank=self.rank, world=self.world, grad_accum=self.grad_accum, position=state.data)
@@ -155,7 +156,9 @@ class Worker:
             "compiled": bool(self.engine.is_compiled), "grad_accum": self.grad_accum,
             "activation_checkpointing": t.activation_checkpointing,
             # what the data subset holds (train_tokens, ...): sweeps and scaling fits need each run's data size
-            **{k: v for k, v in self.loop_config.get("data_stats", {}).items() if isinstance(v, (int, float))}}
+            **{k: v for k, v in self.loop_config.get("data_stats", {}).items() if isinstance(v, (int, float))},
+            # what this start's restore downloaded, per node (the run summary prints it)
+            **(self.plan.metrics() if state.resumed_from is not None else {})}
         self.engine.train()
         return state
 
