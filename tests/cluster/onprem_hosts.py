@@ -67,6 +67,17 @@ def private_home(home: Path, mine: Path) -> None:
     sh(["mount", "--rbind", str(mine), str(home)])
 
 
+def keep_code_visible(new_tmp: Path) -> None:
+    """Before `new_tmp` is bound over /tmp: bind the checkout and the venv into it at their own
+    paths when they live under /tmp (a CI clone may), so the machine still runs our code."""
+    root = Path(__file__).resolve().parents[2]
+    for path in {root, Path(sys.prefix).resolve()}:
+        if path.is_relative_to("/tmp"):
+            dst = new_tmp / path.relative_to("/tmp")
+            dst.mkdir(parents=True, exist_ok=True)
+            sh(["mount", "--bind", str(path), str(dst)])
+
+
 def user_home() -> Path:
     return Path(pwd.getpwuid(os.getuid()).pw_dir)
 
@@ -122,6 +133,7 @@ def _host(work: Path, name: str, ip: str) -> int:
     # Its own /tmp (Ray's temp dir, the launcher's state file), with the shared dir inside it.
     (base / "tmp" / "e2e-shared").mkdir()
     sh(["mount", "--bind", str(work / "shared"), str(base / "tmp" / "e2e-shared")])
+    keep_code_visible(base / "tmp")
     sh(["mount", "--rbind", str(base / "tmp"), "/tmp"])
     deadline = time.monotonic() + 30  # the laptop moves our end of the cable in
     while subprocess.run(["ip", "link", "show", "eth0"], capture_output=True).returncode != 0:

@@ -165,6 +165,7 @@ def _laptop_setup(work: Path) -> tuple[Path, dict]:
     (work / "laptop" / "tmp").mkdir(parents=True)
     (work / "laptop" / "home").mkdir()
     hosts.sh(["mount", "--rbind", str(work), "/mnt"])
+    hosts.keep_code_visible(work / "laptop" / "tmp")
     hosts.sh(["mount", "--rbind", str(work / "laptop" / "tmp"), "/tmp"])
     work = Path("/mnt")
     home = hosts.user_home()
