@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from e2e_dist.models.base import Batch, E2EModel
+from e2e_dist.models.classifier import ImageClassifier
 from e2e_dist.models.registry import register_model
 
 
@@ -63,10 +63,7 @@ deviation (brightness and contrast no longer vary). standardize-polarity: and fl
 background is dark (dark ink on light paper and light ink on dark look the same)."""
 
 
-class ResNet(E2EModel):
-    input_kind = "pixels"
-    unit_name = "samples"
-
+class ResNet(ImageClassifier):
     def __init__(self, widths: list[int], blocks_per_stage: int = 1, stem: str = "conv3", in_channels: int = 1,
                  num_classes: int = 10, image_size: int = 32, input_norm: str = "none"):
         super().__init__()
@@ -122,32 +119,6 @@ class ResNet(E2EModel):
         for block in self.blocks_:
             x = self.run_block(block, x)
         return self.head(x.mean(dim=(2, 3)))
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(self.logits(batch["pixels"]).float(), batch["labels"])
-
-    def eval_sums(self, batch: Batch) -> dict[str, torch.Tensor]:
-        logits = self.logits(batch["pixels"]).float()
-        labels = batch["labels"]
-        loss_sum = F.cross_entropy(logits, labels, reduction="sum")
-        correct = (logits.argmax(dim=-1) == labels).sum().to(loss_sum.dtype)
-        count = torch.tensor(float(labels.numel()), device=loss_sum.device)
-        return {"loss_sum": loss_sum.detach(), "correct": correct, "count": count}
-
-    def eval_sum_keys(self) -> list[str]:
-        return ["loss_sum", "correct", "count"]
-
-    def summarize_eval(self, sums: dict[str, float]) -> dict[str, float]:
-        n = max(sums["count"], 1.0)
-        return {"val_loss": sums["loss_sum"] / n, "val_acc": sums["correct"] / n}
-
-    def units_in(self, batch: Batch) -> int:
-        return int(batch["pixels"].shape[0])
-
-    def example_batch(self, batch_size: int, device: torch.device | str = "cpu") -> Batch:
-        s = self.image_size
-        return {"pixels": torch.randn(batch_size, self.in_channels, s, s, device=device),
-                "labels": torch.randint(0, self.num_classes, (batch_size,), device=device)}
 
     def blocks(self) -> list[nn.Module]:
         return list(self.blocks_)

@@ -19,7 +19,7 @@ from torch import nn
 
 from e2e_dist import plugins
 from e2e_dist.errors import ConfigError
-from e2e_dist.models.base import Batch, E2EModel
+from e2e_dist.models.classifier import ImageClassifier
 
 
 class ViTOptions(BaseModel):
@@ -94,9 +94,9 @@ class Tokens(nn.Module):
         return x + self.pos
 
 
-class ViT(E2EModel):
-    input_kind = "pixels"  # `e2e-dist predict` decodes an image file and calls `logits`
-    unit_name = "samples"
+class ViT(ImageClassifier):
+    """Loss, accuracy sums and example batches come from ImageClassifier (input_kind "pixels": `e2e-dist
+    predict` decodes an image file and calls `logits`); this class is the network."""
 
     def __init__(self, opts: ViTOptions, image_size: int):
         super().__init__()
@@ -132,33 +132,6 @@ class ViT(E2EModel):
             x = self.run_block(block, x)  # through run_block: trainer.activation_checkpointing works
         x = self.norm(x)
         return self.head(x[:, 0] if self.pool == "cls" else x.mean(dim=1))
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(self.logits(batch["pixels"]).float(), batch["labels"])
-
-    def eval_sums(self, batch: Batch) -> dict[str, torch.Tensor]:
-        # Sums, not means: the loop adds them over batches and ranks.
-        logits = self.logits(batch["pixels"]).float()
-        labels = batch["labels"]
-        loss_sum = F.cross_entropy(logits, labels, reduction="sum")
-        correct = (logits.argmax(dim=-1) == labels).sum().to(loss_sum.dtype)
-        count = torch.tensor(float(labels.numel()), device=loss_sum.device)
-        return {"loss_sum": loss_sum.detach(), "correct": correct, "count": count}
-
-    def eval_sum_keys(self) -> list[str]:
-        return ["loss_sum", "correct", "count"]
-
-    def summarize_eval(self, sums: dict[str, float]) -> dict[str, float]:
-        n = max(sums["count"], 1.0)
-        return {"val_loss": sums["loss_sum"] / n, "val_acc": sums["correct"] / n}
-
-    def units_in(self, batch: Batch) -> int:
-        return int(batch["pixels"].shape[0])
-
-    def example_batch(self, batch_size: int, device: torch.device | str = "cpu") -> Batch:
-        s = self.image_size
-        return {"pixels": torch.randn(batch_size, self.in_channels, s, s, device=device),
-                "labels": torch.randint(0, self.num_classes, (batch_size,), device=device)}
 
     def blocks(self) -> list[nn.Module]:
         return list(self.blocks_)
