@@ -20,7 +20,12 @@ from pydantic import (
     model_validator,
 )
 
-from e2e_dist.config_data import DataConfig, Section, refuse_retired
+from e2e_dist.config_data import (
+    DataConfig,
+    Section,
+    describe_first_error,
+    refuse_retired,
+)
 from e2e_dist.config_files import (  # noqa: F401 - re-exported: their users import them from here
     apply_overrides,
     deep_merge,
@@ -305,19 +310,12 @@ def redact(obj: Any) -> Any:
 # -------------------------------------------------------------------------------------- loading
 def format_validation_error(err: ValidationError, source: str) -> str:
     """First pydantic error as one line: `<source>: <dotted.field>: <message> (got <value>)`."""
-    e = err.errors()[0]
-    loc = [str(p) for p in e["loc"] if not (isinstance(p, str) and p in (*BUILTIN_MODEL_KINDS, "plugin"))]
-    field = ".".join(loc)
-    msg = e["msg"].removeprefix("Value error, ")
+    loc, msg, got_txt = describe_first_error(err)
+    field = ".".join(p for p in loc if p not in (*BUILTIN_MODEL_KINDS, "plugin"))
     if re.match(r"(model|data)\.[\w.]+: ", msg):  # a plug-in's own error names its field in full
         field = ""
-    if e["type"] == "extra_forbidden":
-        msg = "unknown field"
-    elif e["type"] == "union_tag_invalid":
+    if err.errors()[0]["type"] == "union_tag_invalid":
         msg = f"missing kind (known: {', '.join(BUILTIN_MODEL_KINDS)}, or a plug-in)"
-    got = e.get("input")
-    shown = e["type"] not in ("extra_forbidden", "missing", "union_tag_invalid") and not isinstance(got, (dict, list))
-    got_txt = f" (got {got!r})" if shown and repr(got) not in msg else ""
     more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
     return f"{source}: {field + ': ' if field else ''}{msg}{got_txt}{more}"
 

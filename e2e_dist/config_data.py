@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 def refuse_retired(data: Any, field: str, why: str) -> Any:
@@ -16,6 +16,17 @@ def refuse_retired(data: Any, field: str, why: str) -> Any:
     if isinstance(data, dict) and field in data:
         raise ValueError(f"{field} {why}")
     return data
+
+
+def describe_first_error(err: ValidationError, *, unknown: str = "unknown field") -> tuple[list[str], str, str]:
+    """pydantic's first error as (location, message, " (got <value>)" or ""): the one wording of
+    a bad value for the run config and for a plug-in's options. `unknown` words an extra key."""
+    e = err.errors()[0]
+    msg = unknown if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+    got = e.get("input")
+    shown = e["type"] not in ("extra_forbidden", "missing", "union_tag_invalid") and not isinstance(got, (dict, list))
+    got_txt = f" (got {got!r})" if shown and repr(got) not in msg else ""
+    return [str(p) for p in e["loc"]], msg, got_txt
 
 
 class Section(BaseModel):

@@ -55,12 +55,10 @@ def validated_options(builder: Callable, raw: Any, field: str) -> BaseModel | No
     try:
         return model.model_validate(raw or {})
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in (field, *err["loc"]))
-        msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-        got = err.get("input")
-        shown = err["type"] not in ("extra_forbidden", "missing") and not isinstance(got, (dict, list))
-        raise ConfigError(f"{where}: {msg}{f' (got {got!r})' if shown else ''}") from None
+        from e2e_dist.config_data import describe_first_error
+
+        loc, msg, got_txt = describe_first_error(e, unknown="unknown option")
+        raise ConfigError(f"{'.'.join([field, *loc])}: {msg}{got_txt}") from None
 
 
 def source_options(source: str, raw: Any) -> BaseModel | None:
