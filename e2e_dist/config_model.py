@@ -49,10 +49,12 @@ class ResNetConfig(Section):
     """Image channels (1 = grayscale, 3 = RGB)."""
     num_classes: int = Field(10, ge=2)
     """Output classes."""
-    input_norm: Literal["none", "standardize", "standardize-polarity"] = "none"
+    input_norm: Literal["none", "standardize", "standardize-polarity", "flatten-polarity",
+                        "flatten-polarity-stacked"] = "none"
     """Per-image input normalization inside the model (so `predict` applies it too): `standardize`
     each image to zero mean, unit deviation; `standardize-polarity` also flips it to a dark
-    background (glyphs in either polarity look alike)."""
+    background (glyphs in either polarity look alike); `flatten-polarity` subtracts the background
+    too (a median filter: shadows and light gradients gone); `-stacked` feeds both (models/resnet.py)."""
 
 
 class CTCSpeechConfig(Section):

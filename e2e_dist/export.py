@@ -170,11 +170,14 @@ def _check_against_model(cfg: RunConfig, tensors: dict[str, torch.Tensor], tied:
         param_names = {k for k, _ in model.named_parameters(remove_duplicate=False)}
     have = {k: tuple(v.shape) for k, v in tensors.items()} | {a: tuple(tensors[c].shape) for a, c in tied.items()}
     missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+    # State newer than the checkpoint, with a default the model fills in on load (a classifier's temperature)
+    optional = set(model.optional_state()) if hasattr(model, "optional_state") else set()
+    missing = [k for k in missing if k not in optional]
     if missing or extra:
         raise CheckpointError(f"{where}: weights do not match model {cfg.model.kind!r} "
                               f"(missing {missing[:3]}, unexpected {extra[:3]})")
     for k, shape in want.items():
-        if have[k] != shape:
+        if k in have and have[k] != shape:
             raise CheckpointError(f"{where}: weight {k} has shape {list(have[k])}, the model wants {list(shape)}")
     return param_names
 

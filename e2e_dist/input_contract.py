@@ -14,9 +14,10 @@ For models trained on the built-in digits (bright ink on a dark 8x8 frame, filli
 training glyphs do (letterboxed, small, off-centre) is cropped to its ink and padded square.
 An image smaller than MIN_IMAGE_SIDE pixels on a side is refused (one line), never guessed at.
 
-Audio (`audio_windows`): clips shorter than the model can see are padded with silence; clips
-longer than training's `data.max_audio_seconds` are cut into windows of about that length at the
-quietest moment near each window's end, transcribed one by one and joined. Longer than
+Audio (`check_audio_length`, then audio_segments.py): clips shorter than the model can see are
+padded with silence; a clip within training's `data.max_audio_seconds` is one piece; a longer
+recording is cut at its pauses (overlapping windows where speech runs on without one), the pieces
+transcribed one by one and their words merged, none cut or doubled. Longer than
 MAX_AUDIO_SECONDS: refused, naming the limit.
 """
 
@@ -36,7 +37,7 @@ GLYPH_INK = 0.15
 """Share of the brightest ink above which a pixel counts as ink for the crop (margin and share were
 chosen on BENCHMARKS.md section 12's held-out digits: 1.0 / 0.15 of 1.0-1.15 / 0.1-0.25)."""
 MAX_AUDIO_SECONDS = 600.0
-"""The longest clip `predict` transcribes (in windows); longer ones are refused."""
+"""The longest clip `predict` transcribes (in pieces); longer ones are refused."""
 
 
 class OutOfContract(ValueError):
@@ -119,28 +120,9 @@ def glyph_like_training(gray: np.ndarray, source_side: int) -> np.ndarray:
     return out
 
 
-def audio_windows(samples: np.ndarray, sample_rate: int, window_s: float, min_s: float) -> list[np.ndarray]:
-    """Mono samples -> pieces the model was trained on: padded to min_s; cut near every window_s at the
-    quietest 20 ms in the window's last third; OutOfContract beyond MAX_AUDIO_SECONDS."""
+def check_audio_length(samples: np.ndarray, sample_rate: int) -> None:
+    """OutOfContract beyond MAX_AUDIO_SECONDS (the pieces of anything shorter: audio_segments.split_recording)."""
     seconds = len(samples) / sample_rate
     if seconds > MAX_AUDIO_SECONDS:
         raise OutOfContract(f"{seconds:.0f} s of audio: longer than the {MAX_AUDIO_SECONDS:.0f} s predict transcribes "
                             "(split the file)")
-    shortest = int(min_s * sample_rate)
-    if len(samples) < shortest:
-        return [np.pad(samples, (0, shortest - len(samples)))]
-    window = int(window_s * sample_rate)
-    frame = max(1, sample_rate // 50)
-    out, start = [], 0
-    while len(samples) - start > window:
-        lo, hi = start + (2 * window) // 3, start + window
-        seg = samples[lo:hi]
-        n = len(seg) // frame
-        energy = (seg[: n * frame].reshape(n, frame) ** 2).mean(axis=1)
-        cut = lo + int(np.argmin(energy)) * frame + frame // 2
-        out.append(samples[start:cut])
-        start = cut
-    out.append(samples[start:])
-    if len(out[-1]) < shortest:
-        out[-1] = np.pad(out[-1], (0, shortest - len(out[-1])))
-    return out

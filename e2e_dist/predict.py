@@ -75,7 +75,10 @@ class Prediction:
     answer: str
     """The class label, or the transcript."""
     details: str
-    """Image: the answer's probability and the top classes; speech: confidence (and windows)."""
+    """Image: the answer's probability and the top classes; speech: confidence (and pieces)."""
+    confidence: float | None = None
+    """Image: the answer's (calibrated) probability, unrounded (benchmarks measure calibration with it);
+    speech: the transcript's confidence, unrounded."""
 
 
 def load_predictor(exported_file: str, storage_cfg: Any = None) -> tuple[Any, Any]:
@@ -132,12 +135,14 @@ def _image_prediction(model: Any, cfg: Any, data: bytes, input_path: str, storag
     except Exception as e:  # any decoder failure means the input is not a usable image
         raise UserError(f"input: cannot decode image {input_path}: {_why(e)}") from None
     with torch.no_grad():
-        probs = torch.softmax(model.logits(torch.from_numpy(pixels)[None]).float(), dim=-1)[0]
+        logits = model.logits(torch.from_numpy(pixels)[None]).float()
+        # Calibrated: divided by the temperature fitted on the validation set (models/classifier.py)
+        probs = torch.softmax(logits / float(getattr(model, "temperature", 1.0)), dim=-1)[0]
     names = class_names(cfg, model.num_classes, storage_cfg)
     top = torch.topk(probs, min(TOP_K, len(probs)))
     ranked = [(names[int(i)], float(p)) for p, i in zip(top.values, top.indices)]
     return Prediction(ranked[0][0], f"p={ranked[0][1]:.2f}\ttop{len(ranked)}: "
-                      + ", ".join(f"{n} {p:.2f}" for n, p in ranked))
+                      + ", ".join(f"{n} {p:.2f}" for n, p in ranked), confidence=ranked[0][1])
 
 
 DIGITS_SOURCE_SIDE = 8
@@ -145,30 +150,22 @@ DIGITS_SOURCE_SIDE = 8
 
 
 def _speech_prediction(model: Any, cfg: Any, data: bytes, input_path: str) -> Prediction:
+    from e2e_dist.audio_segments import transcribe_recording
     from e2e_dist.data.speech import decode_audio
-    from e2e_dist.input_contract import OutOfContract, audio_windows
-    from e2e_dist.models.ctc_speech import greedy_decode
+    from e2e_dist.input_contract import OutOfContract, check_audio_length
 
     try:
         samples = decode_audio(data, cfg.data.sample_rate)
-        windows = audio_windows(samples, cfg.data.sample_rate, cfg.data.max_audio_seconds, MIN_AUDIO_SECONDS)
+        check_audio_length(samples, cfg.data.sample_rate)
     except OutOfContract as e:
         raise UserError(f"input: {input_path}: {e}") from None
     except ValueError as e:
         raise UserError(f"input: cannot decode audio {input_path}: {_why(e)}") from None
-    texts, frame_logp = [], []
-    with torch.no_grad():
-        for w in windows:
-            audio = torch.from_numpy(w)[None]
-            lp, frames = model.log_probs(audio, torch.tensor([audio.shape[1]]))
-            best = lp[0, : int(frames[0])].max(dim=-1)
-            texts.append(greedy_decode(best.indices[None], frames, model.alphabet)[0])
-            frame_logp.append(best.values)
-    # Confidence: the greedy path's per-frame probability, geometric mean over the clip.
-    confidence = float(torch.cat(frame_logp).mean().exp())
-    transcript = " ".join(t for t in texts if t)
-    extra = f"\twindows={len(windows)}" if len(windows) > 1 else ""
-    return Prediction(transcript, f"confidence={confidence:.2f}{extra}")
+    # Cut at pauses into pieces as long as training's clips at most, words merged (audio_segments.py);
+    # confidence: the least sure frame, calibrated on the validation clips (models/ctc_speech.py).
+    t = transcribe_recording(model, samples, cfg.data.sample_rate, cfg.data.max_audio_seconds, MIN_AUDIO_SECONDS)
+    extra = f"\tpieces={t.pieces}\tlowest={t.lowest:.2f}@{t.lowest_at:.1f}s" if t.pieces > 1 else ""
+    return Prediction(t.text, f"confidence={t.confidence:.2f}{extra}", confidence=t.confidence)
 
 
 def predict(exported_file: str, input_path: str, storage_cfg: Any = None) -> str:

@@ -4,9 +4,10 @@ A glyph arrives as white ink on black on a CANVAS x CANVAS float canvas (values 
 draws, from a generator seeded by the row (so a resumed run renders exactly the same images):
 scale and placement in the frame (filling it or small and off-centre), rotation, slant and
 stretch, a non-square frame brought back to square (stretched or letterboxed), low resolution,
-blur, ink and paper grey levels in either polarity, noise and JPEG artefacts. The ranges cover
-the input contract README states (8-256 px, either polarity, letterboxed, JPEG); see
-GlyphAugment for each one.
+blur, ink and paper grey levels in either polarity, light that is not flat (a gradient, a shadow
+with a hard or soft edge, vignetting: `light_field`), noise and JPEG artefacts. The ranges cover
+the input contract README states (8-256 px, either polarity, letterboxed, JPEG, shadowed photos);
+see GlyphAugment for each one.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ class GlyphAugment:
     """Chance of dark ink on light paper (the glyph is rendered light on dark)."""
     min_contrast: float = 0.3
     """Least difference between ink and paper grey levels."""
+    p_light: float = 0.5
+    """Chance of uneven light: the picture (ink and paper) multiplied by a `light_field`."""
+    max_darkening: float = 0.5
+    """The darkest point of that light field is this much darker than the brightest, at most
+    (uniform from 0.1; held-out photos are judged up to 0.4: a margin)."""
     p_noise: float = 0.4
     """Chance of Gaussian pixel noise (sigma 0.01-0.08)."""
     p_jpeg: float = 0.3
@@ -107,6 +113,37 @@ def reframe(canvas: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(out, np.float32) / 255.0
 
 
+LIGHTS = ("gradient", "shadow", "vignette")
+
+
+def light_field(h: int, w: int, rng: np.random.Generator, darkening: float, kind: str | None = None) -> np.ndarray:
+    """An (h, w) illumination factor in [1 - darkening, 1] that multiplies a picture (ink and paper alike,
+    as light does): a linear gradient in any direction; a shadow, one side of a line through the
+    middle 70% of the picture darker (across the glyph or a corner), the edge hard or soft (up to a third of the side wide);
+    or vignetting, darker away from a centre near the middle. `kind` None: one of LIGHTS at random."""
+    kind = kind or LIGHTS[int(rng.integers(len(LIGHTS)))]
+    side = max(h, w)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy, xx = (yy - (h - 1) / 2) / side, (xx - (w - 1) / 2) / side  # centred, in picture sides
+    if kind == "vignette":
+        cy, cx = rng.uniform(-0.2, 0.2, 2)
+        r2 = (yy - cy) ** 2 + (xx - cx) ** 2
+        dark = r2 / r2.max()
+    else:
+        angle = rng.uniform(0, 2 * np.pi)
+        along = np.cos(angle) * xx + np.sin(angle) * yy  # signed distance along the light's direction
+        if kind == "gradient":
+            dark = (along - along.min()) / max(float(along.max() - along.min()), 1e-6)
+        elif kind == "shadow":
+            cy, cx = rng.uniform(-0.35, 0.35, 2)
+            edge = along - (np.cos(angle) * cx + np.sin(angle) * cy)
+            soft = rng.uniform(0.0, 0.33) if rng.random() < 0.7 else 0.0
+            dark = (edge > 0).astype(np.float32) if soft < 0.02 else 1 / (1 + np.exp(-edge / (soft / 4)))
+        else:
+            raise ValueError(f"unknown light {kind!r} ({', '.join(LIGHTS)})")
+    return (1.0 - darkening * dark).astype(np.float32)
+
+
 def augment(glyph: np.ndarray, rng: np.random.Generator, aug: GlyphAugment = GlyphAugment()) -> np.ndarray:
     """A white-on-black glyph canvas (0..1) -> one augmented grey image on the canvas (0..1)."""
     from PIL import Image, ImageFilter
@@ -126,6 +163,8 @@ def augment(glyph: np.ndarray, rng: np.random.Generator, aug: GlyphAugment = Gly
     x = paper + (ink - paper) * x
     if rng.random() < aug.p_invert:
         x = 1.0 - x
+    if rng.random() < aug.p_light:
+        x = x * light_field(CANVAS, CANVAS, rng, rng.uniform(0.1, aug.max_darkening))
     if rng.random() < aug.p_noise:
         x = x + rng.normal(0.0, rng.uniform(0.01, 0.08), x.shape)
     x = np.clip(x, 0.0, 1.0)

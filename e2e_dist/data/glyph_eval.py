@@ -2,7 +2,11 @@
 vision model through `predict` (and usable as an `image-folder`: DIR/<style>/<digit>/<file>).
 
 Each style is a file format / framing / polarity someone might hand the model: dark ink on white
-and the reverse, 8 to 256 px, grey, colour, transparent, 16-bit, EXIF-rotated, letterboxed. The
+and the reverse, 8 to 256 px, grey, colour, transparent, 16-bit, EXIF-rotated, letterboxed; and
+light that is not flat, as in photos: a shadow across the digit or a lamp off to one side, 20-40%
+darker at the darkest point. These lights are drawn here, not with the training augmentation's
+own (glyph_augment.light_field: half-plane shadows, linear gradients, vignettes), so a score on
+them is one on shadow shapes and falloffs training never saw either. The
 digits are plain renders (no augmentation beyond the style) from the held-out font designs of a
 config (`--held-out`, the default: fonts training never saw) or from its training fonts.
 """
@@ -16,7 +20,10 @@ from typing import Callable
 import numpy as np
 
 STYLES = ("dark-on-white-28", "light-on-black-64", "tiny-8", "colour-256", "letterboxed-jpeg-200x150",
-          "portrait-60x120", "transparent-rgba", "grey-16bit", "exif-rotated-jpeg")
+          "portrait-60x120", "transparent-rgba", "grey-16bit", "exif-rotated-jpeg", "shadowed-photo-96",
+          "uneven-light-64")
+LIGHT_DARKENING = (0.2, 0.4)
+"""How much darker the darkest point of the lit styles is than the brightest (uniform in this range)."""
 
 
 def _glyph(font_path: str, digit: int, height: int, rng: np.random.Generator) -> np.ndarray:
@@ -54,6 +61,49 @@ def _mix(cov: np.ndarray, ink, paper) -> np.ndarray:
     ink, paper = np.asarray(ink, np.float32), np.asarray(paper, np.float32)
     cov = cov[..., None] if ink.ndim else cov
     return paper + (ink - paper) * cov
+
+
+def cast_shadow(side: int, rng: np.random.Generator, darkening: float) -> np.ndarray:
+    """A (side, side) light factor: 1, and 1 - darkening in the shadow of an object: a rotated
+    ellipse (a curved edge) over 15-85% of the picture, across the digit or over a corner, its edge
+    sharp or blurred (up to 6% of the side)."""
+    from PIL import Image, ImageFilter
+
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
+    for _ in range(100):  # redraw until the shadow covers neither too little nor nearly all of it
+        cy, cx = rng.uniform(-0.3, 1.3, 2)
+        ry, rx = rng.uniform(0.3, 1.2, 2)
+        angle = rng.uniform(0, np.pi)
+        u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
+        v = (yy - cy) * np.cos(angle) - (xx - cx) * np.sin(angle)
+        inside = (u / rx) ** 2 + (v / ry) ** 2 < 1
+        if 0.15 <= inside.mean() <= 0.85:
+            break
+    mask = Image.fromarray(np.uint8(inside * 255))
+    if rng.random() < 0.6:
+        mask = mask.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.005, 0.06) * side)))
+    return 1.0 - darkening * np.asarray(mask, np.float32) / 255.0
+
+
+def lamp_light(side: int, rng: np.random.Generator, darkening: float) -> np.ndarray:
+    """A (side, side) light factor from a lamp beside the picture: falling off with the squared
+    distance from a point just outside it, scaled so the darkest pixel is `darkening` below the brightest."""
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
+    angle = rng.uniform(0, 2 * np.pi)
+    lamp = 0.5 + rng.uniform(0.6, 1.2) * np.array([np.cos(angle), np.sin(angle)])
+    light = 1.0 / (1.0 + ((xx - lamp[0]) ** 2 + (yy - lamp[1]) ** 2) / rng.uniform(0.05, 0.5))
+    light = (light - light.min()) / (light.max() - light.min())
+    return 1.0 - darkening + darkening * light
+
+
+def _shadowed_photo(canvas: Callable[[int, int], np.ndarray], side: int, rng: np.random.Generator) -> np.ndarray:
+    """A printed digit (`canvas(w, h)`: its coverage 0..1) photographed with a shadow across it:
+    uint8 RGB, dark ink on off-white slightly tinted paper, a cast shadow, sensor noise."""
+    paper = rng.uniform(200, 250) * rng.uniform(0.93, 1.0, 3)
+    rgb = _mix(canvas(side, side), rng.uniform(10, 60, 3), paper)
+    rgb = rgb * cast_shadow(side, rng, rng.uniform(*LIGHT_DARKENING))[..., None]
+    rgb = rgb + rng.normal(0, 3, rgb.shape)
+    return np.uint8(np.clip(np.round(rgb), 0, 255))
 
 
 def write_style(style: str, font_path: str, digit: int, out: Path, rng: np.random.Generator) -> Path:
@@ -94,6 +144,14 @@ def write_style(style: str, font_path: str, digit: int, out: Path, rng: np.rando
     elif style == "grey-16bit":
         arr = np.round(_mix(canvas(48, 48), 2000, 60000)).astype(np.uint16)
         im = Image.fromarray(arr)  # mode I;16
+    elif style == "shadowed-photo-96":
+        path = folder / f"{stem}.jpg"
+        Image.fromarray(_shadowed_photo(canvas, 96, rng), "RGB").save(path, format="JPEG", quality=85)
+        return path
+    elif style == "uneven-light-64":  # a lamp beside the picture, either polarity
+        ink, paper = (20, 235) if rng.random() < 0.5 else (235, 20)
+        light = lamp_light(64, rng, rng.uniform(*LIGHT_DARKENING))
+        im = Image.fromarray(np.uint8(np.round(_mix(canvas(64, 64), ink, paper) * light)), "L")
     elif style == "exif-rotated-jpeg":
         upright = Image.fromarray(np.uint8(_mix(canvas(96, 96), 0, 255)), "L")
         im = upright.transpose(Image.Transpose.ROTATE_90)  # stored sideways; EXIF 6 turns it back

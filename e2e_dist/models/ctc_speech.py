@@ -8,7 +8,8 @@ stride-2 convs (40 ms frames) -> LayerNorm. Then linear to d_model ->
 depthwise-conv relative positions -> pre-norm bidirectional transformer blocks
 (`scaled_dot_product_attention` with a key-padding mask) -> linear head over blank (index 0) +
 the alphabet's characters (alphabet[i] is class i + 1). Greedy CTC decoding: best class per
-frame, merge repeats, drop blanks.
+frame, merge repeats, drop blanks; its confidence: the transcript's CTC probability at the
+temperature each evaluation fits (`sequence_confidence`, `confidence_temperature`).
 
 Batch: {"audio": float (B, N) zero-padded samples, "audio_lens": long (B,) valid samples,
 "targets": long (B, L) character ids padded with 0, "target_lens": long (B,)}.
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from e2e_dist.models.base import Batch, E2EModel
+from e2e_dist.models.classifier import TEMPERATURES, fit_temperature
 from e2e_dist.models.registry import register_model
 
 BLANK = 0
@@ -42,6 +44,54 @@ def greedy_decode(ids: torch.Tensor, lengths: torch.Tensor, alphabet: str) -> li
             prev = i
         out.append("".join(chars))
     return out
+
+
+def greedy_emissions(lp: torch.Tensor) -> list[tuple[int, int, int]]:
+    """One clip's valid (T, V) log-probs -> (class id, first frame, last frame) of each character the
+    best path emits (a run of one non-blank class is one character, as greedy_decode reads it)."""
+    out: list[tuple[int, int, int]] = []
+    prev = BLANK
+    for f, i in enumerate(lp.argmax(dim=-1).tolist()):
+        if i != BLANK and i == prev:
+            out[-1] = (i, out[-1][1], f)
+        elif i != BLANK:
+            out.append((i, f, f))
+        prev = i
+    return out
+
+
+def greedy_targets(lp: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, V) log-probs with (B,) valid frames -> the greedy transcripts as CTC targets: padded
+    ids (B, L) and lengths (B,), on lp's device."""
+    hyps = [[i for i, _, _ in greedy_emissions(row[: int(n)])] for row, n in zip(lp, frames.tolist())]
+    ids = torch.zeros(len(hyps), max(1, max(map(len, hyps))), dtype=torch.long)
+    for b, h in enumerate(hyps):
+        ids[b, : len(h)] = torch.tensor(h, dtype=torch.long)
+    return ids.to(lp.device), torch.tensor([len(h) for h in hyps], device=lp.device)
+
+
+def batch_confidence(lp: torch.Tensor, frames: torch.Tensor, temperature: float = 1.0,
+                     targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """(B, T, V) log-probs with (B,) valid frames -> (B,) sequence_confidence of each clip
+    (targets: `greedy_targets` of lp, when already at hand)."""
+    ids, lens = targets if targets is not None else greedy_targets(lp, frames)
+    # log_softmax(lp / T) = log_softmax(logits / T): the log-probs carry the logits up to a constant.
+    scaled = (lp.detach().float() / temperature).log_softmax(dim=-1)
+    nll = F.ctc_loss(scaled.transpose(0, 1), ids, frames.to(lp.device), lens, blank=BLANK, reduction="none",
+                     zero_infinity=False)
+    return torch.exp(-nll)
+
+
+def sequence_confidence(lp: torch.Tensor, temperature: float = 1.0) -> float:
+    """How sure the model is of one clip's greedy transcript, from its valid (T, V) log-probs: the
+    probability CTC gives that transcript (every alignment of it summed), logits divided by the
+    temperature. A frame where a character nearly won over blank (a word maybe dropped) or over
+    another character lowers it; the mean frame probability predict printed before stayed ~0.9 on
+    garbled clips, most frames being sure blanks. Ranking held-out clips by it put half their
+    character errors in the least sure tenth (BENCHMARKS.md section 12, issue 33). No frames: 1.0."""
+    if lp.shape[0] == 0:
+        return 1.0
+    return float(batch_confidence(lp[None], torch.tensor([lp.shape[0]]), temperature)[0])
 
 
 def ids_to_text(ids: torch.Tensor, lengths: torch.Tensor, alphabet: str) -> list[str]:
@@ -219,7 +269,18 @@ class CTCSpeech(E2EModel):
         self.blocks_ = nn.ModuleList(EncoderBlock(d_model, n_head) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, len(alphabet) + 1)
+        # Divides the logits for predict's confidence (1: uncalibrated); fitted by `summarize_eval`.
+        self.register_buffer("confidence_temperature", torch.ones(()))
         self.init_weights()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Checkpoints and exports from before calibration have no temperature: they are uncalibrated.
+        state_dict.setdefault(prefix + "confidence_temperature", torch.ones(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def optional_state(self) -> list[str]:
+        """State-dict keys a checkpoint may lack (their defaults fill in): export does not refuse it."""
+        return ["confidence_temperature"]
 
     def init_module(self, name: str, module: nn.Module) -> None:
         if name.startswith("front.convs."):
@@ -278,15 +339,31 @@ class CTCSpeech(E2EModel):
         }
         out = {k: torch.tensor(float(v), device=lp.device) for k, v in sums.items()}
         out["loss_sum"] = per_utt.sum().detach()
+        # Calibration: how well the confidence at each temperature predicts an exact transcript
+        # (binary cross-entropy, summed: ranks and batches add up as for the loss).
+        exact = torch.tensor([float(h == r) for h, r in zip(hyps, refs)], device=lp.device)
+        targets = greedy_targets(lp, frames)
+        for i, t in enumerate(TEMPERATURES):
+            c = batch_confidence(lp.detach(), frames, t, targets).clamp(1e-6, 1 - 1e-6)
+            out[f"conf_bce_t{i}"] = -(exact * c.log() + (1 - exact) * (1 - c).log()).sum()
         return out
 
     def eval_sum_keys(self) -> list[str]:
-        return ["loss_sum", "count", "char_edits", "chars", "word_edits", "words"]
+        return ["loss_sum", "count", "char_edits", "chars", "word_edits", "words",
+                *(f"conf_bce_t{i}" for i in range(len(TEMPERATURES)))]
 
     def summarize_eval(self, sums: dict[str, float]) -> dict[str, float]:
-        return {"val_loss": sums["loss_sum"] / max(sums["count"], 1.0),
-                "val_cer": sums["char_edits"] / max(sums["chars"], 1.0),
-                "val_wer": sums["word_edits"] / max(sums["words"], 1.0)}
+        """val_loss, val_cer, val_wer; and (fitting `confidence_temperature` on these sums)
+        val_conf_temperature and val_conf_bce, the confidence's cross-entropy at it."""
+        n = max(sums["count"], 1.0)
+        metrics = {"val_loss": sums["loss_sum"] / n, "val_cer": sums["char_edits"] / max(sums["chars"], 1.0),
+                   "val_wer": sums["word_edits"] / max(sums["words"], 1.0)}
+        bce = [float(sums.get(f"conf_bce_t{i}", math.nan)) / n for i in range(len(TEMPERATURES))]
+        if sums["count"] > 0 and all(math.isfinite(v) for v in bce):
+            t = fit_temperature(bce)
+            self.confidence_temperature.fill_(t)
+            metrics |= {"val_conf_temperature": t, "val_conf_bce": min(bce)}
+        return metrics
 
     def units_in(self, batch: Batch) -> int:
         return int(batch["audio"].shape[0])

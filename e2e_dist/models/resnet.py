@@ -57,10 +57,49 @@ class BasicBlock(nn.Module):
         return F.relu(y + self.shortcut(x))
 
 
-INPUT_NORMS = ("none", "standardize", "standardize-polarity")
+INPUT_NORMS = ("none", "standardize", "standardize-polarity", "flatten-polarity", "flatten-polarity-stacked")
 """none: pixels as the data pipeline normalized them. standardize: each image to zero mean and unit
 deviation (brightness and contrast no longer vary). standardize-polarity: and flipped so its
-background is dark (dark ink on light paper and light ink on dark look the same)."""
+background is dark (dark ink on light paper and light ink on dark look the same). flatten-polarity:
+the log intensity minus its background (`flatten`: uneven light, shadows and gradients, gone),
+standardized, ink bright. flatten-polarity-stacked: that and the standardized image (same polarity) as two
+channels per input channel, for the network to weigh (the flattened one loses the inside of blobs
+wider than the filter: tiny, blurred digits)."""
+LOG_FLOOR = 0.05
+"""Added to intensities (0..1) before the log: black paper's noise is not blown up to ink contrast."""
+BACKGROUND_WINDOW = 11 / 24
+"""Side of the median filter that estimates the background, as a share of the image side: wider
+than a digit's strokes (a median of mostly paper is paper), narrower than a shadow. At 24 px: 11."""
+
+
+def median_filter(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-channel k x k median of (B, C, H, W), edges replicated. Unlike a blur, a median keeps a
+    shadow's hard edge where it is and ignores thin ink, so it estimates the paper under the ink."""
+    b, c, h, w = x.shape
+    p = k // 2
+    windows = F.unfold(F.pad(x.reshape(b * c, 1, h, w), (p, p, p, p), mode="replicate"), k)
+    return windows.median(dim=1).values.view(b, c, h, w)
+
+
+def flatten(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, ink sign) from pipeline-normalized pixels: each image's log intensity minus its
+    median-filtered background, standardized, and +1 or -1 per image such that `image * sign` has
+    bright ink. Light multiplies paper and ink alike, so in log intensity a shadow or a gradient is
+    an added term the background carries, and the ink keeps its contrast in the shadow (subtracting
+    in plain intensity leaves shadowed ink 40% fainter). The sign comes from the residual, where
+    paper is ~0 and ink on one side: the image-wide median rule (standardize-polarity) takes the
+    shadow for the background when the shadow covers half the picture."""
+    from e2e_dist.data.images import PIXEL_MEAN, PIXEL_STD
+
+    light = torch.log((pixels * PIXEL_STD + PIXEL_MEAN).clamp(0.0, 1.0) + LOG_FLOOR)
+    k = max(3, round(pixels.shape[-1] * BACKGROUND_WINDOW) // 2 * 2 + 1)
+    residual = light - median_filter(light, k)
+    sign = torch.where(residual.mean(dim=(1, 2, 3), keepdim=True) < 0, -1.0, 1.0)
+    return _standardize(residual * sign), sign
+
+
+def _standardize(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean(dim=(1, 2, 3), keepdim=True)) / (x.std(dim=(1, 2, 3), keepdim=True) + 1e-3)
 
 
 class ResNet(ImageClassifier):
@@ -74,11 +113,12 @@ class ResNet(ImageClassifier):
         self.in_channels, self.num_classes, self.input_norm = in_channels, num_classes, input_norm
         self.image_size = image_size  # example batches (FLOP counting) use the data's image size
         w0 = widths[0]
+        c0 = in_channels * (2 if input_norm == "flatten-polarity-stacked" else 1)
         if stem == "conv7":
-            self.stem = nn.Sequential(nn.Conv2d(in_channels, w0, 7, stride=2, padding=3, bias=False),
+            self.stem = nn.Sequential(nn.Conv2d(c0, w0, 7, stride=2, padding=3, bias=False),
                                       BatchNorm2d(w0), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1))
         elif stem == "conv3":
-            self.stem = nn.Sequential(nn.Conv2d(in_channels, w0, 3, stride=1, padding=1, bias=False),
+            self.stem = nn.Sequential(nn.Conv2d(c0, w0, 3, stride=1, padding=1, bias=False),
                                       BatchNorm2d(w0), nn.ReLU())
         else:
             raise ValueError(f"unknown stem {stem!r} (conv3, conv7)")
@@ -104,8 +144,10 @@ class ResNet(ImageClassifier):
         model applies it in `predict` too."""
         if self.input_norm == "none":
             return pixels
-        x = pixels.float()
-        x = (x - x.mean(dim=(1, 2, 3), keepdim=True)) / (x.std(dim=(1, 2, 3), keepdim=True) + 1e-3)
+        x = _standardize(pixels.float())
+        if self.input_norm.startswith("flatten-polarity"):
+            flat, sign = flatten(pixels.float())
+            return torch.cat([x * sign, flat], dim=1) if self.input_norm.endswith("-stacked") else flat
         if self.input_norm == "standardize-polarity":
             # The median pixel is the background wherever the glyph covers less than half the image.
             background = x.flatten(1).median(dim=1).values.view(-1, 1, 1, 1)

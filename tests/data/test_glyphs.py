@@ -54,6 +54,30 @@ def test_augmentation_is_seeded_and_covers_both_polarities() -> None:
     assert 8 <= sum(b > 0.5 for b in borders) <= 32  # light paper and dark paper both occur
 
 
+def test_uneven_light_darkens_as_asked_in_training_and_in_the_held_out_styles() -> None:
+    """Training's lights (gradient, shadow, vignette) and the held-out styles' own (an elliptic cast
+    shadow, a lamp beside the picture) span 1 - darkening .. 1; augmenting with light on always,
+    plain paper comes out darker in places by 10% to GlyphAugment.max_darkening."""
+    from e2e_dist.data.glyph_augment import LIGHTS, GlyphAugment, light_field
+    from e2e_dist.data.glyph_eval import cast_shadow, lamp_light
+
+    rng = np.random.default_rng(0)
+    for kind in LIGHTS:
+        for d in (0.1, 0.4):
+            f = light_field(40, 30, rng, d, kind)
+            assert f.shape == (40, 30) and f.max() == pytest.approx(1, abs=0.02) and f.min() == pytest.approx(1 - d, abs=0.02)
+    for _ in range(10):
+        shadow, lamp = cast_shadow(96, rng, 0.4), lamp_light(64, rng, 0.3)
+        assert shadow.min() == pytest.approx(0.6, abs=0.01) and shadow.max() == pytest.approx(1.0, abs=0.01)
+        assert 0.1 <= (shadow < 0.8).mean() <= 0.9  # a shadow over part of the picture, not all of it
+        assert lamp.min() == pytest.approx(0.7) and lamp.max() == pytest.approx(1.0)
+    lit = GlyphAugment(p_light=1.0, p_low_res=0, p_blur=0, p_noise=0, p_jpeg=0, p_frame=0)
+    ratios = [(x.min() / x.max()) for x in (augment(np.zeros((CANVAS, CANVAS), np.float32), np.random.default_rng(s),
+                                                     lit) for s in range(60)) if x.max() > 0.2]
+    assert ratios and min(ratios) >= 1 - lit.max_darkening - 0.02 and max(ratios) <= 0.9 + 0.02
+    assert min(ratios) < 0.6  # strong darkening occurs
+
+
 def test_plan_rows_exclude_held_out_fonts_and_split_glyphs() -> None:
     cfg = glyph_cfg("data.variants=3")
     plan = plan_glyphs(cfg.data)
@@ -115,6 +139,10 @@ def test_make_digits_writes_every_style_from_held_out_fonts(tmp_path, capsys) ->
         assert np.median(grey) > 200 and grey.min() < 60, style
     upright = open_image(first["exif-rotated-jpeg"].read_bytes())
     assert upright.size == (96, 96)
+    photo = np.asarray(open_image(first["shadowed-photo-96"].read_bytes()).convert("L"), np.float32)
+    paper = np.concatenate([photo[0], photo[-1], photo[:, 0], photo[:, -1]])  # the border: no ink there
+    assert photo.shape == (96, 96) and paper.min() < 0.85 * paper.max()  # 20-40% darker in the shadow (seen
+    # here without it: > 0.92)
     with pytest.raises(SystemExit):
         main(["data", "make-digits", str(tmp_path / "x"), "--held-out", "1.5"])
     assert "--held-out" in capsys.readouterr().err

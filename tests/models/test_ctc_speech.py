@@ -1,4 +1,5 @@
-"""The CTC speech model: decoding, edit distances, metrics, padding, FLOPs by hand, DeepSpeed fp32/bf16."""
+"""The CTC speech model: decoding, confidence and its calibration, edit distances, metrics, padding,
+FLOPs by hand, DeepSpeed fp32/bf16."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from e2e_dist.config import load_run_config
-from e2e_dist.models.ctc_speech import CTCSpeech, edit_distance, greedy_decode
+from e2e_dist.models.ctc_speech import CTCSpeech, edit_distance, greedy_decode, sequence_confidence
 from e2e_dist.models.registry import build_model, model_kinds
 from e2e_dist.train.flops import forward_flops, train_flops_per_batch
 from tests.models import make_engine
@@ -41,12 +42,12 @@ def test_edit_distance_on_characters_and_words():
 class FixedOutput(CTCSpeech):
     """The real model's metric path, with chosen frame-level outputs instead of a network."""
 
-    def __init__(self, alphabet: str, frames: list[list[int]]):
+    def __init__(self, alphabet: str, frames: list[list[int]], scale: float = 1.0):
         super().__init__(alphabet, conv_channels=4, conv_strides=[2], n_layer=1, n_head=1, d_model=8)
-        self.frames = frames
+        self.frames, self.scale = frames, scale
 
     def log_probs(self, audio, audio_lens):
-        logits = one_hot_logits(self.frames, self.vocab_size)
+        logits = one_hot_logits(self.frames, self.vocab_size) * self.scale
         return logits.log_softmax(-1), torch.full((len(self.frames),), logits.shape[1])
 
 
@@ -64,6 +65,49 @@ def test_eval_sums_give_cer_and_wer():
     m = model.summarize_eval(sums)
     assert m["val_cer"] == pytest.approx(2 / 9) and m["val_wer"] == pytest.approx(2 / 4)
     assert math.isfinite(m["val_loss"]) and m["val_loss"] >= 0
+
+
+def test_confidence_is_the_transcripts_probability_and_warns_where_the_old_mean_did_not():
+    """sequence_confidence = the CTC probability of the greedy transcript: every frame path that
+    collapses to it, summed (here by enumerating all 3^6 paths). One frame where a character nearly
+    won over blank, or over another character, pulls it down; the mean frame probability predict
+    printed before barely moves."""
+    import itertools
+
+    logits = one_hot_logits([[0, 1, 1, 0, 0, 2]], 3)[0]  # "ab" with sure frames
+    garbled = logits.clone()
+    garbled[3, 2] = 9.6  # a blank between a and b nearly a 'b': maybe "abb"
+    for lg, temperature in ((logits, 1.0), (garbled, 1.0), (garbled, 2.0)):
+        lp = (lg / temperature).log_softmax(-1)
+        total = 0.0
+        for path in itertools.product(range(3), repeat=6):
+            if greedy_decode(torch.tensor([path]), torch.tensor([6]), "ab") == ["ab"]:
+                total += float(sum(lp[f, c] for f, c in enumerate(path)).exp())
+        assert sequence_confidence(lg.log_softmax(-1), temperature) == pytest.approx(total, rel=1e-4)
+    sure, unsure = sequence_confidence(logits.log_softmax(-1)), sequence_confidence(garbled.log_softmax(-1))
+    assert sure > 0.99 and unsure < 0.7
+    assert float(garbled.log_softmax(-1).max(-1).values.mean().exp()) > 0.85  # the old confidence
+    assert sequence_confidence(garbled.log_softmax(-1), 2.0) < unsure < sequence_confidence(garbled.log_softmax(-1), 0.5)
+
+
+@pytest.mark.parametrize("scale,right,direction", [(0.5, True, "sharpen"), (10.0, False, "soften")])
+def test_evaluation_fits_the_confidence_temperature(scale, right, direction):
+    """Right transcripts said unsurely: a temperature under 1; wrong ones said surely: over 1. It is a
+    buffer: in the state dict (so in checkpoints and exports); a state dict from before has none (1.0)."""
+    alphabet = " abc"
+    model = FixedOutput(alphabet, [[2, 0, 3, 0, 4, 0], [4, 0, 4, 4, 0, 2]], scale=scale)
+    targets = torch.tensor([[2, 3, 4], [4, 4, 2]]) if right else torch.tensor([[3, 3, 3], [2, 2, 2]])
+    batch = {"audio": torch.zeros(2, 8), "audio_lens": torch.tensor([8, 8]), "targets": targets,
+             "target_lens": torch.tensor([3, 3])}
+    metrics = model.summarize_eval({k: float(v) for k, v in model.eval_sums(batch).items()})
+    t = metrics["val_conf_temperature"]
+    assert (t < 1.0) if direction == "sharpen" else (t > 1.0)
+    assert float(model.state_dict()["confidence_temperature"]) == pytest.approx(t)
+    old = {k: v for k, v in model.state_dict().items() if k != "confidence_temperature"}
+    fresh = FixedOutput(alphabet, model.frames)
+    fresh.confidence_temperature.fill_(3.0)
+    fresh.load_state_dict(old, strict=True)
+    assert float(fresh.confidence_temperature) == 1.0
 
 
 def tiny_model(**kw) -> CTCSpeech:

@@ -115,3 +115,74 @@ def test_input_norm_makes_brightness_contrast_and_polarity_irrelevant():
         assert torch.allclose(base, negative, atol=3e-3) == (norm == "standardize-polarity"), norm
     with pytest.raises(ValueError, match="unknown input_norm 'x'"):
         ResNet([4], 1, "conv3", 1, 3, input_norm="x")
+
+
+def _ring(side: int = 24) -> torch.Tensor:
+    """A '0'-like ring, 1 on 0, (1, 1, side, side)."""
+    yy, xx = torch.meshgrid(torch.arange(side) - side / 2 + 0.5, torch.arange(side) - side / 2 + 0.5, indexing="ij")
+    r = (yy ** 2 / 1.6 + xx ** 2).sqrt()
+    return ((r > side * 0.2) & (r < side * 0.3)).float()[None, None]
+
+
+@pytest.mark.parametrize("dark_ink", [True, False])
+def test_flatten_takes_shadows_and_gradients_out_and_finds_the_ink(dark_ink):
+    """flatten: a digit under a hard shadow over 60% of the picture (40% darker) or a 40% gradient
+    comes out close to the evenly lit one, bright ink either way, where the standardized image
+    (standardize-polarity's) differs 2-9x more; and its median rule takes that shadow for the paper."""
+    from e2e_dist.models.resnet import _standardize, flatten
+
+    ring = _ring()
+    ink, paper = (0.1, 0.9) if dark_ink else (0.9, 0.15)
+    even = paper + (ink - paper) * ring  # intensities 0..1; the pipeline hands the model 2x - 1
+    xx = torch.arange(24).float().expand(1, 1, 24, 24)
+    lights = {"shadow": torch.where(xx >= 10, 0.6, 1.0), "gradient": 1 - 0.4 * xx / 23}
+    flat_even, sign = flatten(even * 2 - 1)
+    assert float(sign) == (-1.0 if dark_ink else 1.0)
+    assert float((flat_even * ring).sum() / ring.sum()) > 1.0  # the ink is bright
+    for name, light in lights.items():
+        flat_lit, sign_lit = flatten(even * light * 2 - 1)
+        assert float(sign_lit) == float(sign), name
+        gap_flat = float((flat_lit - flat_even).abs().mean())
+        gap_plain = float((_standardize(even * light) - _standardize(even)).abs().mean())
+        assert gap_flat < gap_plain / 2 and gap_flat < 0.15, (name, gap_flat, gap_plain)  # seen: 0.03-0.12, 0.1-0.55
+    if dark_ink:  # the shadowed paper is most of the picture: the median rule calls it the background
+        shadowed = _standardize(even * lights["shadow"])
+        assert float(shadowed.flatten().median()) < 0
+
+
+def test_flatten_norms_build_and_the_stacked_one_feeds_both_views():
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 24, 24)
+    for norm, channels in [("flatten-polarity", 1), ("flatten-polarity-stacked", 2)]:
+        model = ResNet([4, 8], 1, "conv3", 1, 3, image_size=24, input_norm=norm).eval()
+        assert model.normalize_input(x).shape == (3, channels, 24, 24)
+        assert model.logits(x).shape == (3, 3) and model.stem[0].in_channels == channels
+
+
+def test_temperature_is_fitted_on_eval_sums_and_used_for_probabilities():
+    """Overconfident logits (3x those the labels were drawn from): the fitted temperature is ~3, it
+    lowers the NLL, `probabilities` divides by it, the argmax stays; a state dict without it (a
+    checkpoint from before calibration) loads as uncalibrated."""
+    from e2e_dist.models.classifier import fit_temperature
+
+    g = torch.Generator().manual_seed(0)
+    true = torch.randn(4000, 5, generator=g) * 2
+    labels = torch.multinomial(torch.softmax(true, -1), 1, generator=g)[:, 0]
+    model = ResNet([4], 1, "conv3", 1, 5, image_size=8).eval()
+    model.logits = lambda pixels: 3 * true  # the network is not what is tested
+    assert float(model.temperature) == 1.0
+    sums = {k: float(v) for k, v in model.eval_sums({"pixels": torch.zeros(1), "labels": labels}).items()}
+    metrics = model.summarize_eval(sums)
+    assert metrics["val_temperature"] == pytest.approx(3.0, rel=0.1)
+    assert float(model.temperature) == pytest.approx(metrics["val_temperature"])
+    assert metrics["val_loss_calibrated"] < metrics["val_loss"] - 0.1
+    probs = model.probabilities(torch.zeros(1))
+    assert torch.allclose(probs, torch.softmax(3 * true / model.temperature, -1))
+    assert torch.equal(probs.argmax(-1), true.argmax(-1))
+    # between grid points: the parabola's vertex (the grid is 0.25 * 32 ** (i / 40))
+    assert fit_temperature([(i - 20.3) ** 2 for i in range(41)]) == pytest.approx(0.25 * 32 ** (20.3 / 40), rel=1e-6)
+    state = {k: v for k, v in model.state_dict().items() if k != "temperature"}
+    fresh = ResNet([4], 1, "conv3", 1, 5, image_size=8)
+    fresh.temperature.fill_(2.0)
+    fresh.load_state_dict(state)  # strict
+    assert float(fresh.temperature) == 1.0

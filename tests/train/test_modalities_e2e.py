@@ -57,7 +57,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 VISION_STEPS = 300
 VAL_ACC_MIN, HELD_OUT_ACC_MIN = 0.8, 0.9
 """Accuracy the shortened run must reach on its validation images, and on held-out-font digits over
-every `make-digits` style (seen: 0.89 and 0.96)."""
+every `make-digits` style (seen: 0.89 and 0.96; with the 2 lit styles, 2026-12-08: 0.89 and 0.95)."""
 
 
 def test_vision_glyphs_zero2_then_predict_on_held_out_fonts_in_every_style(ray_local, tmp_path, monkeypatch, capsys):
@@ -66,8 +66,9 @@ def test_vision_glyphs_zero2_then_predict_on_held_out_fonts_in_every_style(ray_l
     a relative storage path, progress lines on the console. Then `predict`:
     - on the validation images, written as PNGs (8-bit: exactly the pixels training saw), it
       reproduces the run's val accuracy: the export is the trained model, prepared as in training;
-    - through the CLI, on digits from font designs training never saw, in the 9 styles of
-      `data make-digits` (either polarity, 8-256 px, colour, transparent, 16-bit, EXIF, letterboxed).
+    - through the CLI, on digits from font designs training never saw, in the 11 styles of
+      `data make-digits` (either polarity, 8-256 px, colour, transparent, 16-bit, EXIF, letterboxed,
+      a shadow or a lamp up to 40% darker), calibrated by the temperature the run fitted.
     Seen here: val acc 0.89, held-out fonts 0.96 (89-99% per style), run wall 60 s (the preset:
     ~0.95 and ~0.99, BENCHMARKS.md section 12)."""
     from PIL import Image
@@ -110,6 +111,9 @@ def test_vision_glyphs_zero2_then_predict_on_held_out_fonts_in_every_style(ray_l
     plan = plan_glyphs(cfg.data)
     assert len(plan.val_rows) == m["val_rows"] <= cfg.trainer.eval_samples
     model, exported_cfg = load_predictor(str(exported))
+    # The temperature the last evaluation fitted (calibrated confidence) travels to `predict`.
+    assert m["val_loss_calibrated"] <= m["val_loss"] + 1e-9
+    assert float(model.temperature) == pytest.approx(m["val_temperature"], rel=1e-5)
     correct = 0
     for i, r in enumerate(plan.val_rows):
         path = tmp_path / "val" / f"{i:04d}.png"
@@ -139,9 +143,10 @@ def test_vision_glyphs_zero2_then_predict_on_held_out_fonts_in_every_style(ray_l
 
 # ---------------------------------------------------------------------------------------- speech
 SPEECH_STEPS = 300
-SPEECH_CER_MAX, HELD_OUT_CER_MAX = 0.2, 0.3
-"""Final val CER, and CER on held-out voices at three speeds, must be at most these (seen here: 0.09
-and 0.15, run wall 58 s; the preset's 1,000 steps: 0.026 and 0.07-0.13, BENCHMARKS.md section 12)."""
+SPEECH_CER_MAX, HELD_OUT_CER_MAX = 0.3, 0.35
+"""Final val CER, and CER on held-out voices at three speeds, must be at most these (seen here with
+eSpeak alone: 0.09 and 0.15, run wall 58 s; with Flite's voices in 40% of the clips and rooms,
+phone lines and codecs in the augmentation, a harder val set: 0.22 and 0.27, run wall 46 s)."""
 
 
 def test_speech_spoken_digits_lowers_cer_then_predict_on_held_out_voices(tmp_path):
@@ -204,8 +209,10 @@ def test_speech_spoken_digits_lowers_cer_then_predict_on_held_out_voices(tmp_pat
     # Every validation clip through `predict`: the run's CER again.
     manifest = cache_root() / spoken_digits_folder(cfg.data) / "manifest.jsonl"
     train_variants, held = split_variants(cfg.data.held_out, cfg.data.seed)
-    voices = {json.loads(line)["voice"].split("+")[1] for line in manifest.read_text().splitlines()}
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    voices = {r["voice"].split("+")[1] for r in rows if r["engine"] == "espeak-ng"}
     assert voices <= {v.lstrip("+") for v in train_variants}  # no held-out voice in the training corpus
+    assert {r["engine"] for r in rows} == {"espeak-ng", "flite"}  # Festival is held out
     val = val_split(cfg, read_manifests([str(manifest)], cfg.model.alphabet, None, False))
     assert len(val) == m["val_rows"]
     model, exported_cfg = load_predictor(str(exported))
@@ -227,7 +234,27 @@ def test_speech_spoken_digits_lowers_cer_then_predict_on_held_out_voices(tmp_pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line.split("\t") for line in proc.stdout.splitlines()]
     assert [line[0] for line in lines] == clips
-    assert all(0 < float(line[2].removeprefix("confidence=")) <= 1 for line in lines)
+    conf = [float(line[2].removeprefix("confidence=")) for line in lines]
+    assert all(0 <= c <= 1 for c in conf)
     held_cer = sum(edit_distance(line[1], r) for line, r in zip(lines, refs)) / sum(len(r) for r in refs)
     print(f"held-out voices at 120/160/200 wpm: CER {held_cer:.3f}")
     assert held_cer <= HELD_OUT_CER_MAX
+    # The confidence warns (issue 33): transcripts with errors are less sure than exact ones.
+    wrong = [c for c, line, r in zip(conf, lines, refs) if line[1] != r]
+    right = [c for c, line, r in zip(conf, lines, refs) if line[1] == r]
+    assert not wrong or sum(wrong) / len(wrong) < sum(right) / max(len(right), 1), (wrong, right)
+    # The same clips as one recording with pauses: cut at the pauses, about the same CER (issue 33).
+    import numpy as np
+    import soundfile as sf
+
+    from e2e_dist.data.speech import decode_audio
+
+    rng = np.random.default_rng(0)
+    rate = cfg.data.sample_rate
+    parts = [decode_audio(Path(c).read_bytes(), rate) for c in clips]
+    gaps = [rng.normal(0, 1e-3, int(rng.uniform(0.2, 1.0) * rate)).astype(np.float32) for _ in parts]
+    sf.write(tmp_path / "long.wav", np.concatenate([x for pair in zip(parts, gaps) for x in pair]), rate)
+    long_text = predict_one(model, exported_cfg, str(tmp_path / "long.wav"))
+    long_cer = edit_distance(long_text, " ".join(refs)) / len(" ".join(refs))
+    print(f"the same clips as one recording: CER {long_cer:.3f}")
+    assert long_cer <= 1.2 * held_cer + 0.02
