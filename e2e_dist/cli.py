@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from e2e_dist.cluster.local_record import ADDRESS_HELP
 from e2e_dist.errors import UserError
 
 DESCRIPTION = """Train end-to-end models (bytes->text, pixels->classes, waveform->characters) on Ray
@@ -124,21 +125,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from e2e_dist.data.synth_speech import SPEEDS, make_speech_corpus, split_variants
+    from e2e_dist.config import load_run_config
+    from e2e_dist.data.speech import OTHER_VOICE_SHARE
+    from e2e_dist.data.synth_speech import SPEEDS, corpus_voices, make_speech_corpus
 
-    train, held = split_variants(args.held_out, args.split_seed)
-    variants = held if args.voices == "held-out" else train
-    if not variants:
-        raise UserError(f"--voices held-out: --held-out {args.held_out} holds out no voice variant")
+    preset = load_run_config("tiny-speech").data
+    variants, voices = corpus_voices(args.voices, args.held_out, args.split_seed, preset.synthesizers)
     speeds = (args.speed, args.speed) if args.speed else SPEEDS
     limit = args.max_seconds
     if limit is None and args.voices == "training":  # what the preset trains on, whole
-        from e2e_dist.config import load_run_config
-
-        limit = load_run_config("tiny-speech").data.max_audio_seconds
+        limit = preset.max_audio_seconds
     manifest = make_speech_corpus(args.out, n_utterances=args.n, seed=args.seed, variants=variants, speeds=speeds,
-                                  max_seconds=limit)
-    print(f"wrote {args.n} clips ({args.voices} voices: {len(variants)} variants x 8 accents; "
+                                  max_seconds=limit, voices=voices, voice_share=OTHER_VOICE_SHARE)
+    names = [f"{len(variants)} variants x 8 accents"] * bool(variants) + [v.label for v in voices]
+    print(f"wrote {args.n} clips ({args.voices} voices: {', '.join(names)}; "
           f"{'speed ' + str(args.speed) if args.speed else f'speeds {SPEEDS[0]}-{SPEEDS[1]}'} wpm) and {manifest}")
     if args.voices == "training":
         print(f"train on it: e2e-dist train tiny-speech --set data.paths=[{manifest.parent}]")
@@ -198,7 +198,7 @@ def _add_run_verbs(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one run", description="Train one run on Ray Train + DeepSpeed.")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue the latest committed checkpoint of this run name")
-    p.add_argument("--address", help="Ray cluster address (default: start a private local Ray)")
+    p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=cmd_train)
 
@@ -207,7 +207,7 @@ def _add_run_verbs(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a sweep field or, under base., a run field: --set base.trainer.max_steps=20")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
-    p.add_argument("--address", help="Ray cluster address (default: start a private local Ray)")
+    p.add_argument("--address", help=ADDRESS_HELP)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("plan", help="what fits a GPU before you pay for one: ZeRO stage, micro-batch, checkpointing",
@@ -292,7 +292,7 @@ def _add_model_verbs(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_checkpoints)
 
 
-SPOKEN_DIGITS_UTTERANCES = 600
+SPOKEN_DIGITS_UTTERANCES = 1200
 """The built-in spoken-digits corpus size (data/speech.py checks it is the same number: importing
 it here would load numpy into every command)."""
 
@@ -306,9 +306,9 @@ def _add_builtin_verbs(sub: argparse._SubParsersAction) -> None:
                         description="Build a run's data as `train` would (listing, shard index, splits) and say what "
                                     "grows with the corpus and the cluster, without training.")
     _add_config_args(q)
-    q.add_argument("--address", help="Ray cluster address (default: start a private local Ray)")
+    q.add_argument("--address", help=ADDRESS_HELP)
     q.set_defaults(func=cmd_data_plan)
-    q = dsub.add_parser("make-speech", help="synthesize the spoken-digits corpus with eSpeak NG (offline)",
+    q = dsub.add_parser("make-speech", help="synthesize the spoken-digits corpus (eSpeak NG, Flite, Festival: offline)",
                         description="Write the spoken-digits corpus (WAVs + manifest.jsonl) to OUT; "
                                     "`train tiny-speech --set data.paths=[OUT]` trains on it.",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -316,8 +316,9 @@ def _add_builtin_verbs(sub: argparse._SubParsersAction) -> None:
     q.add_argument("-n", type=_number(int, "a clip count >= 1", lambda v: v >= 1), default=SPOKEN_DIGITS_UTTERANCES,
                    help="utterances (the built-in corpus `train tiny-speech` makes on its own has this many)")
     q.add_argument("--seed", type=int, default=0, help="seed of the corpus (texts, voices, prosody, noise)")
-    q.add_argument("--voices", choices=["training", "held-out"], default="training",
-                   help="the voice variants training uses, or the ones it never hears (to judge a model)")
+    q.add_argument("--voices", choices=["training", "held-out", "held-out-synthesizers"], default="training",
+                   help="the voices tiny-speech trains on, the eSpeak variants it never hears, or the voices of "
+                        "the synthesizers it never hears (Festival's: to judge a model)")
     q.add_argument("--held-out", type=share, default=0.25,
                    help="data.held_out of the run")
     q.add_argument("--split-seed", type=int, default=0, help="data.seed of the run (which variants are held out)")

@@ -6,7 +6,7 @@ must not import Ray, DeepSpeed or torch.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -82,7 +82,12 @@ class DataConfig(Section):
     augment: bool = True
     """digit-glyphs: augment each copy (size, placement, rotation, slant, frame, resolution, blur,
     polarity, grey levels, noise, JPEG: data/glyph_augment.py); spoken-digits: speed, volume,
-    silence, noise (data/speech_augment.py). false: glyphs plain and centred, clips as synthesized."""
+    silence, room echo, noise, telephone band, codecs (data/speech_augment.py). false: glyphs
+    plain and centred, clips as synthesized."""
+    synthesizers: list[Literal["espeak-ng", "flite", "festival"]] = Field(["espeak-ng", "flite"], min_length=1)
+    """spoken-digits: the speech engines its corpus speaks with (data/synthesizers.py). An engine
+    not listed is held out of training, and so is every speaker it has (Flite's kal and slt are
+    Festival's too), so a model can be judged on a synthesis method it never heard."""
     strict: bool = False
     """Stop the run on the first unreadable item instead of skipping it with a warning."""
     seed: int = 0

@@ -1,8 +1,9 @@
 """Speech sources: `speech-manifest` (JSONL + WAV/FLAC, local or `s3://`) and `spoken-digits`.
 
 A manifest line is `{"audio": path, "text": transcript}`; `audio` is relative to the manifest's
-folder, absolute, or `s3://...`. `spoken-digits` synthesizes a corpus with eSpeak NG into a cache
-folder once (`synth_speech.ensure_speech_corpus`) and then reads it through the manifest path.
+folder, absolute, or `s3://...`. `spoken-digits` synthesizes a corpus with eSpeak NG and the other
+`data.synthesizers` into a cache folder once (`synth_speech.ensure_speech_corpus`) and then reads
+it through the manifest path.
 
 On the driver: manifests are parsed; transcripts are lower-cased, characters outside the
 model's alphabet dropped (one warning listing them); audio files that do not exist are skipped
@@ -305,26 +306,34 @@ build_speech_manifest.check_paths = lambda data_cfg, storage_cfg: list_files(  #
     data_cfg.paths, storage_cfg, suffixes=MANIFEST_SUFFIXES, strict=data_cfg.strict)
 
 
-SPOKEN_DIGITS_UTTERANCES = 600
+SPOKEN_DIGITS_UTTERANCES = 1200
 """Size of the built-in corpus (fixed, with seed 0: every run and machine sees the same clips);
 `data make-speech` writes as many by default (cli.SPOKEN_DIGITS_UTTERANCES, kept equal by a test)."""
+OTHER_VOICE_SHARE = 0.4
+"""Share of the built-in corpus spoken by engines other than eSpeak NG (when data.synthesizers has
+any): their few voices sound more like people than eSpeak's many, and the model must hear them
+often enough to stop leaning on eSpeak's formant sound."""
 
 
 @register_source("spoken-digits")
 def build_spoken_digits(data_cfg, *, model_cfg=None, storage_cfg=None) -> DataBundle:
-    """Built-in: eSpeak NG spoken digits, generated once into data.paths[0] or the cache folder."""
+    """Built-in: spoken digits (eSpeak NG and data.synthesizers), generated once into data.paths[0]
+    or the cache folder."""
     from e2e_dist.data.images import cache_root
-    from e2e_dist.data.synth_speech import ensure_speech_corpus, split_variants
+    from e2e_dist.data.synth_speech import corpus_voices, ensure_speech_corpus, split_variants
 
     if len(data_cfg.paths) > 1 or (data_cfg.paths and "://" in data_cfg.paths[0]):
         raise ConfigError("data.paths: source 'spoken-digits' takes at most one local folder "
                           "(where to write the corpus)")
-    train_variants, held = split_variants(data_cfg.held_out, data_cfg.seed)
+    held = split_variants(data_cfg.held_out, data_cfg.seed)[1]
+    train_variants, voices = corpus_voices("training", data_cfg.held_out, data_cfg.seed, data_cfg.synthesizers)
     # The corpus speaks with the training voices only: its folder is named by the held-out split.
     folder = data_cfg.paths[0] if data_cfg.paths else cache_root() / spoken_digits_folder(data_cfg)
     manifest = ensure_speech_corpus(folder, SPOKEN_DIGITS_UTTERANCES, seed=0, variants=train_variants,
-                                    max_seconds=data_cfg.max_audio_seconds)
-    log.info("spoken digits: voice variants held out: %s", " ".join(held) or "none", extra=FILE_ONLY)
+                                    max_seconds=data_cfg.max_audio_seconds, voices=voices,
+                                    voice_share=OTHER_VOICE_SHARE)
+    log.info("spoken digits: voice variants held out: %s; other voices: %s", " ".join(held) or "none",
+             " ".join(v.label for v in voices) or "none", extra=FILE_ONLY)
     return build_speech_bundle(data_cfg.model_copy(update={"paths": [str(manifest)]}), model_cfg, storage_cfg,
                                augment=data_cfg.augment)
 
@@ -332,4 +341,6 @@ def build_spoken_digits(data_cfg, *, model_cfg=None, storage_cfg=None) -> DataBu
 def spoken_digits_folder(data_cfg: Any) -> str:
     """The cache folder of the built-in corpus for this held-out split and clip length (no clip of
     it longer than data.max_audio_seconds: what the model hears, it hears whole)."""
-    return f"spoken-digits-v3-max{data_cfg.max_audio_seconds:g}s-heldout{data_cfg.held_out:g}-seed{data_cfg.seed}"
+    engines = "+".join(sorted(data_cfg.synthesizers))
+    return (f"spoken-digits-v5-{SPOKEN_DIGITS_UTTERANCES}-{engines}-max{data_cfg.max_audio_seconds:g}s"
+            f"-heldout{data_cfg.held_out:g}-seed{data_cfg.seed}")

@@ -1,14 +1,17 @@
-"""A small spoken-digits corpus synthesized offline with eSpeak NG: speech data that is never downloaded.
+"""A small spoken-digits corpus synthesized offline: speech data that is never downloaded.
 
-Each utterance is 1-3 digit words ("three one four") spoken by one of several eSpeak NG voices
-and voice variants at a random speed and pitch, then given a random lead-in silence, loudness and
-white noise at a random SNR. Files: `<out>/wavs/utt-00000.wav` (16-bit PCM at eSpeak's native
-22,050 Hz, so loaders exercise resampling) and `<out>/manifest.jsonl` with one
-`{"audio": "wavs/utt-00000.wav", "text": "three one four", ...}` line per file.
+Each utterance is 1-3 digit words ("three one four") spoken by one of eSpeak NG's voices and voice
+variants, or (with `voices`, a `voice_share` of the clips) by a voice of another synthesizer
+(data/synthesizers.py: Flite, Festival), at a random speed and pitch, then given a random lead-in
+silence, loudness and white noise at a random SNR. Files: `<out>/wavs/utt-00000.wav` (16-bit PCM
+at the engine's native rate: 22,050 Hz for eSpeak, 8-32 kHz for the others, so loaders exercise
+resampling) and `<out>/manifest.jsonl` with one `{"audio": "wavs/utt-00000.wav", "text": "three
+one four", "voice": ..., "engine": ..., ...}` line per file.
 
-Needs the `espeak-ng` program (Debian/Ubuntu: `apt-get install espeak-ng`; the project's
-`.ci/install-speech-deps.sh` does that). Everything random is drawn up front from one seeded
-generator, so the same (n_utterances, seed) gives the same corpus whatever the thread timing.
+Needs the `espeak-ng` program and the other engines used (Debian/Ubuntu packages: the project's
+`.ci/install-speech-deps.sh` installs them). Everything random is drawn up front from one seeded
+generator, so the same (n_utterances, seed) gives the same corpus whatever the thread timing; with
+no other voices, the same corpus as before they existed.
 """
 
 from __future__ import annotations
@@ -17,15 +20,15 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
-from e2e_dist.errors import UserError
+from e2e_dist.data.synthesizers import SynthesisError, Voice, find_engine, speak_samples, voice_from_label
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Accents shipped with espeak-ng's own data (no mbrola voices: those need extra packages).
@@ -51,10 +54,6 @@ SNR_DB = (12.0, 30.0)
 MANIFEST = "manifest.jsonl"
 
 
-class SynthesisError(UserError):
-    """eSpeak NG is missing or failed; the message says what to install or which call broke."""
-
-
 @dataclass(frozen=True)
 class UtterancePlan:
     audio: str
@@ -70,13 +69,7 @@ class UtterancePlan:
 
 def find_espeak() -> str:
     """Path of the espeak-ng executable, or SynthesisError saying how to install it."""
-    exe = shutil.which("espeak-ng")
-    if exe is None:
-        raise SynthesisError(
-            "espeak-ng not found on PATH: install it (Debian/Ubuntu: apt-get install espeak-ng, or run "
-            ".ci/install-speech-deps.sh) to generate the spoken-digits corpus"
-        )
-    return exe
+    return find_engine("espeak-ng")
 
 
 def split_variants(share: float, seed: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -89,21 +82,47 @@ def split_variants(share: float, seed: int) -> tuple[tuple[str, ...], tuple[str,
     return tuple(v for v in VARIANTS if v not in held), tuple(v for v in VARIANTS if v in held)
 
 
+def corpus_voices(which: str, held_out: float, split_seed: int,
+                  synthesizers: Sequence[str]) -> tuple[tuple[str, ...], tuple[Voice, ...]]:
+    """(eSpeak variants, other voices) of `data make-speech --voices WHICH` for a run with these
+    data.held_out, data.seed and data.synthesizers: `training` (what it trains on), `held-out` (the
+    eSpeak variants it never hears) or `held-out-synthesizers` (the engines it never hears)."""
+    from e2e_dist.data.synthesizers import ENGINES, engine_voices, training_voices
+
+    train, held = split_variants(held_out, split_seed)
+    others = tuple(e for e in ENGINES if e not in synthesizers)
+    if which == "held-out-synthesizers":
+        if not others:
+            raise SynthesisError("--voices held-out-synthesizers: the run trains on every synthesizer")
+        return (), tuple(v for e in others for v in engine_voices(e))
+    if which == "held-out":
+        if not held:
+            raise SynthesisError(f"--voices held-out: --held-out {held_out} holds out no voice variant")
+        return held, ()
+    return (train if "espeak-ng" in synthesizers else ()), training_voices(tuple(synthesizers), others)
+
+
 def plan_corpus(n_utterances: int, seed: int, min_words: int = 1, max_words: int = 3, *,
-                variants: tuple[str, ...] = VARIANTS, speeds: tuple[int, int] = SPEEDS) -> list[UtterancePlan]:
+                variants: tuple[str, ...] = VARIANTS, speeds: tuple[int, int] = SPEEDS,
+                voices: tuple[Voice, ...] = (), voice_share: float = 0.0) -> list[UtterancePlan]:
     """What every utterance will be (text, voice, prosody, noise), drawn from one seeded generator:
-    voices from `variants` (in every accent), speeds (words per minute) from the inclusive range."""
-    if n_utterances < 1 or not 1 <= min_words <= max_words or not variants:
-        raise ValueError(f"need n_utterances >= 1, 1 <= min_words <= max_words and some variants (got "
-                         f"{n_utterances}, {min_words}, {max_words}, {len(variants)})")
+    eSpeak voices from `variants` (in every accent), or with chance `voice_share` (always, with no
+    variants) one of `voices`; speeds (words per minute) from the inclusive range."""
+    if n_utterances < 1 or not 1 <= min_words <= max_words or not (variants or voices):
+        raise ValueError(f"need n_utterances >= 1, 1 <= min_words <= max_words and some voices (got "
+                         f"{n_utterances}, {min_words}, {max_words}, {len(variants)} + {len(voices)})")
     rng = np.random.default_rng(seed)
     plans = []
     for i in range(n_utterances):
         words = rng.choice(DIGIT_WORDS, size=int(rng.integers(min_words, max_words + 1)))
+        # Drawn only when there are other voices: an eSpeak-only corpus stays what it always was.
+        other = bool(voices) and (not variants or rng.random() < voice_share)
+        voice = (voices[int(rng.integers(len(voices)))].label if other
+                 else str(rng.choice(VOICES)) + str(rng.choice(variants)))
         plans.append(UtterancePlan(
             audio=f"wavs/utt-{i:05d}.wav",
             text=" ".join(words),
-            voice=str(rng.choice(VOICES)) + str(rng.choice(variants)),
+            voice=voice,
             speed=int(rng.integers(speeds[0], speeds[1] + 1)),
             pitch=int(rng.integers(PITCHES[0], PITCHES[1] + 1)),
             snr_db=round(float(rng.uniform(*SNR_DB)), 2),
@@ -114,41 +133,27 @@ def plan_corpus(n_utterances: int, seed: int, min_words: int = 1, max_words: int
     return plans
 
 
-def _speak(plan: UtterancePlan, target: Path, espeak: str) -> tuple[np.ndarray, int]:
-    """eSpeak NG's mono samples for the plan's text, voice, speed and pitch."""
-    import soundfile as sf
-
-    raw = target.with_suffix(".raw.wav")
-    cmd = [espeak, "-w", str(raw), "-v", plan.voice, "-s", str(plan.speed), "-p", str(plan.pitch), plan.text]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    if proc.returncode != 0 or not raw.exists():
-        msg = (proc.stderr or proc.stdout).strip().splitlines()
-        why = msg[-1] if msg else f"exit {proc.returncode}"
-        raise SynthesisError(f"espeak-ng failed for voice {plan.voice!r}: {why}")
-    speech, sr = sf.read(raw, dtype="float32", always_2d=True)
-    raw.unlink()
-    speech = speech.mean(axis=1)
-    if not speech.size:
-        raise SynthesisError(f"espeak-ng produced no audio for {plan.text!r} (voice {plan.voice!r})")
-    return speech, sr
+def _speak(plan: UtterancePlan, target: Path) -> tuple[np.ndarray, int]:
+    """The plan's voice's mono samples for its text, speed and pitch."""
+    return speak_samples(voice_from_label(plan.voice), plan.text, plan.speed, plan.pitch, target.with_suffix(".raw.wav"))
 
 
-def synthesize(plan: UtterancePlan, out_dir: Path, espeak: str, noise: bool = True,
+def synthesize(plan: UtterancePlan, out_dir: Path, noise: bool = True,
                max_seconds: float | None = None) -> UtterancePlan:
-    """Speak one planned utterance with eSpeak NG, add silence/gain/noise, write it as 16-bit WAV.
+    """Speak one planned utterance, add silence/gain/noise, write it as 16-bit WAV.
     max_seconds: a clip that would be longer (lead silence included) is spoken faster until it fits
     (what a model trained on clips of that length hears whole). Returns the plan as spoken."""
     import soundfile as sf
 
     target = out_dir / plan.audio
-    speech, sr = _speak(plan, target, espeak)
+    speech, sr = _speak(plan, target)
     lead = int(plan.lead_s * sr)
     for _ in range(4):
         if max_seconds is None or lead + len(speech) <= max_seconds * sr or plan.speed >= MAX_SPEED:
             break
         faster = math.ceil(plan.speed * (lead + len(speech)) / (max_seconds * sr) * 1.05)
         plan = replace(plan, speed=min(MAX_SPEED, faster))
-        speech, sr = _speak(plan, target, espeak)
+        speech, sr = _speak(plan, target)
     x = np.concatenate([np.zeros(lead, np.float32), speech])
     x = x * (plan.gain / max(float(np.abs(x).max()), 1e-6))
     if noise:
@@ -162,7 +167,8 @@ def synthesize(plan: UtterancePlan, out_dir: Path, espeak: str, noise: bool = Tr
 def make_speech_corpus(out_dir: str | os.PathLike, n_utterances: int = 600, seed: int = 0, *,
                        min_words: int = 1, max_words: int = 3, noise: bool = True, overwrite: bool = False,
                        workers: int = 4, variants: tuple[str, ...] = VARIANTS,
-                       speeds: tuple[int, int] = SPEEDS, max_seconds: float | None = None) -> Path:
+                       speeds: tuple[int, int] = SPEEDS, max_seconds: float | None = None,
+                       voices: tuple[Voice, ...] = (), voice_share: float = 0.0) -> Path:
     """Synthesize `n_utterances` spoken digit sequences into `out_dir`; returns the manifest's path.
     max_seconds: no clip longer (those that would be are spoken faster: `synthesize`).
 
@@ -174,18 +180,22 @@ def make_speech_corpus(out_dir: str | os.PathLike, n_utterances: int = 600, seed
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise SynthesisError(f"{out} already exists and is not empty (choose a new directory or overwrite it)")
-    espeak = find_espeak()
-    plans = plan_corpus(n_utterances, seed, min_words, max_words, variants=variants, speeds=speeds)
+    plans = plan_corpus(n_utterances, seed, min_words, max_words, variants=variants, speeds=speeds, voices=voices,
+                        voice_share=voice_share)
+    for engine in sorted({voice_from_label(p.voice).engine for p in plans}):
+        find_engine(engine)  # a missing program is one line before any work
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         (tmp / "wavs").mkdir()
-        # espeak-ng is a subprocess: threads overlap its runs without fighting over the GIL.
+        # The synthesizers are subprocesses: threads overlap their runs without fighting over the GIL.
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            plans = list(pool.map(lambda p: synthesize(p, tmp, espeak, noise, max_seconds), plans))
+            plans = list(pool.map(lambda p: synthesize(p, tmp, noise, max_seconds), plans))
         with open(tmp / MANIFEST, "w") as f:
             for p in plans:
                 row = {k: v for k, v in asdict(p).items() if k not in ("gain", "lead_s", "noise_seed")}
+                voice = voice_from_label(p.voice)
+                row.update(engine=voice.engine, method=voice.method)
                 f.write(json.dumps(row) + "\n")
         if out.exists() and overwrite:
             shutil.rmtree(out) if out.is_dir() else out.unlink()
@@ -198,7 +208,8 @@ def make_speech_corpus(out_dir: str | os.PathLike, n_utterances: int = 600, seed
 
 
 def ensure_speech_corpus(out_dir: str | os.PathLike, n_utterances: int = 600, seed: int = 0, *,
-                         variants: tuple[str, ...] = VARIANTS, max_seconds: float | None = None) -> Path:
+                         variants: tuple[str, ...] = VARIANTS, max_seconds: float | None = None,
+                         voices: tuple[Voice, ...] = (), voice_share: float = 0.0) -> Path:
     """The manifest of the corpus in `out_dir`, generating it first if it is not there yet.
 
     Safe when several processes race (sweep trials): the loser of the final rename discards its copy.
@@ -207,7 +218,8 @@ def ensure_speech_corpus(out_dir: str | os.PathLike, n_utterances: int = 600, se
     if (out / MANIFEST).is_file():
         return out / MANIFEST
     try:
-        return make_speech_corpus(out, n_utterances, seed, variants=variants, max_seconds=max_seconds)
+        return make_speech_corpus(out, n_utterances, seed, variants=variants, max_seconds=max_seconds, voices=voices,
+                                  voice_share=voice_share)
     except SynthesisError:
         if (out / MANIFEST).is_file():  # another process finished first
             return out / MANIFEST
