@@ -126,6 +126,12 @@ class TrainerConfig(Section):
     """Seed of model init and dropout."""
     sample_every_eval: bool = False
     """Text: log a generated sample at each evaluation."""
+    early_stop_patience: int | None = Field(None, ge=1)
+    """Stop the run after this many evaluations in a row that bring the val loss no lower than
+    early_stop_min_delta below the best so far (max_steps is then only a cap); val_loss_best keeps
+    the best evaluation, and the summary says why the run stopped. None: train all max_steps."""
+    early_stop_min_delta: float = Field(0.0, ge=0)
+    """How far below the best so far a val loss must fall to count as an improvement (nats)."""
 
     @model_validator(mode="before")
     @classmethod

@@ -129,7 +129,7 @@ def fit_figure(fit: Fit, n: np.ndarray, d: np.ndarray, loss: np.ndarray, *, held
     for ax, (x, other, x_is_n, xlabel, other_label) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         _panel(ax, fit, x, loss, other, held, learning, x_is_n, xlabel, other_label, metric)
     pct = int(round(fit.ci_level * 100))
-    title = f"{fit.formula}   ({fit.n_points} trials, {pct}% bootstrap CI, n={fit.n_boot})\n"
+    title = f"{fit.formula}   ({fit.n_points} trials, {pct}% profile-t CI; band: {fit.n_boot} bootstrap refits)\n"
     title += "   ".join(_param_line(k, v, fit.ci.get(k)) for k, v in fit.params.items())
     if fit.unidentified:
         title += "\nNOT IDENTIFIED: " + "; ".join(f"{_GREEK.get(k, k)} ({why})" for k, why in fit.unidentified.items())

@@ -13,6 +13,7 @@ One JSON object per line, one line per finished trial (the Tuner appends them):
                  "train_tokens": 4000000,          # optional: tokens in the training subset
                  "train_samples": 31250,           # optional: samples in the training subset
                  "val_loss_best_step": 900,        # optional: when the best evaluation was seen
+                 "stop_reason": "val_loss_plateau",  # optional: early-stopped (or "max_steps")
                  "step": 1040}}                    # optional: the trial's last step
 
 Extra keys are allowed and ignored. Only `completed` trials enter the fit (a trial stopped early
@@ -98,9 +99,10 @@ def load_results(results_uri: str, storage_cfg: Any = None) -> list[dict[str, An
 
 
 def fit_points(rows: list[dict[str, Any]], metric: str = "val_loss", d_key: str = "auto"):
-    """(trial names, N, D, loss, d_key used) of the completed trials. `d_key` auto takes the first of
-    D_KEYS that every trial reports and that varies (a data ablation with equal steps varies only
-    train_tokens); if none varies, the first reported."""
+    """(trial names, N, D, loss, d_key used) of the completed trials. `d_key` auto takes the training
+    subset's size (train_tokens, train_samples) when it varies: that is a data ablation, whose trials
+    may also stop at different steps (early stopping) and so vary tokens_seen; otherwise the first of
+    D_KEYS that every trial reports and that varies; if none varies, the first reported."""
     done = [r for r in rows if r["status"] == "completed"]
     if not done:
         raise ScalingError(f"no completed trials among {len(rows)} in the results")
@@ -108,7 +110,8 @@ def fit_points(rows: list[dict[str, Any]], metric: str = "val_loss", d_key: str 
     if not keys:
         raise ScalingError(f"trials report none of {', '.join(D_KEYS)} in metrics: no data size D")
     varying = [k for k in keys if len({r["metrics"].get(k) for r in done}) > 1]
-    d_key = (varying or keys)[0]
+    subset = [k for k in varying if k in ("train_tokens", "train_samples")]
+    d_key = (subset or varying or keys)[0]
     cols = []
     for key in ("n_params_non_embedding", d_key, metric):
         col = []
@@ -133,6 +136,8 @@ def still_learning(rows: list[dict[str, Any]], names: list[str]) -> dict[str, st
     out = {}
     for name in names:
         m = by_name[name]
+        if m.get("stop_reason") == "val_loss_plateau":
+            continue  # early-stopped: its val loss had stopped improving, whenever its best came
         best, last = m.get("val_loss_best_step"), m.get("step")
         if isinstance(best, int) and isinstance(last, int) and last > 0 and best > LATE_BEST_FRACTION * last:
             out[name] = f"best evaluation at step {best} of {last}"

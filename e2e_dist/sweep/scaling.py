@@ -4,8 +4,10 @@ N counts non-embedding parameters, D training tokens (or samples). The fit follo
 recipe: in log space, log L = logsumexp(e, a - alpha log N, b - beta log D) with E = exp(e),
 A = exp(a), B = exp(b), minimising a Huber loss of the log residuals (robust to an odd trial,
 well conditioned whatever the magnitudes) from a grid of starts, under bounds. Confidence intervals
-come from a seeded bootstrap (resample points, refit from the best fit). The compute-optimal
-split of a budget C ~ 6 N D has a closed form:
+are profile-t intervals of the sum of squared log residuals (intervals.py: they hold their level
+with 4-7 points, where resampling the points did not); a seeded bootstrap (resample points, refit
+from the best fit) still draws the plot's band and the compute-optimal split's interval. The
+compute-optimal split of a budget C ~ 6 N D has a closed form:
 
     N_opt = G (C/6)^(beta/(alpha+beta)),  D_opt = (C/6) / N_opt,  G = (alpha A / (beta B))^(1/(alpha+beta))
 """
@@ -22,6 +24,7 @@ from scipy.optimize import least_squares, nnls
 from scipy.special import logsumexp, softmax
 
 from e2e_dist.errors import UserError
+from e2e_dist.sweep.intervals import linear_prediction, profile_intervals
 
 HUBER_DELTA = 1e-2  # log-loss units: ~1% off counts fully (the noise of a final loss), gross outliers only linearly
 Form = Literal["joint", "data", "params"]
@@ -54,7 +57,7 @@ class Fit:
     params: dict[str, float]
     """Fitted E, A, alpha, B, beta (those of the form)."""
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
-    """Bootstrap percentile interval of each parameter."""
+    """Profile-t interval of each parameter, at ci_level (intervals.py)."""
     ci_level: float = 0.95
     n_points: int = 0
     n_boot: int = 0
@@ -64,7 +67,9 @@ class Fit:
     boot: np.ndarray | None = field(default=None, repr=False)
     """Bootstrap parameter samples (n_boot x len(params)), in the order of `_NAMES[form]`."""
     resid: np.ndarray | None = field(default=None, repr=False)
-    """Log residuals of the fit at its points (for prediction intervals)."""
+    """Log residuals of the fit at its points."""
+    logs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    """(theta, log N, log D, log L) of the fit: what prediction intervals linearise around."""
     unidentified: dict[str, str] = field(default_factory=dict)
     """Parameters the points do not pin down -> why (interval at a bound, or wider than 10x)."""
 
@@ -220,7 +225,13 @@ def fit_scaling(n: Any, d: Any, loss: Any, form: Form | None = None, *, n_boot: 
     theta, _ = _solve(form, log_n, log_d, log_l, _starts(form, n, d, loss))
     resid = _residuals(theta, form, log_n, log_d, log_l)
     fit = Fit(form=form, params=_to_params(theta, form), ci_level=ci_level, n_points=len(loss),
-              rmse_log=float(np.sqrt(np.mean(resid**2))))
+              rmse_log=float(np.sqrt(np.mean(resid**2))), logs=(theta, log_n, log_d, log_l))
+    lo_b, hi_b = _bounds(form, log_l)
+    _, ci_theta = profile_intervals(lambda th: _residuals(th, form, log_n, log_d, log_l),
+                                    lambda th: _jacobian(th, form, log_n, log_d, log_l), theta, lo_b, hi_b, ci_level)
+    ci_nat = np.where(np.array([k in ("E", "A", "B") for k in _NAMES[form]])[:, None], np.exp(ci_theta), ci_theta)
+    fit.ci = {k: (float(ci_nat[i, 0]), float(ci_nat[i, 1])) for i, k in enumerate(_NAMES[form])}
+    fit.unidentified = _unidentified(form, theta, ci_theta.T, log_l, fit.ci)
     rng = np.random.default_rng(seed)
     boots = []
     for _ in range(n_boot):
@@ -235,14 +246,8 @@ def fit_scaling(n: Any, d: Any, loss: Any, form: Form | None = None, *, n_boot: 
     fit.resid = resid
     if boots:
         b = np.array(boots)
-        b_nat = np.where([k in ("E", "A", "B") for k in _NAMES[form]], np.exp(b), b)
-        q = (1 - ci_level) / 2 * 100
-        lo, hi = np.percentile(b_nat, [q, 100 - q], axis=0)
-        fit.ci = {k: (float(lo[i]), float(hi[i])) for i, k in enumerate(_NAMES[form])}
-        fit.boot, fit.n_boot = b_nat, len(boots)
-        fit.unidentified = _unidentified(form, theta, np.percentile(b, [q, 100 - q], axis=0), log_l, fit.ci)
-    elif n_boot:  # asked for intervals and got none: nothing is known to be pinned down
-        fit.unidentified = {k: "no bootstrap refit succeeded" for k in _NAMES[form]}
+        fit.boot = np.where([k in ("E", "A", "B") for k in _NAMES[form]], np.exp(b), b)
+        fit.n_boot = len(boots)
     return fit
 
 
@@ -269,11 +274,22 @@ def _unidentified(form: str, theta: np.ndarray, ci_theta: np.ndarray, log_l: np.
     return out
 
 
-def predict_interval(fit: Fit, n: Any = None, d: Any = None, *, seed: int = 0) -> tuple[float, float, float]:
-    """(prediction, low, high) at one point: the bootstrap's fits at (n, d), each times a resampled
-    residual of the fit (so the interval covers a new measurement, not only the mean), at fit.ci_level.
-    Residuals are inflated by sqrt(points / (points - parameters)): a fit hugs its own points."""
+def predict_interval(fit: Fit, n: Any = None, d: Any = None, *, seed: int = 0,
+                     method: Literal["linear-t", "bootstrap"] = "linear-t") -> tuple[float, float, float]:
+    """(prediction, low, high) of a new measurement at one point, at fit.ci_level. linear-t: the
+    linearised interval with Student's t (intervals.linear_prediction); bootstrap (what was used
+    before, kept to compare): the bootstrap's fits at (n, d), each times a resampled residual
+    inflated by sqrt(points / (points - parameters)) -- too narrow with few points."""
     pred = float(fit.predict(n, d))
+    if method == "linear-t":
+        if fit.logs is None:
+            return pred, math.nan, math.nan
+        theta, log_n, log_d, log_l = fit.logs
+        at = [np.log(np.atleast_1d(np.asarray(x if x is not None else 1.0, dtype=float))) for x in (n, d)]
+        grad = _jacobian(theta, fit.form, at[0], at[1], np.zeros(1))[0]
+        half = linear_prediction(lambda th: _residuals(th, fit.form, log_n, log_d, log_l),
+                                 lambda th: _jacobian(th, fit.form, log_n, log_d, log_l), theta, grad, fit.ci_level)
+        return pred, pred * math.exp(-half), pred * math.exp(half)
     if fit.boot is None or fit.resid is None:
         return pred, math.nan, math.nan
     boot = fit.predict_samples(n, d).ravel()

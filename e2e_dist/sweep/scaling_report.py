@@ -1,7 +1,7 @@
 """`e2e-dist scaling`: fit a finished sweep, say what the fit does not know, check it on held-out
 trials, predict, and write scaling_fit.{png,json,md}.
 
-A fit is only as good as the question the sweep asked: a parameter whose bootstrap interval reaches
+A fit is only as good as the question the sweep asked: a parameter whose profile-t interval reaches
 a bound of the search or spans more than 10x is flagged (text, JSON `warnings`, plot title), and a
 compute-optimal split is refused when it would rest on such an exponent. `--holdout` fits without
 one trial and reports how far the prediction for it lands from its measurement; `--predict` gives
@@ -273,7 +273,8 @@ def summary_text(report: dict[str, Any]) -> str:
     """Print-ready summary of a report made by `scaling_report`."""
     pct = int(round(report["ci_level"] * 100))
     lines = [f"{report['formula']}  fitted to {report['n_points']} completed trials "
-             f"(D = {report['d_key']}, log-RMSE {report['rmse_log']:.2%}, {report['n_boot']} bootstrap refits)"]
+             f"(D = {report['d_key']}, log-RMSE {report['rmse_log']:.2%}; {pct}% profile-t intervals, prediction "
+             f"intervals linearised with Student's t)"]
     flagged = _flagged(report)
     for k, v in report["params"].items():
         ci = report["ci"].get(k)
@@ -304,7 +305,8 @@ def summary_markdown(report: dict[str, Any]) -> str:
     out = [f"# Scaling fit: `{report['formula']}`", "",
            f"Results: `{report['results']}` — {report['n_points']} completed trials fitted, N = non-embedding "
            f"parameters, D = `{report['d_key']}`, loss = `{report['metric']}`. Huber fit in log space; "
-           f"{pct}% percentile intervals from {report['n_boot']} bootstrap refits (seed {report['seed']}); "
+           f"{pct}% profile-t intervals (prediction intervals linearised, Student's t); the plot's band from "
+           f"{report['n_boot']} bootstrap refits (seed {report['seed']}); "
            f"log-RMSE {report['rmse_log']:.2%}.", "",
            f"| parameter | fit | {pct}% CI | identified |", "|---|---|---|---|"]
     flagged = _flagged(report)

@@ -38,7 +38,7 @@ TERMINATED, ERROR = "TERMINATED", "ERROR"
 _TUNE_KEYS = {"done", "trial_id", "date", "timestamp", "pid", "hostname", "node_ip", "config", "checkpoint_path",
               "time_this_iter_s", "time_total_s", "time_since_restore", "iterations_since_restore",
               "experiment_tag", "should_checkpoint", "checkpoint_dir_name"}
-_KEEP_STR = {"run_name", "precision"}  # other string metrics (the generated sample) stay out of the table
+_KEEP_STR = {"run_name", "precision", "stop_reason"}  # other string metrics (the generated sample) stay out of the table
 
 
 def trial_index(spec: SweepSpec, trial_id: str) -> int | None:
@@ -135,7 +135,9 @@ class SweepBook:
 
     @staticmethod
     def _finish_state(row: TrialRow) -> str:
-        return "completed" if row.metrics.get("step") == row.max_steps else "stopped"
+        # A trial that early-stopped on its own plateau (trainer.early_stop_patience) finished its run.
+        done = row.metrics.get("step") == row.max_steps or row.metrics.get("stop_reason") == "val_loss_plateau"
+        return "completed" if done else "stopped"
 
     def on_session_start(self, trials) -> None:
         """Before Tune's first step: what an earlier session (restored by `--resume`) finished."""

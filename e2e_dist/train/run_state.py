@@ -33,6 +33,11 @@ class RunState:
     best_val_step: int | None = None
     """The step of that evaluation, reported as `val_loss_best_step`: a best found late in the run
     means the run was still learning when it ended (its loss measures its steps, not its data)."""
+    gain_loss: float | None = None
+    """The val loss the early-stop patience counts from: the last evaluation that came in more than
+    trainer.early_stop_min_delta below the previous such loss (val_loss_best may be lower by less)."""
+    evals_without_gain: int = 0
+    """Evaluations since `gain_loss` was set; the run stops when it reaches early_stop_patience."""
 
     @property
     def resumed_from(self) -> int | None:
@@ -44,10 +49,15 @@ class RunState:
         self.logged_rows = [*self.logged_rows, {"step": step, **{k: v for k, v in row.items()
                                                                   if isinstance(v, (int, float))}}][-ROWS_CARRIED:]
 
-    def note_eval(self, metrics: dict[str, Any]) -> None:
+    def note_eval(self, metrics: dict[str, Any], min_delta: float = 0.0) -> None:
         """After an evaluation: update the best val loss and its step, and add them to `metrics` as
-        val_loss_best and val_loss_best_step."""
+        val_loss_best and val_loss_best_step; count the evaluation toward the early-stop patience
+        unless it beat `gain_loss` by more than `min_delta`."""
         v = metrics.get("val_loss")
+        if isinstance(v, (int, float)) and math.isfinite(v) and (self.gain_loss is None or v < self.gain_loss - min_delta):
+            self.gain_loss, self.evals_without_gain = v, 0
+        else:  # a NaN evaluation is no improvement either
+            self.evals_without_gain += 1
         if isinstance(v, (int, float)) and math.isfinite(v) and (self.best_val_loss is None or v < self.best_val_loss):
             self.best_val_loss, self.best_val_step = v, self.step
         if self.best_val_loss is not None:
@@ -59,7 +69,8 @@ class RunState:
         """What DeepSpeed saves next to the engine (`client_state`), the recent W&B rows included."""
         rows = [r for r in self.logged_rows if r["step"] <= self.step]
         return {"step": self.step, "data": dict(self.data), "units_seen": self.units_seen, "logged_rows": rows,
-                "best_val_loss": self.best_val_loss, "best_val_step": self.best_val_step}
+                "best_val_loss": self.best_val_loss, "best_val_step": self.best_val_step,
+                "gain_loss": self.gain_loss, "evals_without_gain": self.evals_without_gain}
 
     @classmethod
     def from_client_state(cls, state: dict[str, Any], *, micro_batch_size: int, world: int) -> "RunState":
@@ -72,4 +83,5 @@ class RunState:
         if rows is None:  # written before several rows were carried: the one row of its own step
             rows = [{"step": state["step"], **state["logged"]}] if state.get("logged") else []
         return cls(step=state["step"], data=data, units_seen=state.get("units_seen", 0), logged_rows=list(rows),
-                   best_val_loss=state.get("best_val_loss"), best_val_step=state.get("best_val_step"))
+                   best_val_loss=state.get("best_val_loss"), best_val_step=state.get("best_val_step"),
+                   gain_loss=state.get("gain_loss"), evals_without_gain=state.get("evals_without_gain", 0))

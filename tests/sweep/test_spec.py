@@ -17,7 +17,7 @@ from e2e_dist.sweep.spec import POINT_KEY, flatten_params, load_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 TUNE = ROOT / "tune_configs"
-SHIPPED = {"arch_sweep": 12, "data_ablation": 7, "scaling_grid": 12}
+SHIPPED = {"arch_sweep": 12, "data_ablation": 6, "scaling_grid": 12}
 
 
 def tokens_seen(cfg) -> int:
