@@ -140,10 +140,19 @@ def tag_our_lines(level: int = logging.INFO) -> None:
     ours.propagate = False  # Ray's own handlers on the root would print them a second time, untagged
     if not any(getattr(h, "_e2e_dist_tag", False) for h in ours.handlers):
         h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter(TAG + "%(levelname)s %(message)s"))
-        h.addFilter(_for_console)
+        h.setFormatter(_TaggedFormatter())
         h._e2e_dist_tag = True  # type: ignore[attr-defined]
         ours.addHandler(h)
+
+
+class _TaggedFormatter(logging.Formatter):
+    """A worker's record for the driver: tagged for the console, or (FILE_ONLY) untagged, which
+    the driver's RunLog writes to the log file only, like the libraries' lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if _for_console(record):
+            return f"{TAG}{record.levelname} {record.getMessage()}"
+        return f"{record.levelname} {record.name}: {record.getMessage()}"
 
 
 def parse_tagged(line: str) -> tuple[int, str] | None:

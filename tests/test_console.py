@@ -13,15 +13,17 @@ import sys
 from e2e_dist import console
 
 
-def test_workers_tag_our_records_and_leave_file_only_details_out():
-    """What a Ray worker prints for the driver to pick out (a fresh process: the tagging is global)."""
+def test_workers_tag_our_records_and_leave_file_only_details_untagged():
+    """What a Ray worker prints for the driver to pick out (a fresh process: the tagging is global);
+    a FILE_ONLY detail is printed untagged: the driver's RunLog writes it to the log file only."""
     code = ("import logging; from e2e_dist.console import tag_our_lines, FILE_ONLY; tag_our_lines(); "
             "log = logging.getLogger('e2e_dist.data'); log.info('committed x'); log.warning('bad file f'); "
             "log.info('stats', extra=FILE_ONLY); log.debug('noise'); tag_our_lines(); log.info('once')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.splitlines() == ["[e2e-dist] INFO committed x", "[e2e-dist] WARNING bad file f",
-                                        "[e2e-dist] INFO once"]
+                                        "INFO e2e_dist.data: stats", "[e2e-dist] INFO once"]
+    assert console.parse_tagged("INFO e2e_dist.data: stats") is None
     assert console.parse_tagged("[e2e-dist] WARNING bad file f") == (logging.WARNING, "bad file f")
     assert console.parse_tagged("[e2e-dist] NOTALEVEL x") is None
     assert console.parse_tagged("(RayTrainWorker pid=1) [e2e-dist] INFO x") is None  # Ray's prefix is not in the data

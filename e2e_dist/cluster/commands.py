@@ -162,6 +162,7 @@ def watch_nodes(cluster: LocalCluster, exited: set[str]) -> int:
 
 def cmd_cluster_local(args: argparse.Namespace) -> int:
     from e2e_dist.cluster.local import LocalCluster
+    from e2e_dist.cluster.local_record import clear_record, write_record
 
     if args.nodes < 0 or args.num_cpus < 0:
         raise UserError(f"--nodes {args.nodes} / --num-cpus {args.num_cpus}: must be >= 0")
@@ -182,6 +183,8 @@ def cmd_cluster_local(args: argparse.Namespace) -> int:
         for port in args.expose:
             cluster.expose(port)
         print(cluster.describe())
+        if not args.separate_hosts:  # a driver joins through a raylet on its own machine: loopback nodes only
+            print(f"  this machine     : e2e-dist train|sweep ... --address auto   (joins this cluster: {write_record(cluster.address, cluster.dashboard_url)})")
         if args.auth == "token":
             print(token_hint(cluster.home))
         print("Ctrl-C stops every process this command started (and nothing else).", flush=True)
@@ -191,6 +194,7 @@ def cmd_cluster_local(args: argparse.Namespace) -> int:
         print(f"stopping ...{kept}", file=sys.stderr)
         return 0
     finally:
+        clear_record()
         # The logs of a node that exited on its own are what explains it: keep them.
         cluster.stop(keep_dirs=bool(exited))
         for sig, handler in previous.items():

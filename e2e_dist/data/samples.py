@@ -142,6 +142,37 @@ class SampleSet:
         return replace(self, starts=starts, reader=reader, materialized=True)
 
 
+    def read_in_background(self, ids: np.ndarray, *, tasks: int = 2) -> "SampleSet":
+        """Like `materialize(ids)`, but returns at once: `tasks` plain Ray tasks read and decode the
+        samples while the caller goes on, and the first read of the new set waits for them.
+
+        Why not Ray Data here: for a small selection (the validation samples every evaluation
+        scores) the streaming executor's own start costs more than the reading (~2.5 s of a 1-step
+        run's start-up on 2 cores for 512 text windows), and it blocked the driver before Train
+        could start its workers; the workers need these samples only at their first evaluation."""
+        import ray
+
+        ids = np.asarray(ids, dtype=np.int64)
+        parts = [p for p in np.array_split(ids, max(1, min(tasks, len(ids)))) if len(p)]
+        reader = ray.put(self.reader)  # once, not once per task
+        read = ray.remote(num_cpus=0)(_read_block)
+        refs = [read.remote(reader, p, max(1, self.rows_per_task)) for p in parts]
+        return replace(self, starts=np.arange(len(ids) + 1, dtype=np.int64),
+                       reader=MaterializedReader(refs, [len(p) for p in parts]), materialized=True)
+
+
+def _read_block(reader: Any, ids: np.ndarray, chunk: int) -> dict[str, np.ndarray]:
+    """One background read task: the samples `ids` decoded, as one block of columns (one row per id)."""
+    parts, pos = [], 0
+    for cols, _ in read_in_chunks(reader, ids, chunk):
+        n = len(cols[VALID])
+        parts.append((np.arange(pos, pos + n), cols))
+        pos += n
+    if pos != len(ids):
+        raise RuntimeError(f"reader {type(reader).__name__} returned {pos} rows for {len(ids)} samples")
+    return gather(parts, pos)
+
+
 def read_dataset(id_lists: list[np.ndarray], reader: Any, *, tasks: int, name: str, node_id: str | None = None,
                  chunk: int = 256):
     """Ray Dataset: one read task per id list, rows in list order, `chunk` rows per output block

@@ -7,14 +7,17 @@ actor, Ray ends the Train controller and workers it owns, and the W&B run never 
    the trial to stop), records the stop on the sweep's `StopBoard` actor;
 2. Tune calls the trial actor's `cleanup` (`SweepTrial` in runner.py), which waits, up to
    $E2E_DIST_TRIAL_STOP_GRACE_S (300 s), for the trial's driver to return;
-3. at the trial's next report (`StopAtNextReport`, in every worker) rank 0 finishes the W&B run
+3. rank 0 of the trial polls the board every 2 s (`train/stop_watch.py`); its next logging step
+   shares the news with every rank (in the metrics all-reduce) and becomes a report;
+   at that report (`StopAtNextReport`, in every worker) rank 0 finishes the W&B run
    with `stopped_early: 1`, `stopped_at_step`, `stop_decision_step` and `stopped_by` in its summary
    (exit code 0); the report, and the checkpoint it may carry, goes through; then the workers wait;
 4. the controller, receiving that report (`ReportUnlessStopped`), does not forward it to Tune and
    aborts the Train run as Ray does on Ctrl+C (`TrainController.abort`): workers shut down, the
    placement group removed; `fit()` raises, the driver returns, the actor ends.
-So a stopped trial trains on to its next report (an evaluation or checkpoint; Tune's own function
-API also stops a trial only at a report), and its newest committed checkpoint is complete. Its row
+So a stopped trial trains on to its next logging step (seconds; Tune's own function API stops a
+trial only at a report, which would be its next evaluation or checkpoint), and its newest committed
+checkpoint is complete. Its row
 in results.jsonl keeps the result the scheduler judged. A trial that does not reach a report in time,
 and every trial that Ctrl+C interrupts (Tune requests no stop for those), is ended as before.
 """
@@ -25,6 +28,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +67,8 @@ class StopBoard:
 
     def request(self, trial_id: str, step: int | None, by: str) -> None:
         """The scheduler stopped the trial after its result at `step`."""
-        self.trials.setdefault(trial_id, {"acked": False, "done": False})["stop"] = {"step": step, "by": by}
+        self.trials.setdefault(trial_id, {"acked": False, "done": False})["stop"] = {"step": step, "by": by,
+                                                                                    "at": time.time()}
 
     def requested(self, trial_id: str) -> dict[str, Any] | None:
         return self.trials.get(trial_id, {}).get("stop")
@@ -240,3 +245,4 @@ def await_graceful_stop() -> None:
     if not trial.returned.wait(stop_grace_s()):
         log.warning("trial %s did not reach a report within %s s of its stop: ending it now (its W&B run "
                     "is left unfinished)", trial.trial_id, stop_grace_s())
+

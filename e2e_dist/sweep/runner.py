@@ -28,6 +28,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 from typing import Any, Iterator
 
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -35,6 +36,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from e2e_dist import storage
 from e2e_dist.config import RunConfig, redact
 from e2e_dist.errors import ConfigError, UserError
+from e2e_dist.sweep import shared_data
 from e2e_dist.sweep.results import SPEC_FILE
 from e2e_dist.sweep.early_stop import (ReportUnlessStopped, StopAtNextReport, await_graceful_stop, begin_trial,
                                        start_board, stop_grace_s)
@@ -78,20 +80,26 @@ def trial_driver(config: dict[str, Any], spec: SweepSpec, board: Any = None, fau
     from e2e_dist.console import tag_our_lines
     from e2e_dist.train.launcher import RunFailed, fit_run
 
+    t0 = time.time()  # the trial's clock (its actor's process may be older: Ray pools them)
     tag_our_lines()
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_run_config(spec, config, trial_id)
     _pin_cluster_address()
+    shared = shared_data.lookup(spec.sweep_uri)
     stop = None
     if board is not None:
         stop = begin_trial(board, trial_id)
     callbacks = [TuneReportCallback()] if stop is None else [ReportUnlessStopped(stop), StopAtNextReport(stop)]
     try:
         # "" (not None): the trial's drill is the sweep command's, never this actor's environment
-        fit_run(cfg, resume=None, callbacks=callbacks, fault=fault or "")
+        fit_run(cfg, resume=None, callbacks=callbacks, fault=fault or "", t0=t0, trial_stop=stop, shared_data=shared)
     except RunFailed as e:  # the trial's error file ends with the root cause
-        if stop is not None and stop.requested() is not None:
-            log.info("trial %s: stopped by the scheduler; its Train run was aborted (%s)", cfg.name, e.root_cause)
+        decision = stop.requested() if stop is not None else None
+        if decision is not None:
+            # fit() returns once Train has shut the workers down and removed their placement group
+            log.info("trial %s: stopped by the scheduler; its workers were released %.1f s after the decision",
+                     cfg.name, time.time() - decision.get("at", time.time()))
+            log.debug("trial %s: the aborted Train run said: %s", cfg.name, e.root_cause)
             return
         raise
     finally:
@@ -259,6 +267,7 @@ def _run_sweep(spec: SweepSpec, resume: bool, address: str | None, live: bool | 
 
     out = out or sys.stdout
     board = start_board()
+    shared = shared_data.start(spec.sweep_uri)  # each distinct data config prepared once, for every trial
     book = SweepBook(spec, live=live, out=out, board=board, stop_grace_s=stop_grace_s())
     key = spec.sweep_uri
     register_book(key, book)
@@ -276,7 +285,11 @@ def _run_sweep(spec: SweepSpec, resume: bool, address: str | None, live: bool | 
     finally:
         book.stop_live()
         register_book(key, None)
+        with contextlib.suppress(Exception):
+            log.info("sweep %s: data prepared %s", spec.name, ray.get(shared.counts.remote(), timeout=10),
+                     extra=console.FILE_ONLY)
         ray.kill(board)
+        ray.kill(shared)
     _print_final(book, out, log_path)
     left = trials_left(spec, len(rows), [r.name for r in book.unfinished_rows()])
     if left:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from e2e_dist.config import RunConfig
+from e2e_dist.train import compile_cache
 from e2e_dist.train.deepspeed_config import build_deepspeed_config, lr_lambda
 from e2e_dist.train.flops import shape_counts
 
@@ -23,6 +24,8 @@ class Built:
     n_params_non_embedding: int
     flops_per_step: float
     """Training FLOPs of one optimizer step on one rank (all micro-batches)."""
+    compile_cache_loaded: int = 0
+    """Bytes of shared torch.compile cache loaded before compiling (train/compile_cache.py)."""
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -76,9 +79,11 @@ def build_engine(cfg: RunConfig, *, device: torch.device, world: int, load_unive
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                        config=ds_config, dist_init_required=False)
+    loaded = 0
     if resolve_compile(cfg, on_gpu):
+        loaded = compile_cache.load(cfg, device)  # the kernels an earlier run compiled, if any (any node)
         engine.compile()
-    return Built(model=model, engine=engine, scheduler=scheduler, n_params=counts.n_params,
+    return Built(model=model, engine=engine, scheduler=scheduler, n_params=counts.n_params, compile_cache_loaded=loaded,
                  n_params_non_embedding=counts.n_params_non_embedding,
                  flops_per_step=counts.train_flops_per_micro_batch * t.grad_accum_at(world))
 

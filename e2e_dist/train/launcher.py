@@ -12,6 +12,7 @@ from typing import Any, Literal
 from e2e_dist.config import RunConfig, dump_yaml
 from e2e_dist.checkpoint.layout import CommittedCheckpoint
 from e2e_dist.errors import UserError
+from e2e_dist.train.timeline import Timeline
 
 log = logging.getLogger("e2e_dist.launcher")
 
@@ -72,9 +73,12 @@ def record_run(cfg: RunConfig) -> None:
 
 
 def build_trainer(cfg: RunConfig, *, train, val, collate, progress_actor=None, callbacks=None,
-                  data_stats: dict[str, float] | None = None, fault: str | None = None):
+                  data_stats: dict[str, float] | None = None, fault: str | None = None,
+                  timeline_t0: float | None = None, trial_stop=None):
     """The TorchTrainer for one run; also used by each sweep trial's driver. train: the train split
-    (a SampleSet: each rank reads its own samples, train/batches.py); val: the validation selection."""
+    (a SampleSet: each rank reads its own samples, train/batches.py); val: the validation selection.
+    timeline_t0: the driver's start (wall clock), against which rank 0 marks its start-up phases.
+    trial_stop: a sweep trial's TrialStop (sweep/early_stop.py), which rank 0 watches."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -90,7 +94,7 @@ def build_trainer(cfg: RunConfig, *, train, val, collate, progress_actor=None, c
     use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     backend = t.backend if t.backend != "auto" else ("nccl" if use_gpu else "gloo")
     loop_config = {"run": cfg.model_dump(mode="json"), "train": train, "val": val, "collate": collate,
-                   "progress_actor": progress_actor,
+                   "progress_actor": progress_actor, "timeline_t0": timeline_t0, "trial_stop": trial_stop,
                    "fault": fault, "fault_dir": fault_marker_dir(cfg.run_uri),
                    "data_stats": dict(data_stats or {})}
     run_config = ray.train.RunConfig(
@@ -145,17 +149,21 @@ def what_now(cfg: RunConfig) -> str:
 
 
 def fit_run(cfg: RunConfig, *, resume: bool | None, address: str | None = None,
-            progress: Literal["live", "quiet"] | None = None, callbacks=None, fault: str | None = None) -> RunSummary:
+            progress: Literal["live", "quiet"] | None = None, callbacks=None, fault: str | None = None,
+            t0: float | None = None, trial_stop=None, shared_data=None) -> RunSummary:
     """One run, from a validated config to a finished Ray Train fit: the one path of `e2e-dist train`
     and of every sweep trial. resume: see prepare_run_dir. address: the Ray cluster (None: the one
     this process is connected to, else a private local instance). progress: the workers report
     to a display actor, "live" also renders it on this console (None: no display, as in sweep
     trials, which have the sweep's table). fault: E2E_DIST_FAULT for drills (default: this process's environment).
+    t0: when the run's clock starts (default: this process's start, so the CLI's imports count; a
+    sweep trial passes its own). trial_stop: a sweep trial's TrialStop (its workers watch it).
+    shared_data: a sweep's SharedData actor, which prepares each distinct data config once.
     Raises UserError before anything starts, RunFailed (the root cause in one line) after."""
     from e2e_dist import console
     from e2e_dist.data.registry import check_data
 
-    t0 = time.time()
+    timeline = Timeline(t0=t0) if t0 is not None else Timeline()
     check_data(cfg.data, cfg.storage)  # bad data paths: one line before Ray starts or anything is written
     prepare_run_dir(cfg, resume=resume)
     # A run of its own (not a sweep trial, whose sweep keeps the log) writes what libraries print to
@@ -164,61 +172,99 @@ def fit_run(cfg: RunConfig, *, resume: bool | None, address: str | None = None,
     with run_log or contextlib.nullcontext():
         if run_log:
             log.info("log file: %s", run_log.path)
-        summary = _fit(cfg, address, progress, callbacks, fault, t0)
+        timeline.mark("config checked")
+        summary = _fit(cfg, address, progress, callbacks, fault, timeline, trial_stop, shared_data)
     summary.log_path = str(run_log.path) if run_log else None
     return summary
 
 
-def _fit(cfg: RunConfig, address: str | None, progress, callbacks, fault: str | None, t0: float) -> RunSummary:
+def _fit(cfg: RunConfig, address: str | None, progress, callbacks, fault: str | None, timeline: Timeline,
+         trial_stop=None, shared_data=None) -> RunSummary:
     from e2e_dist import storage
     from e2e_dist.checkpoint import checkpoint_dir_name
-    from e2e_dist.data.registry import build_data
     from e2e_dist.tracking.run_location import wandb_run_dir, wandb_stored_dir
     from e2e_dist.train import elastic
     from e2e_dist.train.progress import ProgressDisplay
     from e2e_dist.train.ray_env import init_ray
 
     init_ray(address)  # an open RunLog takes over Ray's worker output here (console.ray_started)
-    bundle = build_data(cfg.data, cfg.model, cfg.storage)
-    train, val = prepare_splits(bundle, cfg)
+    timeline.mark("Ray up")
+    if shared_data is not None:  # a sweep trial: prepared once per distinct data config (sweep/shared_data.py)
+        from e2e_dist.sweep.shared_data import prepared_for
+
+        data = prepared_for(shared_data, cfg)
+    else:
+        data = prepare_data(cfg, timeline)
+    timeline.mark("data ready")
     record_run(cfg)
     display_cm = (ProgressDisplay(cfg.name, quiet=progress == "quiet", ckpt_every=cfg.trainer.ckpt_every,
                                   total=cfg.trainer.max_steps)
                   if progress else contextlib.nullcontext())
     with display_cm as display:
-        trainer = build_trainer(cfg, train=train, val=val, collate=bundle.collate,
+        trainer = build_trainer(cfg, train=data.train, val=data.val, collate=data.collate,
                                 progress_actor=display.actor if display else None, callbacks=callbacks,
-                                data_stats=bundle.stats,
-                                fault=fault if fault is not None else os.environ.get("E2E_DIST_FAULT"))
+                                data_stats=data.stats,
+                                fault=fault if fault is not None else os.environ.get("E2E_DIST_FAULT"),
+                                timeline_t0=timeline.t0, trial_stop=trial_stop)
+        timeline.mark("trainer started")
         try:
             # an elastic run's short worker-group start timeout, which Train's controller copies (train/elastic.py)
             with elastic.fit_env(cfg.trainer.elastic):
                 result = trainer.fit()
+            timeline.mark("fit returned")
         except Exception as e:  # Ray wraps worker errors; surface the root cause's one line
+            timeline.mark("fit returned")
+            timeline.log(f"run {cfg.name!r} timeline (failed)")
             raise RunFailed(cfg.name, root_cause(e), what_now(cfg)) from e
     metrics = dict(result.metrics or {})
+    timeline.add_reported(metrics)
+    timeline.log(f"run {cfg.name!r} timeline")
+    metrics.update({k: v for k, v in timeline.metrics().items() if k not in metrics})
     # The final checkpoint is saved synchronously: a fit that returned has committed it.
     final = storage.join(cfg.run_uri, checkpoint_dir_name(metrics["step"])) if "step" in metrics else None
     return RunSummary(name=cfg.name, run_uri=cfg.run_uri, metrics=metrics, checkpoint_uri=final,
                       wandb_dir=wandb_run_dir(cfg), wandb_copy=wandb_stored_dir(cfg),
-                      data_stats=dict(bundle.stats), wall_s=time.time() - t0)
+                      data_stats=dict(data.stats), wall_s=time.time() - timeline.t0)
+
+
+@dataclass(kw_only=True)
+class PreparedData:
+    """A run's data as its workers get it (what a sweep shares between trials of one data config)."""
+
+    train: Any
+    """The train SampleSet: read by each rank, or in the object store (data.cache_mb)."""
+    val: Any
+    """The validation selection, in the object store (read in the background)."""
+    collate: Any
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def prepare_data(cfg: RunConfig, timeline: Timeline | None = None) -> PreparedData:
+    """The data source's splits (data/registry.py), then what the workers get of them."""
+    from e2e_dist.data.registry import build_data
+
+    bundle = build_data(cfg.data, cfg.model, cfg.storage)
+    if timeline is not None:
+        timeline.mark("data planned")
+    train, val = prepare_splits(bundle, cfg)
+    return PreparedData(train=train, val=val, collate=bundle.collate, stats=dict(bundle.stats))
 
 
 def prepare_splits(bundle, cfg: RunConfig):
     """(train, val) as the workers get them. Validation: the fixed selection every evaluation scores
-    (trainer.eval_samples spread over the split), read once into the object store, and never more
-    of the split. Train: a set worth it whose decoded size is under data.cache_mb is read and
+    (trainer.eval_samples spread over the split), read once into the object store in the background
+    while Train starts its workers, and never more of the split. Train: a set worth it whose decoded size is under data.cache_mb is read and
     decoded once too, so every epoch gathers from memory; any other is read by each rank, its
     samples only."""
     from e2e_dist.console import FILE_ONLY
     from e2e_dist.data.order import eval_selection
 
     t0 = time.perf_counter()
-    val = bundle.val.materialize(eval_selection(bundle.val.n, cfg.trainer.eval_samples))
+    val = bundle.val.read_in_background(eval_selection(bundle.val.n, cfg.trainer.eval_samples))
     train = bundle.train.shared()
     if train.keep_in_memory(cfg.data.cache_mb):
         train = train.materialize()
-    log.info("data: train %d samples in %d blocks (%s), val selection %d of %d samples; prepared in %.1f s",
+    log.info("data: train %d samples in %d blocks (%s), val selection %d of %d samples (read in the background); prepared in %.1f s",
              train.n, train.blocks, "in memory" if train.materialized else "read by each rank", val.n, bundle.val.n,
              time.perf_counter() - t0, extra=FILE_ONLY)
     return train, val

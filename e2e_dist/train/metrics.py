@@ -60,16 +60,18 @@ class MetricWindow:
     def end_step(self) -> None:
         self.steps += 1
 
-    def flush(self, unit_name: str, *, preempt_requested: bool = False) -> tuple[dict[str, float], bool]:
-        """Reduce across ranks and return (interval metrics, whether any rank asked to preempt).
+    def flush(self, unit_name: str, *, preempt_requested: bool = False,
+              stop_requested: bool = False) -> tuple[dict[str, float], bool, bool]:
+        """Reduce across ranks and return (interval metrics, whether any rank asked to preempt,
+        whether any rank was told its sweep trial is stopped).
 
-        Every rank gets the same numbers; the preemption flag rides in the same collective, so
-        checking it costs nothing extra."""
+        Every rank gets the same numbers; the flags ride in the same collective, so checking them
+        costs nothing extra."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - self.t0
         red = all_reduce_sum({"loss": self.loss_sum, "n": float(self.micro_batches), "units": float(self.units),
-                              "preempt": float(preempt_requested)}, self.device)
+                              "preempt": float(preempt_requested), "stop": float(stop_requested)}, self.device)
         steps = max(self.steps, 1)
         step_time = elapsed / steps
         achieved = self.flops_per_step / step_time if step_time > 0 else 0.0  # per device
@@ -85,4 +87,4 @@ class MetricWindow:
         if m is not None:
             out["mfu"] = m
         self._reset()
-        return out, red["preempt"] > 0
+        return out, red["preempt"] > 0, red["stop"] > 0

@@ -45,6 +45,17 @@ NODE_DEATH_ENV = {
 }
 
 
+TRAIN_CONTROLLER_ENV = {
+    # Train V2's controller polls its workers this often (Ray's default: every 2 s), and each poll
+    # is when it learns that the group started, a report arrived or the function returned: up to
+    # 2 s added at a run's start and again at its end, per trial in a sweep. A poll is one small
+    # RPC per worker; a worker that misses polls is called hung only after 10 min either way.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
+"""Set in the driver (Train copies it to the controller it starts) and in the job's workers (a
+sweep trial's actor starts its own Train controller)."""
+
+
 def on_this_node() -> dict:
     """`.options(**on_this_node())`: hard affinity to this process's node, for a driver's helper
     actors (the progress display's, a sweep's stop board). Ray places a 0-CPU actor on whichever
@@ -112,6 +123,8 @@ def _cluster_runtime_env(address: str) -> dict | None:
     if address.startswith("ray://"):
         return None
     job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not job_config:  # a driver joining by address: no job runtime_env to merge with
+        return {"worker_process_setup_hook": WORKER_SETUP_HOOK, "env_vars": dict(TRAIN_CONTROLLER_ENV)}
     if job_config:
         try:
             job_hook = (json.loads(job_config).get("runtime_env") or {}).get("worker_process_setup_hook")
@@ -126,16 +139,8 @@ def _cluster_runtime_env(address: str) -> dict | None:
     return {"worker_process_setup_hook": WORKER_SETUP_HOOK}
 
 
-def init_ray(address: str | None = None, opts: LocalRayOptions | None = None) -> None:
-    """Connect to `address` (ray://, host:port) or, when None, start a private local instance.
-
-    Inside a Ray job (`e2e-dist submit`, `ray job submit`) RAY_ADDRESS names the cluster: use it.
-    No-op when Ray is already initialized in this process (tests share one instance).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
+def _set_driver_env() -> None:
+    """Ray's and Train's settings for this driver (kept where the caller set them already)."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # Train V2's PreemptionWatcher (an actor per worker group that polls node drain state and
@@ -144,16 +149,36 @@ def init_ray(address: str | None = None, opts: LocalRayOptions | None = None) ->
     # arguments, which its core worker reports as an E-level line on every healthy run. Train
     # propagates this variable to its controller.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    for k, v in TRAIN_CONTROLLER_ENV.items():
+        os.environ.setdefault(k, v)
     # Repeated worker lines are folded, which keeps the progress display readable.
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray Data's progress bars are noise in CI logs and our own display.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+def init_ray(address: str | None = None, opts: LocalRayOptions | None = None) -> None:
+    """Connect to `address` (ray://, host:port; `auto`: the cluster `e2e-dist cluster local` keeps
+    up on this machine, cluster/local_record.py) or, when None, start a private local instance.
+
+    Inside a Ray job (`e2e-dist submit`, `ray job submit`) RAY_ADDRESS names the cluster: use it.
+    No-op when Ray is already initialized in this process (tests share one instance).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    _set_driver_env()
     # Ray Data may have read its settings at import already (the loop module imports it), and
     # datasets take their context from the driver: apply ours there now.
     quiet_library_logs()
-    address = address or os.environ.get("RAY_ADDRESS")
+    from e2e_dist.cluster.local_record import resolve_address
+
+    address = resolve_address(address) or os.environ.get("RAY_ADDRESS")
     if address:
+        if address.split("://")[-1].startswith("127."):  # a loopback cluster (`cluster local`): stay on loopback,
+            ray_compat.disable_multinode_switch()        # where Ray would rewrite 127.0.0.1 to the primary address
         # The job's own runtime_env (working dir, env vars) applies; ours adds only the SIGTERM
         # hook, and only where Ray merges it without conflict and runs it (see below).
         ray.init(address=address, log_to_driver=True, runtime_env=_cluster_runtime_env(address), **_logging_kwargs())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from e2e_dist.config import RunConfig
 from e2e_dist.tracking.run_location import wandb_sync_command
 from e2e_dist.train.launcher import RunSummary
+from e2e_dist.train.timeline import startup_line
 
 
 def _num(v, fmt: str = ".4f") -> str:
@@ -19,6 +20,13 @@ def print_run_summary(s: RunSummary, cfg: RunConfig) -> None:
         f"steps          {m.get('step', '-')}   world size {m.get('world_size', '-')}   ZeRO {m.get('zero_stage', '-')}   {m.get('precision', '')}",
         f"train loss     {_num(m.get('loss'))}",
     ]
+    t = cfg.trainer
+    if t.early_stop_patience is not None:  # why the run ended where it did
+        best = f"best val loss {_num(m.get('val_loss_best'))} at step {m.get('val_loss_best_step', '-')}"
+        rule = f"{t.early_stop_patience} evaluations in a row without a val loss {t.early_stop_min_delta:g} below the best"
+        why = (f"early at step {m.get('step')} of at most {t.max_steps}: {rule}" if m.get("stop_reason") == "val_loss_plateau"
+               else f"at max_steps {t.max_steps}, still improving (early stop needs {rule})")
+        lines.append(f"stopped        {why}; {best}")
     for key, label in (("val_loss", "val loss"), ("val_bpb", "bits per byte"), ("val_acc", "val accuracy"),
                        ("val_cer", "val CER"), ("val_wer", "val WER")):
         if key in m:
@@ -35,6 +43,9 @@ def print_run_summary(s: RunSummary, cfg: RunConfig) -> None:
     if isinstance(fetched, (int, float)):  # this start resumed: what its nodes downloaded to restore
         lines.append(f"restored       {fetched / 1e6:,.1f} MB fetched by all nodes, "
                      f"{m.get('restore/bytes_fetched_max_node', 0) / 1e6:,.1f} MB by the busiest")
+    startup = startup_line(m)
+    if startup:  # the fixed cost every run pays before training (the whole timeline: the log file)
+        lines.append(f"start-up       {startup}")
     lines.append(f"checkpoint     {s.checkpoint_uri or '-'}")
     lines.append(f"W&B run        {s.wandb_dir or '-'}")
     if s.wandb_copy:

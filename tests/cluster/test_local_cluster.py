@@ -13,16 +13,21 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from e2e_dist.cli import main
-from e2e_dist.cluster import commands, jobs
+from e2e_dist.cluster import commands, jobs, local_record
 from e2e_dist.cluster.local import LocalCluster
 from e2e_dist.cluster.local_node import LocalNode, node_pids, stop_node
-from e2e_dist.train.ray_env import WORKER_SETUP_HOOK, _cluster_runtime_env
+from e2e_dist.train.ray_env import (
+    TRAIN_CONTROLLER_ENV,
+    WORKER_SETUP_HOOK,
+    _cluster_runtime_env,
+)
 from tests.helpers.processes import alive, bystander
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,7 +117,11 @@ def test_cluster_local_goes_on_when_a_worker_node_is_lost(tmp_path: Path) -> Non
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     argv = [sys.executable, "-m", "e2e_dist.cli", "cluster", "local", "--nodes", "1", "--auth", "disabled",
             "--object-store-mb", "100"]
-    proc = subprocess.Popen(argv, stdout=out.open("w"), stderr=err.open("w"), cwd=ROOT, start_new_session=True)
+    # its own cache folder: where it records its address for `--address auto` (cluster/local_record.py)
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")},
+           "E2E_DIST_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen(argv, stdout=out.open("w"), stderr=err.open("w"), cwd=ROOT, start_new_session=True,
+                            env=env)
     nodes: dict[str, LocalNode] = {}
     try:
         started = _wait_for_text(out, "Ctrl-C stops", 300, proc)
@@ -120,6 +129,7 @@ def test_cluster_local_goes_on_when_a_worker_node_is_lost(tmp_path: Path) -> Non
             nodes[name] = LocalNode(name=name, temp_dir=Path(d) / "ray", log_path=Path(log), pid=int(pid),
                                     ip="127.0.0.1")
         assert sorted(nodes) == ["head", "worker1"], started
+        _train_joins_the_running_cluster(tmp_path, env)
         head_pids, worker = node_pids(nodes["head"]), nodes["worker1"]
         os.killpg(worker.pgid, signal.SIGKILL)  # the machine is gone: its `ray start` and raylet at once
 
@@ -146,6 +156,26 @@ def test_cluster_local_goes_on_when_a_worker_node_is_lost(tmp_path: Path) -> Non
             shutil.rmtree(nodes["head"].log_path.parent, ignore_errors=True)
 
 
+def _train_joins_the_running_cluster(tmp_path: Path, env: dict[str, str]) -> None:
+    """`e2e-dist train --address auto` beside a running `cluster local`: joins it (no Ray of its
+    own started), and its log file holds the start-up timeline, driver and rank 0 phases together."""
+    run = subprocess.run([sys.executable, "-m", "e2e_dist.cli", "train", "tiny-text", "--address", "auto", "--quiet",
+                          "--set", "trainer.max_steps=2", "--set", "trainer.num_workers=1", "--set", "data.max_files=20",
+                          "--set", f"storage.path={tmp_path}/runs"],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    first = re.search(r"start-up +first step at ([\d.]+) s", run.stdout)
+    assert first, run.stdout
+    log = Path(re.search(r"log file +(\S+\.log)", run.stdout).group(1)).read_text()
+    assert "Started a local Ray instance" not in log and not (tmp_path / ".cache" / "ray").exists()
+    timeline = log[log.index("timeline, seconds from the process start"):]
+    marks = [line.split(")", 1)[1].strip() for line in timeline.splitlines()[1:] if line.startswith("  +")]
+    for phase in ("config checked", "Ray up", "data ready", "trainer started", "worker process started",
+                  "engine built", "first batch", "first step", "fit returned"):
+        assert phase in marks, (phase, timeline[:2000])
+    assert marks.index("trainer started") < marks.index("engine built") < marks.index("first step")
+
+
 # ------------------------------------------------------------------ fast checks (no cluster)
 class _FakeNode:
     """alive() until `dies_at` watch rounds have passed; at the `sigterm_at` round the head sends SIGTERM to
@@ -167,6 +197,7 @@ class _FakeNode:
 class _FakeCluster:
     def __init__(self, nodes: list[_FakeNode]):
         self.nodes, self.home, self.base_dir = nodes, Path("/tmp/e2elc-fake/home"), Path("/tmp/e2elc-fake")
+        self.address, self.dashboard_url = "127.0.0.1:6390", "http://127.0.0.1:8290"
         self.removed: list[str] = []
         self.stops: list[bool] = []
 
@@ -187,6 +218,7 @@ def _run_cluster_local(monkeypatch: pytest.MonkeyPatch, nodes: list[_FakeNode]) 
     made: list[_FakeCluster] = []
     monkeypatch.setattr("e2e_dist.cluster.local.LocalCluster", lambda **kw: made.append(_FakeCluster(nodes)) or made[0])
     monkeypatch.setattr(commands, "WATCH_INTERVAL_S", 0.01, raising=False)
+    monkeypatch.setenv("E2E_DIST_CACHE", tempfile.mkdtemp(prefix="e2elc-cache-"))  # where it records its address
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     rc = main(["cluster", "local", "--nodes", str(len(nodes) - 1), "--auth", "disabled"])
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # put back as they were
@@ -199,7 +231,11 @@ def test_cluster_local_names_a_lost_worker_node_and_goes_on(monkeypatch: pytest.
     head = _FakeNode("head", rounds, sigterm_at=8)
     nodes = [head, _FakeNode("worker1", rounds, dies_at=3), _FakeNode("worker2", rounds)]
     rc, cluster = _run_cluster_local(monkeypatch, nodes)
-    err = capsys.readouterr().err.splitlines()
+    out, err = capsys.readouterr()
+    err = err.splitlines()
+    # while it ran, `--address auto` would join it: it said so and recorded where; stopped, no record
+    record = local_record.record_path()
+    assert f"--address auto   (joins this cluster: {record})" in out and not record.exists()
     assert rc == 0 and rounds[0] == 8  # watched on after the loss, until SIGTERM
     assert err == ["ray node worker1 exited; the rest of the cluster goes on (its log: /tmp/e2elc-fake/worker1.log)",
                    "stopping ... (logs kept in /tmp/e2elc-fake: worker1 exited)"]
@@ -252,7 +288,8 @@ def test_forwarded_env_and_redaction(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_driver_adds_the_hook_only_where_ray_merges_and_runs_it(monkeypatch: pytest.MonkeyPatch) -> None:
     ours = {"worker_process_setup_hook": WORKER_SETUP_HOOK}
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
-    assert _cluster_runtime_env("127.0.0.1:6379") == ours  # a driver outside any job
+    # a driver outside any job: no job runtime_env to merge with, so Train's controller settings too
+    assert _cluster_runtime_env("127.0.0.1:6379") == {**ours, "env_vars": TRAIN_CONTROLLER_ENV}
     assert _cluster_runtime_env("ray://127.0.0.1:10001") is None  # Ray Client never runs the hook
 
     def job(runtime_env: dict) -> None:

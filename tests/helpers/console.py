@@ -12,7 +12,7 @@ OUR_LINES = [re.compile(p) for p in (
     (r"resumed from the committed checkpoint of step \d+( on \d+ workers \(was \d+\))?; fetched [\d.,]+ MB on "
      r"this node, [\d.,]+ MB on \d+ node\(s\) \(checkpoint [\d.,]+ MB(, universal form [\d.,]+ MB)?\)"),
     r"fetched \d+ W&B file\(s\) of this run from \S+",
-    r"trial \S+: stopped by the scheduler; its Train run was aborted \(.*\)",
+    r"trial \S+: stopped by the scheduler; its workers were released [\d.]+ s after the decision",
     r"(warning|error): .+",
     r"e2e-dist: (warning|error): .+",
     # the end-of-run summary (train/report.py)
@@ -26,6 +26,7 @@ OUR_LINES = [re.compile(p) for p in (
     r" {15}upload it: .+",
     r"log file {7}/\S+\.log",
     r"data read {6}.+",
+    r"start-up {7}first step at [\d.]+ s( \(.+ s\))?",
     r"restored {7}[\d.,]+ MB fetched by all nodes, [\d.,]+ MB by the busiest",
     r"data: .+",                                                         # what the data plan did (data/)
     # submit / jobs (cluster/jobs.py)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -234,8 +235,8 @@ scheduler: {{type: asha, max_t: {max_steps // 4}, grace_period: 1, reduction_fac
     assert any(r["status"] == "completed" and r["metrics"]["step"] == max_steps for r in rows.values())
     assert rows[1e-8]["status"] == "error" and "fewer than one window" in rows[1e-8]["error"]
     # W&B: one run per trial that trained, in the shared W&B dir, each one finished (exit code 0).
-    # A stopped trial trains on to its next report (every 4 steps here) and finishes its run there,
-    # saying so; its row keeps the result ASHA judged.
+    # A stopped trial trains on to its next logging step after rank 0 saw the stop (every 4 steps
+    # here), reports there and finishes its run, saying so; its row keeps the result ASHA judged.
     wandb_dir = tmp_path / "wb" / "wandb"
     runs = {read_run(f).name: f for f in find_run_files(wandb_dir)}
     trained = {lr: r for lr, r in rows.items() if r["status"] != "error"}
@@ -268,6 +269,16 @@ scheduler: {{type: asha, max_t: {max_steps // 4}, grace_period: 1, reduction_fac
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
         time.sleep(1)
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+    # ... and soon: the trial reports at its next logging step after rank 0 saw the stop (polled
+    # every 2 s), not at its next evaluation or checkpoint
+    from e2e_dist.console import default_log_path
+
+    logs = "".join(p.read_text() for p in default_log_path(spec.sweep_uri, spec.name).parent.glob(f"{spec.name}-*.log"))
+    released = [float(m) for m in re.findall(r"its workers were released ([\d.]+) s after the decision", logs)]
+    assert released and max(released) < 30, logs[-3000:]
+    # the three trials of one data config prepared it once (sweep/shared_data.py); the 40-byte one failed in it
+    assert "data prepared {'prepared': 1, 'reused': 2}" in logs, logs[-3000:]
+    assert logs.count("reuses the data an earlier trial of the sweep prepared") == 2
 
 
 # ----------------------------------------------------------------------- interrupt, fail, resume

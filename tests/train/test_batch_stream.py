@@ -107,6 +107,18 @@ def test_each_epoch_has_its_own_order_the_same_on_every_run(split):
     assert materialized == first
 
 
+def test_a_selection_read_in_the_background_holds_what_materialize_reads(split):
+    """The validation selection: plain read tasks started at once (no Ray Data executor), read
+    when first asked; sample i of the new set is ids[i] of the split, as with materialize(ids)."""
+    ids = np.array([5, 0, 47, 13, 13, 30, 2], dtype=np.int64)
+    background, blocking = split.read_in_background(ids, tasks=3), split.materialize(ids)
+    assert background.n == blocking.n == len(ids) and background.materialized
+    order = np.arange(len(ids))[::-1].copy()
+    got, want = background.read(order)[0], blocking.read(order)[0]
+    assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    assert got["tokens"][:, 0].tolist() == ids[order].tolist()
+
+
 def test_a_train_set_smaller_than_a_global_batch_says_what_to_change(split):
     tiny = replace(split, starts=np.array([0, 4], dtype=np.int64))
     with pytest.raises(RuntimeError, match="fewer than one global batch of 8.*micro_batch_size"):
