@@ -173,7 +173,7 @@ overrides:
   trainer.eval_samples: 32
   trainer.ckpt_every: 100000
   storage.path: {storage}
-scheduler: {{type: asha, max_t: 4, grace_period: 1, reduction_factor: 2}}
+scheduler: {{type: asha, max_t: 4, grace_period: 2, reduction_factor: 2}}
 metric: val_loss
 mode: min
 max_concurrent_trials: 2

@@ -58,6 +58,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if w.timeline.at("first step") is None:
             w.timeline.mark("first step")
             w.share_compiled_kernels()
+            if w.rank == 0:  # every report from here on says what the start cost (a stopped trial's row too)
+                w.base_metrics.update(w.timeline.metrics())
         maybe_inject_fault(loop_config.get("fault"), loop_config.get("fault_dir", ""), cfg.name, step, w.rank)
         due = schedule.due(step)
         # SIGTERM on any rank is noticed at a logging step, inside the metrics all-reduce (no extra
