@@ -36,6 +36,19 @@ def fit_temperature(nll: list[float]) -> float:
     return math.exp(log_t)
 
 
+def temperature_from_sums(sums: dict[str, float], key: str, buffer) -> tuple[float, float] | None:
+    """At the end of an evaluation: the temperature minimizing the mean loss summed per grid point
+    under `<key><i>` (i over TEMPERATURES), written into `buffer` (it travels in checkpoints and
+    exports); (temperature, the loss at the grid's best), or None when nothing was scored."""
+    n = max(sums.get("count", 0.0), 1.0)
+    losses = [float(sums.get(f"{key}{i}", math.nan)) / n for i in range(len(TEMPERATURES))]
+    if sums.get("count", 0.0) <= 0 or not all(math.isfinite(v) for v in losses):
+        return None
+    t = fit_temperature(losses)
+    buffer.fill_(t)
+    return t, min(losses)
+
+
 class ImageClassifier(E2EModel):
     input_kind = "pixels"
     unit_name = "samples"
@@ -90,11 +103,9 @@ class ImageClassifier(E2EModel):
         val_loss_calibrated, the NLL at that temperature."""
         n = max(sums["count"], 1.0)
         metrics = {"val_loss": sums["loss_sum"] / n, "val_acc": sums["correct"] / n}
-        nll = [float(sums.get(f"nll_t{i}", math.nan)) / n for i in range(len(TEMPERATURES))]
-        if sums["count"] > 0 and all(math.isfinite(v) for v in nll):
-            t = fit_temperature(nll)
-            self.temperature.fill_(t)
-            metrics |= {"val_temperature": t, "val_loss_calibrated": min(nll)}
+        fitted = temperature_from_sums(sums, "nll_t", self.temperature)
+        if fitted is not None:
+            metrics |= {"val_temperature": fitted[0], "val_loss_calibrated": fitted[1]}
         return metrics
 
     def units_in(self, batch: Batch) -> int:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from e2e_dist.models.base import Batch, E2EModel
-from e2e_dist.models.classifier import TEMPERATURES, fit_temperature
+from e2e_dist.models.classifier import TEMPERATURES, temperature_from_sums
 from e2e_dist.models.registry import register_model
 
 BLANK = 0
@@ -358,11 +358,9 @@ class CTCSpeech(E2EModel):
         n = max(sums["count"], 1.0)
         metrics = {"val_loss": sums["loss_sum"] / n, "val_cer": sums["char_edits"] / max(sums["chars"], 1.0),
                    "val_wer": sums["word_edits"] / max(sums["words"], 1.0)}
-        bce = [float(sums.get(f"conf_bce_t{i}", math.nan)) / n for i in range(len(TEMPERATURES))]
-        if sums["count"] > 0 and all(math.isfinite(v) for v in bce):
-            t = fit_temperature(bce)
-            self.confidence_temperature.fill_(t)
-            metrics |= {"val_conf_temperature": t, "val_conf_bce": min(bce)}
+        fitted = temperature_from_sums(sums, "conf_bce_t", self.confidence_temperature)
+        if fitted is not None:
+            metrics |= {"val_conf_temperature": fitted[0], "val_conf_bce": fitted[1]}
         return metrics
 
     def units_in(self, batch: Batch) -> int:
