@@ -102,6 +102,7 @@ def startup_line(metrics: dict) -> str | None:
     for label, begin, end in (("Ray", None, "Ray up"), ("data", "Ray up", "data ready"),
                               ("workers", "trainer started", "training function entered"),
                               ("engine", "training function entered", "engine built"),
+                              ("W&B", "checkpoint restored", "W&B started"),
                               ("first batch", "W&B started", "first batch")):
         b, e = (0.0 if begin is None else at(begin)), at(end)
         if b is not None and e is not None:

@@ -30,6 +30,8 @@ def test_worker_phases_travel_as_metrics_and_merge_into_the_drivers_timeline() -
     assert lines[3].startswith("  +  17.00 s  (+  8.50)")  # from the start, and the gap: Train's group start here
     line = startup_line({**driver.metrics(), **reported})
     assert line == "first step at 21.2 s (Ray 5.0, data 3.0, workers 8.5, engine 3.0 s)"
+    with_wandb = {**driver.metrics(), **reported, metric_key("checkpoint restored"): 20.0, metric_key("W&B started"): 21.0}
+    assert startup_line(with_wandb) == "first step at 21.2 s (Ray 5.0, data 3.0, workers 8.5, engine 3.0, W&B 1.0 s)"
 
 
 def test_no_first_step_no_line_and_worker_clock_defaults() -> None:
