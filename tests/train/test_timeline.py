@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import time
 
-from e2e_dist.train.timeline import WORKER_PHASES, Timeline, metric_key, process_start, startup_line, worker_timeline
+from e2e_dist.train.timeline import (
+    WORKER_PHASES,
+    Timeline,
+    metric_key,
+    process_start,
+    startup_line,
+    worker_timeline,
+)
 
 
 def test_worker_phases_travel_as_metrics_and_merge_into_the_drivers_timeline() -> None:
