@@ -141,7 +141,6 @@ class SampleSet:
         starts = self.starts if ids is None else np.arange(len(ids) + 1, dtype=np.int64)
         return replace(self, starts=starts, reader=reader, materialized=True)
 
-
     def read_in_background(self, ids: np.ndarray, *, tasks: int = 2) -> "SampleSet":
         """Like `materialize(ids)`, but returns at once: `tasks` plain Ray tasks read and decode the
         samples while the caller goes on, and the first read of the new set waits for them.

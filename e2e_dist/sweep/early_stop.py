@@ -17,8 +17,7 @@ actor, Ray ends the Train controller and workers it owns, and the W&B run never 
    placement group removed; `fit()` raises, the driver returns, the actor ends.
 So a stopped trial trains on to its next logging step (seconds; Tune's own function API stops a
 trial only at a report, which would be its next evaluation or checkpoint), and its newest committed
-checkpoint is complete. Its row
-in results.jsonl keeps the result the scheduler judged. A trial that does not reach a report in time,
+checkpoint is complete. Its row in results.jsonl keeps the result the scheduler judged. A trial that does not reach a report in time,
 and every trial that Ctrl+C interrupts (Tune requests no stop for those), is ended as before.
 """
 
@@ -245,4 +244,3 @@ def await_graceful_stop() -> None:
     if not trial.returned.wait(stop_grace_s()):
         log.warning("trial %s did not reach a report within %s s of its stop: ending it now (its W&B run "
                     "is left unfinished)", trial.trial_id, stop_grace_s())
-

@@ -55,8 +55,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     stop_watch = StopWatch(loop_config.get("trial_stop"), w.rank)  # a sweep trial the scheduler may stop
     for step in schedule.steps(after=state.step):
         w.train_step(state)
-        if w.timeline.at("first step") is None:
-            w.timeline.mark("first step")
+        if w.timeline.mark_once("first step"):
             w.share_compiled_kernels()
             if w.rank == 0:  # every report from here on says what the start cost (a stopped trial's row too)
                 w.base_metrics.update(w.timeline.metrics())
@@ -188,8 +187,7 @@ class Worker:
         model = self.built.model
         for _ in range(self.grad_accum):
             batch = self.stream.next()
-            if self.timeline.at("first batch") is None:
-                self.timeline.mark("first batch")
+            self.timeline.mark_once("first batch")
             loss = self.engine(batch)
             self.engine.backward(loss)
             self.engine.step()

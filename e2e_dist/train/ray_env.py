@@ -125,17 +125,16 @@ def _cluster_runtime_env(address: str) -> dict | None:
     job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
     if not job_config:  # a driver joining by address: no job runtime_env to merge with
         return {"worker_process_setup_hook": WORKER_SETUP_HOOK, "env_vars": dict(TRAIN_CONTROLLER_ENV)}
-    if job_config:
-        try:
-            job_hook = (json.loads(job_config).get("runtime_env") or {}).get("worker_process_setup_hook")
-        except (ValueError, AttributeError):
-            return None  # not what Ray writes: leave the merge to Ray alone
-        if job_hook:
-            if job_hook != WORKER_SETUP_HOOK:
-                logging.getLogger("e2e_dist.launcher").warning(
-                    "the job's runtime_env sets worker_process_setup_hook=%s: SIGTERM will not take "
-                    "a just-in-time checkpoint (that needs %s)", job_hook, WORKER_SETUP_HOOK)
-            return None
+    try:
+        job_hook = (json.loads(job_config).get("runtime_env") or {}).get("worker_process_setup_hook")
+    except (ValueError, AttributeError):
+        return None  # not what Ray writes: leave the merge to Ray alone
+    if job_hook:
+        if job_hook != WORKER_SETUP_HOOK:
+            logging.getLogger("e2e_dist.launcher").warning(
+                "the job's runtime_env sets worker_process_setup_hook=%s: SIGTERM will not take "
+                "a just-in-time checkpoint (that needs %s)", job_hook, WORKER_SETUP_HOOK)
+        return None
     return {"worker_process_setup_hook": WORKER_SETUP_HOOK}
 
 

@@ -46,9 +46,19 @@ class Timeline:
 
     t0: float = field(default_factory=process_start)
     marks: list[tuple[str, float]] = field(default_factory=list)
+    _once: set[str] = field(default_factory=set, init=False, repr=False)
 
     def mark(self, phase: str, at: float | None = None) -> None:
         self.marks.append((phase, time.time() if at is None else at))
+
+    def mark_once(self, phase: str) -> bool:
+        """Mark `phase` unless this did already (a set lookup: cheap enough to ask every
+        micro-batch); whether it marked now."""
+        if phase in self._once:
+            return False
+        self._once.add(phase)
+        self.mark(phase)
+        return True
 
     def metrics(self) -> dict[str, float]:
         """`startup/<phase>_s`: seconds from t0, rounded to ms (what a worker reports)."""

@@ -47,3 +47,6 @@ def test_no_first_step_no_line_and_worker_clock_defaults() -> None:
     assert tl.marks[0][0] == "worker process started" and tl.t0 == tl.marks[0][1] == process_start()
     assert process_start() <= time.time() and tl.at("worker process started") == 0.0
     assert set(WORKER_PHASES) >= {"engine built", "first batch", "first step"}
+    # the loop asks on every micro-batch: only the first call marks
+    assert tl.mark_once("first batch") and not tl.mark_once("first batch")
+    assert [p for p, _ in tl.marks].count("first batch") == 1 and tl.at("first batch") is not None
